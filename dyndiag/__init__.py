@@ -1,0 +1,32 @@
+"""dyndiag: training-dynamics diagnostics for PyTorch.
+
+Hessian spectra, traces and densities on batched Hessian-vector products, and
+(in later layers) edge-of-stability, per-example scores, landscapes and figures.
+Names load on first use, so ``import dyndiag`` does not import plotting libraries.
+"""
+
+from ._lazy import lazy_exports
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "preserve_state": ".state",
+    **{
+        name: ".curvature"
+        for name in (
+            "CurvatureOperator",
+            "MatrixOperator",
+            "HessianOperator",
+            "GGNOperator",
+            "eigenvalues",
+            "trace",
+            "diagonal",
+            "spectral_density",
+            "SpectralDensity",
+            "EigenResult",
+            "TraceResult",
+        )
+    },
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

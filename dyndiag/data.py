@@ -1,0 +1,167 @@
+"""Batches, sample counts and losses: how dyndiag reads the ``data`` it is given.
+
+A *batch* is ``(inputs, targets)`` — ``inputs`` a tensor (the model is called as
+``model(inputs)``) or a mapping (``model(**inputs)``) — or, with a ``closure``, any
+object the closure understands; a mapping (a Hugging Face batch) is always one
+batch. *data* is one batch or an iterable of batches (a list, a DataLoader).
+
+Rule for telling them apart: ``data`` is one batch when it is a mapping, a
+tuple/list whose first item is a tensor, or a pair ``(mapping, tensor)``. Anything else iterable is a
+sequence of batches. A single batch of another shape is passed as ``[batch]``.
+
+An iterable is iterated afresh for every product; a shuffling DataLoader then
+gives a different batch order per product, which changes nothing for the mean
+over all samples, but a DataLoader with random augmentation or ``drop_last`` and
+shuffling makes the operator random — pass ``cache_data=True`` to fix the batches
+once (they are then held in memory on the operator's device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "is_single_batch",
+    "iter_batches",
+    "default_batch_size",
+    "to_device",
+    "model_outputs",
+    "make_loss_closure",
+    "batch_targets",
+    "check_scalar_loss",
+]
+
+Batch = Any
+LossClosure = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def is_single_batch(data: object) -> bool:
+    """Whether ``data`` is one batch (see the module docstring for the rule)."""
+    if isinstance(data, Mapping):
+        return True
+    if isinstance(data, (tuple, list)) and len(data) > 0:
+        if isinstance(data[0], torch.Tensor):
+            return True
+        # (inputs_dict, targets) is one batch; [dict_batch, dict_batch] is two.
+        return len(data) == 2 and isinstance(data[0], Mapping) and isinstance(data[1], torch.Tensor)
+    return False
+
+
+def iter_batches(data: object, name: str = "data") -> Iterator[Batch]:
+    """Yield the batches of ``data``; a single batch is yielded once."""
+    if data is None:
+        raise ValueError(f"{name} must be a batch (inputs, targets) or an iterable of batches, got None")
+    if isinstance(data, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a batch (inputs, targets) or an iterable of batches, got a bare Tensor"
+        )
+    if is_single_batch(data):
+        yield data
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"{name} must be a batch (inputs, targets) or an iterable of batches, "
+            f"got {type(data).__name__}"
+        )
+    yield from data
+
+
+def default_batch_size(batch: Batch) -> int:
+    """Number of samples in a batch: dim 0 of the first tensor found in it."""
+    t = _first_tensor(batch)
+    if t is None or t.dim() == 0:
+        raise ValueError(
+            "cannot tell the number of samples in a batch (no tensor with a batch dimension); "
+            "pass batch_size_fn=lambda batch: ..."
+        )
+    return int(t.shape[0])
+
+
+def _first_tensor(obj: object) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        items: Iterable = obj.values()
+    elif isinstance(obj, (tuple, list)):
+        items = obj
+    else:
+        return None
+    for item in items:
+        t = _first_tensor(item)
+        if t is not None:
+            return t
+    return None
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor in a (nested) batch to ``device``; other objects pass through."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        # A plain dict keeps model(**inputs) working for any mapping type (BatchEncoding too).
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def model_outputs(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Call the model on a batch's inputs; take ``.logits`` from a Hugging Face output."""
+    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    logits = getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else out
+
+
+def batch_targets(batch: Batch) -> Any:
+    """The targets of a batch: ``batch[1]``, or ``batch["labels"]`` for a mapping."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise ValueError("a mapping batch needs a 'labels' entry to serve as targets")
+        return batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    raise ValueError("a batch must be (inputs, targets) to take targets from it")
+
+
+def make_loss_closure(
+    loss_fn: Callable | None, closure: Callable | None
+) -> LossClosure:
+    """One ``(model, batch) -> scalar loss`` from either a criterion or a closure.
+
+    Exactly one of ``loss_fn`` (a criterion ``loss_fn(outputs, targets)`` with mean
+    reduction) and ``closure`` (``closure(model, batch) -> scalar``) must be given.
+    """
+    if (loss_fn is None) == (closure is None):
+        raise ValueError("give exactly one of loss_fn (a criterion) and closure (model, batch) -> loss")
+    if closure is not None:
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        return closure
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+    def criterion_closure(model: nn.Module, batch: Batch) -> torch.Tensor:
+        if isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(
+                "with loss_fn, each batch must be (inputs, targets); use closure= for other batches"
+            )
+        return loss_fn(model_outputs(model, batch[0]), batch[1])
+
+    return criterion_closure
+
+
+def check_scalar_loss(loss: object, source: str) -> torch.Tensor:
+    """Raise a clear error unless ``loss`` is a 0-d tensor."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{source} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"{source} must return a scalar loss (mean reduction), got shape {tuple(loss.shape)}"
+        )
+    return loss

@@ -1,0 +1,300 @@
+"""HessianOperator / GGNOperator against exact float64 matrices built independently."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+from torch import nn
+
+import dyndiag as dd
+from dyndiag.curvature import operators
+from exact import exact_ggn, exact_hessian
+from models import (
+    TiedFrozen,
+    batchnorm_mlp,
+    classification_data,
+    dropout_mlp,
+    image_data,
+    layernorm_mlp,
+    small_cnn,
+    tanh_mlp,
+)
+
+CE = nn.CrossEntropyLoss()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def cases():
+    x, y = classification_data()
+    xi, yi = image_data()
+    return {
+        "tanh_mlp": (tanh_mlp(), (x, y)),
+        "cnn": (small_cnn(), (xi, yi)),
+        "batchnorm_train": (batchnorm_mlp(train=True), (x, y)),
+        "batchnorm_eval": (batchnorm_mlp(train=False), (x, y)),
+        "layernorm": (layernorm_mlp(), (x, y)),
+        "tied_frozen": (TiedFrozen(d=6), (x, y % 3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(cases()))
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_products_match_exact_hessian(name, backend):
+    model, batch = cases()[name]
+    H = exact_hessian(model, CE, [batch])
+    assert (H - H.T).abs().max() < 1e-12
+    op = dd.HessianOperator(model, CE, batch, backend=backend, max_batch_vectors=3)
+    assert op.shape == H.shape and op.dtype == torch.float64
+    V = torch.randn(op.dim, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert rel(op.matmat(V), H @ V) < 1e-10
+    assert rel(op.matvec(V[:, 0]), H @ V[:, 0]) < 1e-10
+    assert rel(op @ V[:, 1], H @ V[:, 1]) < 1e-10
+    assert op.num_matvecs == 9
+
+
+def test_tied_parameters_counted_once_and_frozen_excluded():
+    model = TiedFrozen(d=6)
+    op = dd.HessianOperator(model, CE, classification_data(classes=3))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert op.dim == sum(p.numel() for p in model.parameters() if id(p) in trainable)
+    assert "frozen.weight" not in op.names and "b.weight" not in op.names
+
+
+def test_unequal_batches_equal_full_batch_hessian():
+    model = tanh_mlp()
+    x, y = classification_data(n=15)
+    batches = [(x[:7], y[:7]), (x[7:12], y[7:12]), (x[12:], y[12:])]
+    H_full = exact_hessian(model, CE, [(x, y)])
+    for data in (batches, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)):
+        op = dd.HessianOperator(model, CE, data)
+        assert rel(op.to_dense(), H_full) < 1e-10
+
+
+def test_shuffling_loader_gives_the_same_operator_and_leaves_rng_alone():
+    model = tanh_mlp()
+    x, y = classification_data(n=20)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6, shuffle=True)
+    op = dd.HessianOperator(model, CE, loader)
+    before = torch.get_rng_state()
+    v = torch.ones(op.dim, dtype=torch.float64)
+    assert rel(op.matvec(v), exact_hessian(model, CE, [(x, y)]) @ v) < 1e-10
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_params_subset_is_the_matching_block():
+    model = tanh_mlp()
+    batch = classification_data()
+    H = exact_hessian(model, CE, [batch])
+    last = [model[2].weight, model[2].bias]
+    op = dd.HessianOperator(model, CE, batch, params=last)
+    start = model[0].weight.numel() + model[0].bias.numel()
+    assert op.names == ["2.weight", "2.bias"]
+    assert rel(op.to_dense(), H[start:, start:]) < 1e-10
+
+
+def test_dropout_is_off_and_products_are_deterministic():
+    model = dropout_mlp()
+    batch = classification_data()
+    op = dd.HessianOperator(model, CE, batch)
+    v = torch.randn(op.dim, dtype=torch.float64)
+    a, b = op.matvec(v), op.matvec(v)
+    assert torch.equal(a, b)
+    assert rel(a, exact_hessian(model, CE, [batch]) @ v) < 1e-10
+    assert model.training and model[2].training
+
+
+def test_float32_matches_float64():
+    model64 = tanh_mlp()
+    batch = classification_data()
+    H = exact_hessian(model64, CE, [batch])
+    model32 = tanh_mlp().float()
+    op = dd.HessianOperator(model32, CE, (batch[0].float(), batch[1]))
+    assert op.dtype == torch.float32
+    V = torch.randn(op.dim, 4)
+    assert rel(op.matmat(V).double(), H @ V.double()) < 1e-5
+
+
+def test_closure_with_dict_batches():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tanh_mlp()
+
+        def forward(self, features):
+            return self.net(features)
+
+    model = KW()
+    x, y = classification_data()
+    batches = [{"features": x[:10], "labels": y[:10]}, {"features": x[10:], "labels": y[10:]}]
+    op = dd.HessianOperator(model, data=batches, closure=lambda m, b: CE(m(features=b["features"]), b["labels"]))
+    assert rel(op.to_dense(), exact_hessian(model.net, CE, [(x, y)])) < 1e-10
+
+
+def test_to_scipy_top_eigenvalue():
+    model = tanh_mlp()
+    batch = classification_data()
+    H = exact_hessian(model, CE, [batch])
+    op = dd.HessianOperator(model, CE, batch)
+    lin = op.to_scipy()
+    assert isinstance(lin, scipy.sparse.linalg.LinearOperator)
+    top = scipy.sparse.linalg.eigsh(lin, k=1, which="LA", tol=1e-12)[0][0]
+    assert abs(top - torch.linalg.eigvalsh(H)[-1].item()) < 1e-9 * abs(top)
+    assert op.num_matvecs > 0
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_ggn_equals_hessian_for_linear_mse(backend):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    x = torch.randn(12, 5, dtype=torch.float64)
+    y = torch.randn(12, 3, dtype=torch.float64)
+    G = dd.GGNOperator(model, nn.MSELoss(), (x, y), backend=backend).to_dense()
+    assert rel(G, exact_hessian(model, nn.MSELoss(), [(x, y)])) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+@pytest.mark.parametrize("name", ["tanh_mlp", "batchnorm_train", "cnn"])
+def test_ggn_matches_explicit_jacobians_and_is_psd(name, backend):
+    model, batch = cases()[name]
+    x, y = batch
+    batches = [(x[: len(x) // 2], y[: len(y) // 2]), (x[len(x) // 2 :], y[len(y) // 2 :])]
+    G_exact = exact_ggn(model, CE, batches)
+    G = dd.GGNOperator(model, CE, batches, backend=backend).to_dense()
+    assert rel(G, G_exact) < 1e-10
+    assert torch.linalg.eigvalsh(G).min() > -1e-12 * torch.linalg.eigvalsh(G).max()
+
+
+def test_ggn_differs_from_hessian_for_a_nonlinear_model():
+    model, batch = cases()["tanh_mlp"]
+    G = dd.GGNOperator(model, CE, batch).to_dense()
+    H = dd.HessianOperator(model, CE, batch).to_dense()
+    assert rel(G, H) > 1e-3
+
+
+def _state(model, opt=None):
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else (id(p.grad), p.grad.clone()) for p in model.parameters()],
+        "flags": [p.requires_grad for p in model.parameters()],
+        "modes": [m.training for m in model.modules()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()),
+    }
+
+
+def _assert_same(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    assert all(
+        (x is None and y is None) or (x[0] == y[0] and torch.equal(x[1], y[1])) for x, y in zip(a["grads"], b["grads"])
+    )
+    assert a["flags"] == b["flags"] and a["modes"] == b["modes"]
+    assert all(torch.equal(x, y) for x, y in zip(a["buffers"], b["buffers"]))
+    assert torch.equal(a["rng"][0], b["rng"][0]) and np.array_equal(a["rng"][1], b["rng"][1])
+    assert a["rng"][2] == b["rng"][2]
+
+
+@pytest.mark.parametrize("cls", [dd.HessianOperator, dd.GGNOperator])
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_no_side_effects_batchnorm_train_with_grads(cls, backend):
+    model = nn.Sequential(batchnorm_mlp(train=True), nn.Dropout(0.3)).train()
+    x, y = classification_data()
+    CE(model(x), y).backward()  # live .grad that must survive untouched
+    model[0][3].weight.requires_grad_(False)
+    op = cls(model, CE, (x, y), backend=backend)
+    V = torch.randn(op.dim, 3, dtype=torch.float64)
+    before = _state(model)
+    op.matmat(V)
+    op.matvec(V[:, 0])
+    _assert_same(before, _state(model))
+
+
+def test_vmap_failure_falls_back_with_one_warning(monkeypatch):
+    class NoVmap(torch.autograd.Function):  # a custom Function without vmap support
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.tanh(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (1 - torch.tanh(x) ** 2)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 5).double(), nn.Linear(5, 4).double()
+
+        def forward(self, x):
+            return self.b(NoVmap.apply(self.a(x)))
+
+    model = Model()
+    batch = classification_data()
+    monkeypatch.setattr(operators, "_preferred_backend", lambda device: "vmap")  # as on a GPU
+    op = dd.HessianOperator(model, CE, batch)
+    V = torch.randn(op.dim, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        out = op.matmat(V)
+    assert op.backend == "loop"
+    ref = dd.HessianOperator(model, CE, batch, backend="loop").matmat(V)
+    assert torch.equal(out, ref)
+
+
+# -- bad input -------------------------------------------------------------
+def test_bad_input_errors_name_the_argument():
+    model = tanh_mlp()
+    batch = classification_data()
+    with pytest.raises(ValueError, match="scalar"):
+        dd.HessianOperator(model, nn.CrossEntropyLoss(reduction="none"), batch).matvec(torch.zeros(81, dtype=torch.float64))
+    frozen = tanh_mlp()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        dd.HessianOperator(frozen, CE, batch)
+    op = dd.HessianOperator(model, CE, [])
+    with pytest.raises(ValueError, match="no samples"):
+        op.matvec(torch.zeros(op.dim, dtype=torch.float64))
+    op = dd.HessianOperator(model, CE, batch)
+    with pytest.raises(ValueError, match=r"v must have shape \(81,\)"):
+        op.matvec(torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"V must have shape \(81, k\)"):
+        op.matmat(torch.zeros(81, dtype=torch.float64).reshape(1, 81))
+    with pytest.raises(TypeError, match="dtype"):
+        op.matvec(torch.zeros(81, dtype=torch.float32))
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        op.matvec([0.0] * 81)
+    with pytest.raises(ValueError, match="exactly one of loss_fn"):
+        dd.HessianOperator(model, CE, batch, closure=lambda m, b: 0)
+    with pytest.raises(ValueError, match="exactly one of loss_fn"):
+        dd.HessianOperator(model, data=batch)
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        dd.HessianOperator(model, CE, batch, params=[nn.Parameter(torch.zeros(3))])
+    with pytest.raises(TypeError, match="model must be"):
+        dd.HessianOperator(lambda x: x, CE, batch)
+    with pytest.raises(ValueError, match="data must be"):
+        dd.HessianOperator(model, CE, None)
+    with pytest.raises(TypeError, match="data must be"):
+        dd.HessianOperator(model, CE, torch.zeros(3)).matvec(torch.zeros(81, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_batch_vectors"):
+        dd.HessianOperator(model, CE, batch, max_batch_vectors=0)
+    with pytest.raises(ValueError, match="backend"):
+        dd.HessianOperator(model, CE, batch, backend="fast")
+    with pytest.raises(TypeError, match="loss_fn must be a criterion"):
+        dd.GGNOperator(model, None, batch)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.HuberLoss(delta=0.5)], ids=["mse", "huber"])
+def test_regression_losses_work_on_every_backend(loss_fn):
+    model = tanh_mlp(classes=3)
+    x, _ = classification_data()
+    y = torch.randn(x.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    H = exact_hessian(model, loss_fn, [(x, y)])
+    for backend in ("auto", "loop"):
+        assert rel(dd.HessianOperator(model, loss_fn, (x, y), backend=backend).to_dense(), H) < 1e-10

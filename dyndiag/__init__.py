@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "preserve_state": ".state",
+    "plot": ".plot",
+    "datasets": ".datasets",
     **{
         name: ".curvature"
         for name in (

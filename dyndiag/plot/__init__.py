@@ -1,0 +1,7 @@
+"""Figures from dyndiag's results. Every function takes ``ax=None`` and returns the Figure."""
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {"spectrum": ".spectra", "save": ".files"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,99 @@
+"""Eigenvalue spectra: SLQ densities, exact spectra and top eigenvalues."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..curvature.density import SpectralDensity
+from ..curvature.results import EigenResult
+from ._axes import figure_and_axes
+
+__all__ = ["spectrum"]
+
+
+def _as_array(values) -> np.ndarray:
+    if isinstance(values, EigenResult):
+        values = values.values
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    arr = np.asarray(values, dtype=float).reshape(-1)
+    if arr.size == 0 or not np.all(np.isfinite(arr)):
+        raise ValueError("eigenvalues must be a non-empty array of finite numbers")
+    return arr
+
+
+def spectrum(
+    spec: SpectralDensity | EigenResult | np.ndarray | torch.Tensor,
+    ax: Axes | None = None,
+    *,
+    top: EigenResult | np.ndarray | torch.Tensor | None = None,
+    bandwidth: float | None = None,
+    logy: bool = True,
+    label: str | None = None,
+    color: str | None = None,
+) -> Figure:
+    """Draw an eigenvalue spectrum and return the Figure.
+
+    Parameters
+    ----------
+    spec:
+        A :class:`~dyndiag.SpectralDensity` (drawn as its smoothed density), a 1-D
+        array of eigenvalues (a full spectrum: drawn as a kernel density of those
+        eigenvalues with a rug), or an :class:`~dyndiag.EigenResult` (a few top
+        eigenvalues: drawn as stems).
+    top:
+        Eigenvalues to mark as outliers (dashed lines, labelled λ1, λ2, ...), e.g.
+        the top-k from :func:`~dyndiag.eigenvalues` next to a density.
+    bandwidth:
+        Kernel width in eigenvalue units (default: 1 % of the spectral range).
+    logy:
+        Density on a log axis (the bulk and the outliers differ by orders of magnitude).
+    """
+    fig, ax = figure_and_axes(ax, (4.8, 3.2))
+    if isinstance(spec, EigenResult):
+        vals = _as_array(spec)
+        ax.vlines(vals, 0, 1, color=color or "C0", lw=1.5, label=label)
+        ax.plot(vals, np.ones_like(vals), "o", color=color or "C0", ms=4)
+        ax.set_ylim(0, 1.15)
+        ax.set_yticks([])
+        ax.set_ylabel("top eigenvalues")
+    else:
+        density = spec if isinstance(spec, SpectralDensity) else _exact_density(_as_array(spec))
+        lo, hi = float(density.nodes.min()), float(density.nodes.max())
+        bw = bandwidth if bandwidth is not None else density.default_bandwidth
+        grid = np.linspace(lo - 4 * bw, hi + 4 * bw, 2000)
+        pdf = density.pdf(grid, bandwidth=bw)
+        if logy:
+            floor = pdf.max() * 1e-10
+            pdf = np.maximum(pdf, floor)
+            ax.set_yscale("log")
+            ax.set_ylim(floor, pdf.max() * 3)
+        ax.plot(grid, pdf, color=color or "C0", lw=1.4, label=label)
+        ax.fill_between(grid, pdf, pdf.min(), color=color or "C0", alpha=0.15, lw=0)
+        ax.set_ylabel("spectral density")
+        if not isinstance(spec, SpectralDensity):
+            ax.plot(density.nodes, np.full_like(density.nodes, pdf.min()), "|", color="0.3", ms=8, alpha=0.5)
+    if top is not None:
+        for i, val in enumerate(_as_array(top)):
+            ax.axvline(val, color="C3", ls="--", lw=0.9, alpha=0.8)
+            ax.annotate(
+                f"λ{i + 1}",
+                (val, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -2 - 9 * (i % 3)),
+                textcoords="offset points",
+                fontsize=7,
+                color="C3",
+                va="top",
+            )
+    ax.set_xlabel("eigenvalue")
+    if label is not None:
+        ax.legend(frameon=False)
+    return fig
+
+
+def _exact_density(eigs: np.ndarray) -> SpectralDensity:
+    return SpectralDensity(nodes=eigs, weights=np.full(eigs.size, 1.0 / eigs.size), num_matvecs=0, dim=eigs.size)

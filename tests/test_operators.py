@@ -298,3 +298,22 @@ def test_regression_losses_work_on_every_backend(loss_fn):
     H = exact_hessian(model, loss_fn, [(x, y)])
     for backend in ("auto", "loop"):
         assert rel(dd.HessianOperator(model, loss_fn, (x, y), backend=backend).to_dense(), H) < 1e-10
+
+
+def test_params_may_name_a_frozen_parameter():
+    model = tanh_mlp()
+    batch = classification_data()
+    model[2].weight.requires_grad_(False)
+    op = dd.HessianOperator(model, CE, batch, params=[model[2].weight])
+    unfrozen = tanh_mlp()
+    H = exact_hessian(unfrozen, CE, [batch], param_names=["2.weight"])
+    assert rel(op.to_dense(), H) < 1e-10
+    assert model[2].weight.requires_grad is False
+
+
+def test_ggn_forward_for_dict_batches():
+    model = tanh_mlp()
+    x, y = classification_data()
+    batches = [{"x": x[:10], "labels": y[:10]}, {"x": x[10:], "labels": y[10:]}]
+    G = dd.GGNOperator(model, CE, batches, forward=lambda m, b: m(b["x"])).to_dense()
+    assert rel(G, exact_ggn(model, CE, [(x[:10], y[:10]), (x[10:], y[10:])])) < 1e-10

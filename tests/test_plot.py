@@ -1,0 +1,60 @@
+"""plot.spectrum and plot.save render real results; no global matplotlib state changes."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import dyndiag as dd
+
+
+@pytest.fixture(scope="module")
+def results():
+    lam = torch.cat([torch.linspace(-0.1, 0.3, 60, dtype=torch.float64), torch.tensor([4.0, 6.0, 9.0], dtype=torch.float64)])
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(63, 63, generator=g, dtype=torch.float64))
+    op = dd.MatrixOperator((Q * lam) @ Q.T)
+    return lam, dd.spectral_density(op, num_probes=4, lanczos_steps=30, progress=False), dd.eigenvalues(op, k=3)
+
+
+def test_density_with_top_eigenvalues(results):
+    lam, density, top = results
+    rc = dict(matplotlib.rcParams)
+    fig = dd.plot.spectrum(density, top=top)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    dashed = [l for l in ax.lines if l.get_linestyle() == "--"]
+    assert sorted(round(l.get_xdata()[0], 6) for l in dashed) == [4.0, 6.0, 9.0]
+    assert [t.get_text() for t in ax.texts] == ["λ1", "λ2", "λ3"]
+    curve = ax.lines[0]
+    assert curve.get_xdata().min() < lam.min().item() and curve.get_xdata().max() > 9.0
+    assert dict(matplotlib.rcParams) == rc
+
+
+def test_exact_spectrum_and_eigen_result_and_given_axes(results):
+    lam, _, top = results
+    fig = dd.plot.spectrum(lam.numpy(), logy=False)
+    assert fig.axes[0].get_yscale() == "linear"
+    fig2 = Figure()
+    ax = fig2.add_subplot()
+    assert dd.plot.spectrum(top, ax=ax) is fig2
+    assert len(ax.collections) >= 1  # the stems
+    with pytest.raises(ValueError, match="eigenvalues"):
+        dd.plot.spectrum(np.array([np.nan]))
+    with pytest.raises(TypeError, match="ax must be"):
+        dd.plot.spectrum(top, ax="left")
+
+
+def test_save_writes_every_format(tmp_path, results):
+    fig = dd.plot.spectrum(results[1])
+    paths = dd.plot.save(fig, tmp_path / "sub" / "spec", formats=("pdf", "png", "svg"))
+    assert [p.name for p in paths] == ["spec.pdf", "spec.png", "spec.svg"]
+    assert all(p.stat().st_size > 500 for p in paths)
+    assert (tmp_path / "sub" / "spec.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="formats"):
+        dd.plot.save(fig, tmp_path / "x", formats=("doc",))

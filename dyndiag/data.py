@@ -33,6 +33,7 @@ __all__ = [
     "make_loss_closure",
     "batch_targets",
     "check_scalar_loss",
+    "tensors_in",
 ]
 
 Batch = Any
@@ -81,20 +82,20 @@ def default_batch_size(batch: Batch) -> int:
     return int(t.shape[0])
 
 
-def _first_tensor(obj: object) -> torch.Tensor | None:
+def tensors_in(obj: object) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) batch, depth first."""
     if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, Mapping):
-        items: Iterable = obj.values()
+        yield obj
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            yield from tensors_in(item)
     elif isinstance(obj, (tuple, list)):
-        items = obj
-    else:
-        return None
-    for item in items:
-        t = _first_tensor(item)
-        if t is not None:
-            return t
-    return None
+        for item in obj:
+            yield from tensors_in(item)
+
+
+def _first_tensor(obj: object) -> torch.Tensor | None:
+    return next(tensors_in(obj), None)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -86,22 +86,20 @@ def preserve_state(
     if grads:
         for _, p in named:
             g = p.grad
-            saved_grads.append((p, g, None if g is None else g.detach().clone()))
-    saved_params = [(p, p.detach().clone()) for _, p in named] if params else []
-    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()] if buffers else []
+            saved_grads.append((p, g, None if g is None else _Saved(g)))
+    saved_params = [_Saved(p) for _, p in named] if params else []
+    saved_buffers = [_Saved(b) for b in model.buffers()] if buffers else []
     saved_opt = _snapshot_optimizer(optimizer) if optimizer is not None else None
     saved_rng = rng_state() if rng else None
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, value in saved_params:
-                p.copy_(value)
-            for b, value in saved_buffers:
-                b.copy_(value)
-            for p, g, value in saved_grads:
-                if g is not None:
-                    g.copy_(value)
+        for saved in saved_params + saved_buffers:
+            saved.restore()
+        for p, g, saved in saved_grads:
+            if saved is not None:
+                saved.restore()
+            if p.grad is not g:
                 p.grad = g
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -111,6 +109,28 @@ def preserve_state(
             _restore_optimizer(optimizer, saved_opt)
         if saved_rng is not None:
             set_rng_state(saved_rng)
+
+
+class _Saved:
+    """A tensor's value and version; written back only if it changed.
+
+    Writing an unchanged tensor back in place would bump its version counter, which
+    breaks the user's pending autograd graph ("modified by an inplace operation")
+    and invalidates caches keyed on versions. The version alone cannot tell: the
+    batch-norm kernel updates running statistics without bumping theirs.
+    """
+
+    __slots__ = ("tensor", "value", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.value = tensor.detach().clone()
+        self.version = tensor._version
+
+    def restore(self) -> None:
+        if self.tensor._version != self.version or not torch.equal(self.tensor, self.value):
+            with torch.no_grad():
+                self.tensor.copy_(self.value)
 
 
 def _snapshot_optimizer(optimizer: torch.optim.Optimizer) -> dict:

@@ -317,3 +317,63 @@ def test_ggn_forward_for_dict_batches():
     batches = [{"x": x[:10], "labels": y[:10]}, {"x": x[10:], "labels": y[10:]}]
     G = dd.GGNOperator(model, CE, batches, forward=lambda m, b: m(b["x"])).to_dense()
     assert rel(G, exact_ggn(model, CE, [(x[:10], y[:10]), (x[10:], y[10:])])) < 1e-10
+
+
+# -- the gradient graph cached across products for a single batch --------------
+def _count_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(1))
+    return calls
+
+
+def test_cached_graph_is_reused_and_matches_uncached():
+    model = batchnorm_mlp(train=True)
+    batch = classification_data()
+    calls = _count_forwards(model)
+    op = dd.HessianOperator(model, CE, batch)
+    assert op.cache_graph is True
+    ref = dd.HessianOperator(model, CE, batch, cache_graph=False)
+    V = torch.randn(op.dim, 3, dtype=torch.float64)
+    first = [op.matvec(V[:, j]) for j in range(3)] + [op.matmat(V)]
+    assert len(calls) == 1  # one forward for four products
+    assert torch.equal(first[3], torch.stack(first[:3], 1))
+    assert rel(first[3], ref.matmat(V)) < 1e-14
+    op.clear_cache()
+    op.matvec(V[:, 0])
+    assert len(calls) == 1 + 1 + 1  # the uncached reference's forward, then a rebuild
+
+
+@pytest.mark.parametrize("change", ["optimizer_step", "mode", "batch_in_place", "data_swap", "load_state_dict"])
+def test_cached_graph_is_rebuilt_when_what_it_depends_on_changes(change):
+    model = batchnorm_mlp(train=True)
+    x, y = classification_data()
+    x = x.clone()
+    op = dd.HessianOperator(model, CE, (x, y))
+    v = torch.randn(op.dim, dtype=torch.float64)
+    before = op.matvec(v)
+    if change == "optimizer_step":
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        CE(model(x), y).backward()
+        opt.step()
+    elif change == "mode":
+        model.eval()
+    elif change == "batch_in_place":
+        x.mul_(2.0)
+    elif change == "data_swap":
+        model[0].weight.data = model[0].weight.data * 1.5
+    else:
+        sd = {k: v * 1.1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(sd)
+    after = op.matvec(v)
+    fresh = dd.HessianOperator(model, CE, (x, y), cache_graph=False).matvec(v)
+    assert rel(after, fresh) < 1e-12
+    assert rel(after, before) > 1e-6  # the change mattered, so reuse would have been caught
+
+
+def test_cache_graph_needs_a_single_batch():
+    model = tanh_mlp()
+    x, y = classification_data()
+    assert dd.HessianOperator(model, CE, [(x[:5], y[:5]), (x[5:], y[5:])]).cache_graph is False
+    with pytest.raises(ValueError, match="cache_graph=True needs data to be a single batch"):
+        dd.HessianOperator(model, CE, [(x[:5], y[:5]), (x[5:], y[5:])], cache_graph=True)
+    assert dd.HessianOperator(model, CE, [(x, y)], cache_data=True).cache_graph is True

@@ -78,3 +78,16 @@ def test_params_are_not_copied_unless_asked():
             next(model.parameters()).add_(1.0)
     # params=False: the guard documents that it leaves parameter values alone.
     assert not torch.equal(next(model.parameters()), before[0])
+
+
+def test_unchanged_tensors_are_not_written_back():
+    # A write-back would bump versions and break the user's pending backward.
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    x = torch.randn(8, 4)
+    loss = model(x).square().sum()  # eval BatchNorm saves its running stats for backward
+    versions = [t._version for t in list(model.parameters()) + list(model.buffers())]
+    with preserve_state(model, params=True):
+        pass
+    assert versions == [t._version for t in list(model.parameters()) + list(model.buffers())]
+    loss.backward()  # would raise "modified by an inplace operation" after a write-back
+    assert model[0].weight.grad is not None

@@ -1,0 +1,57 @@
+"""Operators under torch.distributed: 2 gloo processes on CPU see the operator of the union."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import dyndiag as dd
+from models import classification_data, tanh_mlp
+
+CE = nn.CrossEntropyLoss()
+SPLIT = 10  # rank 0 holds 10 samples, rank 1 the other 14: unequal shards
+
+
+def _results(op):
+    top = dd.eigenvalues(op, k=3, tol=1e-10)
+    v = torch.linspace(-1, 1, op.dim, dtype=torch.float64)
+    return {
+        "top": top.values,
+        "trace": torch.tensor(dd.trace(op, num_matvecs=30, seed=3).value),
+        "Hv": op.matvec(v),
+        "HV": op.matmat(torch.stack([v, v.flip(0)], 1)),
+    }
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        x, y = classification_data()
+        shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+        model = tanh_mlp()
+        # Loader of two unequal batches per rank, and a DDP-wrapped model's inner module.
+        data = [(x[shard][:4], y[shard][:4]), (x[shard][4:], y[shard][4:])]
+        ddp = nn.parallel.DistributedDataParallel(model)
+        res = _results(dd.HessianOperator(ddp.module, CE, data))
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_see_the_operator_of_the_union(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    single = _results(dd.HessianOperator(tanh_mlp(), CE, classification_data()))
+    for key in single:
+        assert torch.equal(r0[key], r1[key]), key  # every rank returns the same numbers
+        err = ((r0[key] - single[key]).norm() / single[key].norm()).item()
+        assert err <= 1e-6, (key, err)

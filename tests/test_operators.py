@@ -377,3 +377,16 @@ def test_cache_graph_needs_a_single_batch():
     with pytest.raises(ValueError, match="cache_graph=True needs data to be a single batch"):
         dd.HessianOperator(model, CE, [(x[:5], y[:5]), (x[5:], y[5:])], cache_graph=True)
     assert dd.HessianOperator(model, CE, [(x, y)], cache_data=True).cache_graph is True
+
+
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn", "batchnorm_train", "batchnorm_eval", "layernorm", "tied_frozen"])
+def test_eigenvalues_of_model_hessians_match_exact(name):
+    model, batch = cases()[name]
+    exact = torch.linalg.eigvalsh(exact_hessian(model, CE, [batch]))
+    norm = exact.abs().max()
+    op = dd.HessianOperator(model, CE, batch)
+    for which, want in (("LA", exact.flip(0)[:3]), ("SA", exact[:3]), ("LM", exact[exact.abs().argsort(descending=True)][:3])):
+        res = dd.eigenvalues(op, k=3, which=which, tol=1e-10, block_size=2)
+        assert res.converged, which
+        # Near-zero eigenvalues are judged against ||H|| (design.md's tol rule).
+        assert (res.values - want).abs().max() <= 1e-6 * norm, (which, res.values, want)

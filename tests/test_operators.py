@@ -390,3 +390,18 @@ def test_eigenvalues_of_model_hessians_match_exact(name):
         assert res.converged, which
         # Near-zero eigenvalues are judged against ||H|| (design.md's tol rule).
         assert (res.values - want).abs().max() <= 1e-6 * norm, (which, res.values, want)
+
+
+def test_operator_at_other_parameter_values_leaves_the_model_alone():
+    model = tanh_mlp()
+    batch = classification_data()
+    other = tanh_mlp(seed=5)
+    at = [p.detach().clone() for p in other.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    for cls in (dd.HessianOperator, dd.GGNOperator):
+        op = cls(model, CE, batch, at=at)
+        ref = cls(other, CE, batch)
+        assert rel(op.to_dense(), ref.to_dense()) < 1e-12
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="at must hold one tensor per parameter"):
+        dd.HessianOperator(model, CE, batch, at=at[:2])

@@ -95,6 +95,7 @@ class _ModelOperator(CurvatureOperator):
         cache_data: bool,
         backend: str,
         cache_graph: bool | None = None,
+        at: Sequence[torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -112,6 +113,15 @@ class _ModelOperator(CurvatureOperator):
         self.dim = sum(p.numel() for p in self.params)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
+        self._at = None
+        if at is not None:
+            at = list(at)
+            if len(at) != len(self.params) or any(
+                not isinstance(a, torch.Tensor) or a.shape != p.shape or a.dtype != p.dtype
+                for a, p in zip(at, self.params)
+            ):
+                raise ValueError("at must hold one tensor per parameter, with its shape and dtype")
+            self._at = [a.to(self.device) for a in at]
         self._shapes = [p.shape for p in self.params]
         self._numels = [p.numel() for p in self.params]
         self._evaluate = _Evaluate(model, fn)
@@ -170,6 +180,10 @@ class _ModelOperator(CurvatureOperator):
     def _join(self, parts: Sequence[torch.Tensor], k: int) -> torch.Tensor:
         return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
 
+    def _values(self) -> list[torch.Tensor]:
+        """Fresh detached views of the parameter values the operator is taken at."""
+        return [t.detach() for t in (self._at if self._at is not None else self.params)]
+
     def clear_cache(self) -> None:
         """Free the cached gradient graph (see ``cache_graph``)."""
         self._graph = None
@@ -182,7 +196,7 @@ class _ModelOperator(CurvatureOperator):
         # statistics without bumping their versions, but num_batches_tracked moves
         # with them.)
         return (
-            tuple((p._version, p.data_ptr()) for p in self.params),
+            tuple((p._version, p.data_ptr()) for p in self._values()),
             tuple(b._version for b in self.model.buffers()),
             tuple(m.training for m in self._norm_layers),
             tuple(t._version for t in tensors_in(self._data)),
@@ -307,6 +321,11 @@ class HessianOperator(_ModelOperator):
         activations of one forward/backward between calls: ``clear_cache()``
         frees them. Default: on for a single batch, off for iterables.
 
+    at:
+        Parameter values to take the Hessian at instead of the model's current ones
+        (one tensor per parameter of ``params``, e.g. a saved copy of the weights
+        before an optimizer step); the model itself is not touched.
+
     Under an initialised ``torch.distributed`` process group each rank passes its
     shard; products are summed over ranks with sample weights, so every rank holds
     the operator of the union of the shards.
@@ -325,6 +344,7 @@ class HessianOperator(_ModelOperator):
         cache_data: bool = False,
         backend: str = "auto",
         cache_graph: bool | None = None,
+        at: Sequence[torch.Tensor] | None = None,
     ) -> None:
         fn = make_loss_closure(loss_fn, closure)
         super().__init__(
@@ -337,13 +357,14 @@ class HessianOperator(_ModelOperator):
             cache_data=cache_data,
             backend=backend,
             cache_graph=cache_graph,
+            at=at,
         )
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
 
     def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
-        primals = tuple(p.detach() for p in self.params)
+        primals = tuple(self._values())
 
         def gradient(tensors):
             return grad(self._loss)(tensors, batch)
@@ -355,7 +376,7 @@ class HessianOperator(_ModelOperator):
         return self._join(vmap(hvp)(self._split(V.T)), k).T
 
     def _gradient_graph(self, batch):
-        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        leaves = [p.requires_grad_(True) for p in self._values()]
         g = torch.autograd.grad(self._loss(leaves, batch), leaves, create_graph=True)
         # Parameters that do not reach the loss (or only linearly) have no second-order
         # graph; their rows of H are zero.
@@ -413,6 +434,7 @@ class GGNOperator(_ModelOperator):
         max_batch_vectors: int = 32,
         cache_data: bool = False,
         backend: str = "auto",
+        at: Sequence[torch.Tensor] | None = None,
     ) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise TypeError("loss_fn must be a criterion loss_fn(outputs, targets) for the GGN")
@@ -437,10 +459,11 @@ class GGNOperator(_ModelOperator):
             cache_data=cache_data,
             backend=backend,
             cache_graph=False,  # GGN products rebuild their graphs; no cache to keep
+            at=at,
         )
 
     def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
-        primals = tuple(p.detach() for p in self.params)
+        primals = tuple(self._values())
         targets = batch_targets(batch)
 
         def out_fn(tensors):
@@ -463,7 +486,7 @@ class GGNOperator(_ModelOperator):
     def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         # Reverse mode only, graphs built once per batch and reused for every column:
         # J v by the double-vjp trick (J v = d/du <J^T u, v>), H_L by double backward.
-        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        leaves = [p.requires_grad_(True) for p in self._values()]
         out = functional_call(self._evaluate, self._mapping(leaves), (batch,))
         o = out.detach().requires_grad_(True)
         loss = check_scalar_loss(self.loss_fn(o, batch_targets(batch)), "loss_fn")

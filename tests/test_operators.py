@@ -405,3 +405,18 @@ def test_operator_at_other_parameter_values_leaves_the_model_alone():
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="at must hold one tensor per parameter"):
         dd.HessianOperator(model, CE, batch, at=at[:2])
+
+
+def test_loss_is_the_mean_over_batches_evaluated_like_products():
+    model = nn.Sequential(batchnorm_mlp(train=True), nn.Dropout(0.5))
+    x, y = classification_data(n=15)
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    buffers = [b.clone() for b in model.buffers()]
+    op = dd.HessianOperator(model, CE, batches)
+    ref = nn.Sequential(model[0])  # dropout off, BatchNorm in train mode
+    expected = (7 * CE(ref(x[:7]), y[:7]) + 8 * CE(ref(x[7:]), y[7:])).item() / 15
+    for b, saved in zip(model.buffers(), buffers):
+        b.copy_(saved)  # the reference forward above moved the running statistics
+    assert abs(op.loss() - expected) < 1e-12
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert model.training and model[1].training

@@ -360,6 +360,22 @@ class HessianOperator(_ModelOperator):
             at=at,
         )
 
+    def loss(self) -> float:
+        """The mean loss over ``data`` at the operator's parameters, evaluated as
+        products are (dropout off, normalisation layers in the model's mode,
+        buffers copied); reduced over ranks like the products."""
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        count = 0
+        with self._guarded(), torch.no_grad():
+            values = self._values()
+            for batch, n in self._batches():
+                total += n * self._loss(values, batch).double()
+                count += n
+        total, count = _all_reduce(total, count)
+        if count == 0:
+            raise ValueError("data yielded no samples")
+        return float(total.item() / count)
+
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
 

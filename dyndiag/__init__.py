@@ -13,6 +13,29 @@ _EXPORTS = {
     "preserve_state": ".state",
     "plot": ".plot",
     "datasets": ".datasets",
+    "probes": ".probes",
+    "Probe": ".probes",
+    "Monitor": ".monitor",
+    "load_records": ".records",
+    "load_arrays": ".records",
+    "quantities": ".quantities",
+    **{
+        name: ".quantities"
+        for name in (
+            "grand_scores",
+            "el2n_scores",
+            "gradient_coherence",
+            "gradient_snr",
+            "directional_sharpness",
+            "preconditioned_sharpness",
+            "stability_threshold",
+            "subspace_overlap",
+            "softmax_collapse",
+            "gradient_weight_cosine",
+            "layer_rotation",
+            "safe_step_radius",
+        )
+    },
     **{
         name: ".curvature"
         for name in (
@@ -20,6 +43,7 @@ _EXPORTS = {
             "MatrixOperator",
             "HessianOperator",
             "GGNOperator",
+            "PreconditionedOperator",
             "eigenvalues",
             "trace",
             "diagonal",

@@ -7,6 +7,7 @@ _EXPORTS = {
     "MatrixOperator": ".base",
     "HessianOperator": ".operators",
     "GGNOperator": ".operators",
+    "PreconditionedOperator": ".preconditioned",
     "eigenvalues": ".lanczos",
     "trace": ".hutchinson",
     "diagonal": ".hutchinson",

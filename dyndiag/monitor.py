@@ -1,0 +1,256 @@
+"""Attach probes to a training loop through optimizer and forward hooks.
+
+The training loop stays unchanged: the monitor registers an optimizer step
+pre-hook (state probes, on the current gradients and parameters), a post-hook
+(update probes, then one record transaction per step) and a forward hook that
+keeps the last training forward's outputs. Every probe runs under
+:func:`~dyndiag.state.preserve_state`, so training with a monitor gives
+bit-identical weights to training without one.
+
+Failure policy: a probe that raises is reported once as a ``RuntimeWarning`` with
+its error and disabled for the rest of the run; training goes on. Under
+``torch.distributed`` the failure flags are all-reduced, so a probe is disabled on
+every rank together and no rank skips a collective the others enter. A NaN or inf
+value is recorded as it is, with one warning per probe and metric.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .probes.base import Probe, StepContext, flatten_result
+from .state import preserve_state
+
+__all__ = ["Monitor"]
+
+
+class Monitor:
+    """Run probes on a model during training and record what they measure.
+
+    Parameters
+    ----------
+    model:
+        The trained module.
+    optimizer:
+        Its optimizer; ``step`` counts its ``step()`` calls from 0.
+    probes:
+        :class:`~dyndiag.probes.Probe` instances (names must be unique).
+    loss_fn, closure:
+        How probes that need a loss evaluate ``probe_data``: a criterion
+        ``loss_fn(outputs, targets)`` or ``closure(model, batch) -> loss``.
+    probe_data:
+        A fixed batch (or list of batches) for curvature and loss probes. Fixed,
+        so that changes over steps come from the model, not from the data.
+    log_dir:
+        Where records are written (SQLite, see :func:`~dyndiag.load_records`).
+        ``None`` keeps them in memory (:meth:`records`).
+    start_step:
+        First step number; default: continue from the records already in
+        ``log_dir`` (0 for a new one).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        probes: Sequence[Probe],
+        loss_fn: Callable | None = None,
+        probe_data: object = None,
+        log_dir: str | None = None,
+        *,
+        closure: Callable | None = None,
+        start_step: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        probes = list(probes)
+        for p in probes:
+            if not isinstance(p, Probe):
+                raise TypeError(f"probes must be dyndiag Probe instances, got {type(p).__name__}")
+        names = [p.name for p in probes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"probe names must be unique; repeated: {dupes} (pass name=...)")
+        if loss_fn is not None and closure is not None:
+            raise ValueError("give at most one of loss_fn and closure")
+        needing = [p.name for p in probes if {"curvature", "probe_batch"} & set(p.needs)]
+        if needing and (probe_data is None or (loss_fn is None and closure is None)):
+            raise ValueError(f"probes {needing} need probe_data and a loss_fn (or closure)")
+        if start_step is not None and (not isinstance(start_step, int) or start_step < 0):
+            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+
+        self.model = model
+        self.optimizer = optimizer
+        self.probes = probes
+        self.loss_fn = loss_fn
+        self.closure = closure
+        self.probe_data = probe_data
+        self.log_dir = log_dir
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self._writer = None
+        self._memory: list[tuple] = []  # records kept in memory when log_dir is None
+        self._memory_arrays: list[tuple] = []
+        if log_dir is not None:
+            from .records import RecordWriter
+
+            self._writer = RecordWriter(log_dir, start_step=start_step)
+            self.step = self._writer.next_step
+        else:
+            self.step = start_step or 0
+        self._last_logits = None
+        self._running = False
+        self._pending = None
+        self._warned: set = set()
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+            model.register_forward_hook(self._capture),
+        ]
+        for p in probes:
+            p.setup(self)
+
+    # -- hooks --------------------------------------------------------------
+    def _capture(self, module, inputs, output) -> None:
+        if self._running:  # probes' own forwards must not overwrite the training one
+            return
+        logits = getattr(output, "logits", output)
+        if isinstance(logits, torch.Tensor):
+            self._last_logits = logits.detach()
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        step = self.step
+        due = [p for p in self.probes if p.enabled and p.due(step)]
+        self._pending = None
+        if not due:
+            return
+        # torch passes step()'s own arguments, the optimizer first: (opt, closure?).
+        closure_step = kwargs.get("closure", args[1] if len(args) > 1 else None) is not None
+        if closure_step:
+            self._warn_once(
+                "closure",
+                "optimizer.step(closure) runs forward and backward inside step(), so the "
+                "pre-step hook sees the previous step's gradients; probes that need gradients "
+                "are skipped on such steps (use the Lightning or Hugging Face callback, which "
+                "run after backward)",
+            )
+        ctx = StepContext(self, step)
+        pre = [p for p in due if p.phase == "pre" and not (closure_step and "gradients" in p.needs)]
+        post = [p for p in due if p.phase == "post"]
+        if post:
+            ctx.theta_before = [p.detach().clone() for p in self.params]
+        scalars, arrays = self._run(pre, ctx)
+        self._pending = (ctx, post, scalars, arrays)
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        step = self.step
+        self.step += 1
+        if self._pending is None:
+            return
+        ctx, post, scalars, arrays = self._pending
+        self._pending = None
+        if post:
+            s, a = self._run(post, ctx)
+            scalars += s
+            arrays += a
+        self._write(step, scalars, arrays)
+
+    # -- running probes ------------------------------------------------------
+    def _run(self, probes: list[Probe], ctx: StepContext) -> tuple[list, list]:
+        scalars: list = []
+        arrays: list = []
+        failed = []
+        self._running = True
+        try:
+            full = any(p.modifies_state for p in probes)
+            guard = (
+                preserve_state(self.model, self.optimizer)
+                if full
+                else preserve_state(self.model, grads=False, buffers=False, rng=True)
+            )
+            with guard:
+                for probe in probes:
+                    try:
+                        s, a = flatten_result(probe.name, probe.compute(ctx))
+                    except Exception as err:  # a probe must never stop training
+                        failed.append(probe)
+                        self._warn_once(
+                            ("failed", probe.name),
+                            f"probe {probe.name!r} failed at step {ctx.step} and is disabled: "
+                            f"{type(err).__name__}: {err}",
+                        )
+                        continue
+                    for row in s:
+                        if row[3] != row[3] or row[3] in (float("inf"), float("-inf")):
+                            self._warn_once(
+                                ("nonfinite", probe.name, row[1]),
+                                f"probe {probe.name!r} recorded a non-finite {row[1]} ({row[3]}) at step {ctx.step}",
+                            )
+                    scalars += s
+                    arrays += a
+        finally:
+            self._running = False
+        self._disable(probes, failed)
+        return scalars, arrays
+
+    def _disable(self, probes: list[Probe], failed: list[Probe]) -> None:
+        flags = [p in failed for p in probes]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and probes:
+            # Disable on every rank together: a rank that skipped a probe would skip its collectives.
+            t = torch.tensor(flags, dtype=torch.float32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = [bool(v) for v in t.tolist()]
+        for p, flag in zip(probes, flags):
+            if flag:
+                p.enabled = False
+
+    def _write(self, step: int, scalars: list, arrays: list) -> None:
+        if self._writer is not None:
+            self._writer.write_step(step, scalars, arrays)
+        else:
+            now = time.time()
+            self._memory += [(step, probe, metric, key, value, now) for probe, metric, key, value in scalars]
+            self._memory_arrays += [(step, *row) for row in arrays]
+
+    def _warn_once(self, key, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def records(self):
+        """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time``)."""
+        if self.log_dir is not None:
+            from .records import load_records
+
+            return load_records(self.log_dir)
+        import pandas as pd
+
+        return pd.DataFrame(self._memory, columns=["step", "probe", "metric", "key", "value", "wall_time"])
+
+    def close(self) -> None:
+        """Remove every hook and close the record store. Idempotent."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Monitor(step={self.step}, probes={[p.name for p in self.probes]}, log_dir={self.log_dir!r})"

@@ -1,0 +1,61 @@
+"""Probes on model outputs: Softmax Collapse of the training logits, per-example scores."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .base import Probe, StepContext
+
+__all__ = ["SoftmaxCollapse", "DataScores"]
+
+
+class SoftmaxCollapse(Probe):
+    """``collapsed_fraction``: the fraction of the last training forward's rows whose
+    top softmax probability is exactly 1 in the logits' dtype."""
+
+    modifies_state = False
+
+    needs = frozenset({"logits"})
+
+    def compute(self, ctx: StepContext) -> Mapping:
+        from ..quantities.softmax import softmax_collapse
+
+        logits = ctx.logits
+        return {"collapsed_fraction": softmax_collapse(logits.reshape(-1, logits.shape[-1]))}
+
+
+class DataScores(Probe):
+    """GraNd and EL2N on a fixed scoring set: ``grand`` and ``el2n`` with keys
+    ``mean``, ``p50``, ``p90``, and the per-example arrays ``grand_scores`` and
+    ``el2n_scores`` (data order)."""
+
+    modifies_state = False
+
+    needs = frozenset()
+
+    def __init__(self, data, every=1, name=None, *, loss_fn=None) -> None:
+        super().__init__(every, name)
+        self.data = data
+        self.loss_fn = loss_fn
+
+    def compute(self, ctx: StepContext) -> Mapping:
+        from ..quantities.per_example import el2n_scores, grand_scores
+
+        m = ctx.monitor
+        loss_fn = self.loss_fn or m.loss_fn
+        closure = None if loss_fn is not None else m.closure
+        grand = grand_scores(m.model, loss_fn, self.data, params=ctx.params, closure=closure, progress=False)
+        grand = grand.double().cpu().numpy()
+        el2n = el2n_scores(m.model, self.data, progress=False).double().cpu().numpy()
+        return {
+            "grand": _summary(grand),
+            "el2n": _summary(el2n),
+            "grand_scores": grand,
+            "el2n_scores": el2n,
+        }
+
+
+def _summary(x: np.ndarray) -> dict:
+    return {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p90": float(np.percentile(x, 90))}

@@ -1,0 +1,127 @@
+"""Softmax Collapse and naive loss minimisation ("Grokking at the Edge of Numerical
+Stability", Prieto et al. 2025).
+
+Softmax Collapse: when one logit dominates, ``sum_j exp(z_j - max z)`` rounds to
+exactly 1 in the working dtype; that row's loss for its argmax class and the
+gradient of that logit are then exactly zero, and the example stops teaching.
+Naive loss minimisation: past overfitting the gradient aligns with the weights, so
+training only scales the logits up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..data import check_scalar_loss, default_batch_size, iter_batches, make_loss_closure, to_device
+from ._common import Evaluate, all_reduce_sum, buffer_copies, check_model, operator_mode, select_params
+
+__all__ = ["softmax_collapse", "gradient_weight_cosine"]
+
+
+def softmax_collapse(logits: torch.Tensor) -> float:
+    """Fraction of rows whose largest softmax probability is exactly 1 in ``logits.dtype``.
+
+    A row collapses when ``s = sum_j exp(z_j - max_j z_j)`` equals 1 after rounding
+    to the logits' dtype, i.e. its top probability ``exp(0) / s`` is exactly 1.0 and
+    its cross-entropy for the argmax class is exactly 0. Computed entirely in the
+    logits' dtype — never upcast, since the phenomenon is the dtype's rounding
+    (float64 collapses orders of magnitude later than float32). torch accumulates
+    float16/bfloat16 sums in float32 internally and rounds the result to the dtype,
+    as its own softmax kernels do.
+
+    Parameters
+    ----------
+    logits
+        ``(n, C)`` floating-point tensor, ``n >= 1`` rows, ``C >= 1`` classes (for
+        sequence models flatten to ``(-1, C)`` first). Rows holding NaN or inf
+        never count as collapsed.
+
+    Returns
+    -------
+    float
+        The collapsed fraction in ``[0, 1]``.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (n, C), got shape {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
+    n, C = logits.shape
+    if n == 0 or C == 0:
+        raise ValueError(f"logits must have at least one row and one column, got shape {tuple(logits.shape)}")
+    z = logits.detach()
+    s = torch.exp(z - z.amax(dim=1, keepdim=True)).sum(dim=1)
+    return float((s == 1).sum().item()) / n
+
+
+def gradient_weight_cosine(
+    model: nn.Module,
+    loss_fn: Callable | None,
+    data: object,
+    params: Sequence[torch.Tensor] | None = None,
+    *,
+    closure: Callable | None = None,
+) -> float:
+    """Cosine between the full loss gradient and the weights, flat over ``params``.
+
+    ``cos(g, theta) = g . theta / (||g|| ||theta||)`` with ``g`` the gradient of the
+    sample-weighted mean loss over ``data``. Under naive loss minimisation the
+    descent direction ``-g`` points along ``theta`` (training only scales the
+    weights and so the logits), and the value approaches **-1**.
+
+    The model is evaluated as the curvature operators evaluate it: dropout off,
+    normalisation layers in the model's own mode, running statistics untouched;
+    ``.grad`` is never written.
+
+    Parameters
+    ----------
+    model, loss_fn, data, params, closure
+        As for :class:`dyndiag.HessianOperator`: a criterion with mean reduction (or
+        ``closure(model, batch) -> scalar``), one batch or an iterable of batches
+        (weighted by their sizes), and the parameters (default: every parameter
+        with ``requires_grad``).
+
+    Returns
+    -------
+    float
+        The cosine in ``[-1, 1]`` (dimensionless); NaN when the gradient or the
+        weights are zero. Under ``torch.distributed`` the gradient is that of the
+        union of the ranks' shards.
+    """
+    check_model(model)
+    fn = make_loss_closure(loss_fn, closure)
+    names, chosen = select_params(model, params)
+    device = chosen[0].device
+    evaluate = Evaluate(model, fn)
+    dim = sum(p.numel() for p in chosen)
+    total = torch.zeros(dim + 1, dtype=torch.float64, device=device)  # weighted sum, then count
+    with operator_mode(model):
+        for batch in iter_batches(data):
+            n = default_batch_size(batch)
+            if n == 0:
+                continue
+            batch = to_device(batch, device)
+            leaves = [p.detach().requires_grad_(True) for p in chosen]
+            mapping = {"model." + name: leaf for name, leaf in zip(names, leaves)}
+            mapping.update(buffer_copies(model))
+            loss = check_scalar_loss(functional_call(evaluate, mapping, (batch,)), "loss_fn/closure")
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            flat = torch.cat(
+                [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, chosen)]
+            )
+            total[:dim] += n * flat.double()
+            total[dim] += n
+    total = all_reduce_sum(total)
+    if float(total[dim]) == 0:
+        raise ValueError("data yielded no samples")
+    g = total[:dim] / total[dim]
+    theta = torch.cat([p.detach().reshape(-1) for p in chosen]).double()
+    denom = torch.linalg.vector_norm(g) * torch.linalg.vector_norm(theta)
+    if float(denom) == 0:
+        return float("nan")
+    return float(((g @ theta) / denom).clamp(-1, 1))

@@ -1,0 +1,208 @@
+"""The Monitor: scheduling, shared needs, failure policy, and zero side effects on training."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dyndiag as dd
+from dyndiag.probes import Probe
+from models import classification_data
+
+CE = nn.CrossEntropyLoss()
+
+
+def _mlp(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "batchnorm":
+        return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4))
+    if kind == "dropout":
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 4))
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _train(kind, opt_name, steps, probes=None, seed=0):
+    """Seeded mini-batch training; with probes it runs under a Monitor."""
+    model = _mlp(kind, seed)
+    x, y = classification_data(n=64, dtype=torch.float32)
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = None
+    if probes is not None:
+        mon = dd.Monitor(model, opt, probes, loss_fn=CE, probe_data=(x[:32], y[:32]))
+    torch.manual_seed(123)  # the loop's own randomness: batch order and dropout
+    for _ in range(steps):
+        idx = torch.randint(0, 64, (16,))
+        opt.zero_grad()
+        CE(model(x[idx]), y[idx]).backward()
+        opt.step()
+    if mon is not None:
+        mon.close()
+    return model, opt, mon, (x, y)
+
+
+def every_probe(x, y):
+    P = dd.probes
+    return [
+        P.GradientNorm(per_layer=True),
+        P.LayerRotation(),
+        P.SoftmaxCollapse(),
+        P.HessianSpectrum(every=10, k=2, trace_matvecs=6, density=True, num_probes=2, lanczos_steps=5),
+        P.EdgeOfStability(every=7),
+        P.GradientCoherence(every=9),
+        P.DataScores((x[:20], y[:20]), every=13),
+        P.DirectionalSharpness(every=5),
+        P.SafeStepRadius(every=5),
+        P.SubspaceOverlap(every=11, k=2),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,opt_name", [("plain", "sgd"), ("plain", "adam"), ("batchnorm", "sgd"), ("dropout", "adam")])
+def test_training_with_every_probe_is_bit_identical(kind, opt_name):
+    x, y = classification_data(n=64, dtype=torch.float32)
+    ref, ref_opt, _, _ = _train(kind, opt_name, 50)
+    ref_rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no probe may fail or warn on this healthy run
+        got, got_opt, mon, _ = _train(kind, opt_name, 50, probes=every_probe(x, y))
+    assert torch.equal(torch.get_rng_state(), ref_rng)  # the dropout stream was untouched
+    for a, b in zip(ref.state_dict().values(), got.state_dict().values()):
+        assert torch.equal(a, b)
+    for pa, pb in zip(ref.parameters(), got.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+    sa, sb = ref_opt.state_dict()["state"], got_opt.state_dict()["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i] if isinstance(sa[i][k], torch.Tensor))
+    df = mon.records()
+    assert set(df["probe"]) == {p.name for p in every_probe(x, y)}
+    assert df["step"].max() == 49 and df.groupby("probe")["step"].min().max() == 0
+
+
+def test_step_numbering_schedules_and_update_probes_share_the_step():
+    calls = []
+
+    class Recorder(Probe):
+        def compute(self, ctx):
+            calls.append((self.name, ctx.step))
+            return {"seen": ctx.step}
+
+    class AfterUpdate(Probe):
+        needs = frozenset({"update"})
+        phase = "post"
+
+        def compute(self, ctx):
+            return {"update_norm": float(ctx.update.norm())}
+
+    model = _mlp("plain")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = classification_data(n=16, dtype=torch.float32)
+    with dd.Monitor(model, opt, [Recorder(every=3), Recorder(every=lambda s: s in (1, 4), name="odd"), AfterUpdate(every=2)]) as mon:
+        for _ in range(7):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            update = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+            if mon.step - 1 in (0, 2, 4, 6):
+                last_update = float(update.norm())
+    assert [s for n, s in calls if n == "recorder"] == [0, 3, 6]
+    assert [s for n, s in calls if n == "odd"] == [1, 4]
+    df = mon.records()
+    upd = df[df.metric == "update_norm"]
+    assert list(upd.step) == [0, 2, 4, 6]
+    assert math.isclose(upd.value.iloc[-1], last_update, rel_tol=1e-6)
+    assert mon.step == 7
+
+
+def test_failing_probe_is_disabled_with_one_warning_and_nan_is_recorded():
+    class Broken(Probe):
+        def compute(self, ctx):
+            raise ZeroDivisionError("boom")
+
+    class Nan(Probe):
+        def compute(self, ctx):
+            return {"value": float("nan")}
+
+    model = _mlp("plain")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = classification_data(n=16, dtype=torch.float32)
+    broken = Broken()
+    with pytest.warns(RuntimeWarning) as record, dd.Monitor(model, opt, [broken, Nan()]) as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            opt.step()
+    messages = [str(w.message) for w in record]
+    assert sum("'broken' failed at step 0" in m and "ZeroDivisionError: boom" in m for m in messages) == 1
+    assert sum("non-finite value" in m for m in messages) == 1
+    assert broken.enabled is False
+    df = mon.records()
+    assert df[df.probe == "nan"].value.isna().all() and len(df[df.probe == "nan"]) == 4
+
+
+def test_logits_are_the_last_training_forward_not_the_probes():
+    seen = []
+
+    class Peek(Probe):
+        needs = frozenset({"logits", "curvature"})
+
+        def compute(self, ctx):
+            ctx.hessian.matvec(torch.ones(ctx.hessian.dim))  # a probe's own forward
+            seen.append(ctx.logits.clone())
+            return {}
+
+    model = _mlp("plain")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = classification_data(n=16, dtype=torch.float32)
+    with dd.Monitor(model, opt, [Peek()], loss_fn=CE, probe_data=(x[:4], y[:4])):
+        for micro in (x[:8], x[8:]):  # gradient accumulation: the last micro-batch counts
+            out = model(micro)
+            CE(out, y[: len(micro)]).backward()
+        opt.step()
+    assert torch.equal(seen[0], out.detach())
+
+
+def test_closure_driven_steps_skip_gradient_probes_with_a_warning():
+    model = _mlp("plain")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = classification_data(n=16, dtype=torch.float32)
+
+    def closure():
+        opt.zero_grad()
+        loss = CE(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="closure"), dd.Monitor(model, opt, [dd.probes.GradientNorm(), dd.probes.LayerRotation()]) as mon:
+        for _ in range(3):
+            opt.step(closure)
+    df = mon.records()
+    assert "grad_norm" not in set(df.metric) and "rotation" in set(df.metric)
+
+
+def test_close_removes_every_hook_and_bad_input():
+    model = _mlp("plain")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = dd.Monitor(model, opt, [dd.probes.GradientNorm()])
+    mon.close()
+    assert not model._forward_hooks
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    mon.close()  # idempotent
+    with pytest.raises(ValueError, match="unique"):
+        dd.Monitor(model, opt, [dd.probes.GradientNorm(), dd.probes.GradientNorm()])
+    with pytest.raises(ValueError, match="need probe_data"):
+        dd.Monitor(model, opt, [dd.probes.EdgeOfStability()])
+    with pytest.raises(TypeError, match="probes must be"):
+        dd.Monitor(model, opt, ["grad_norm"])
+    with pytest.raises(TypeError, match="optimizer must be"):
+        dd.Monitor(model, None, [])
+    with pytest.raises(ValueError, match="every"):
+        dd.probes.GradientNorm(every=0)
+    assert dd.probes.EdgeOfStability(every=1).name == "edge_of_stability"

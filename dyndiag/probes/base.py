@@ -55,11 +55,11 @@ class Probe:
 
     needs: frozenset[str] = frozenset()
     phase: str = "pre"
-    #: Whether ``compute`` may write to the model, its ``.grad``, buffers or the
-    #: optimizer. True (the safe default) runs the probe under the full state guard,
-    #: which copies gradients, buffers and optimizer state every step it runs; the
-    #: built-in probes only read (curvature is evaluated functionally) and set False,
-    #: keeping only the cheap part of the guard (modes, RNG).
+    #: Whether ``compute`` may change the model, its ``.grad``, buffers, the
+    #: optimizer or a global RNG. True (the safe default) runs the probe under the
+    #: full state guard, which copies gradients, buffers, optimizer state and RNG
+    #: states every step it runs. The built-in probes set False: they only read,
+    #: and the operators and quantities they call restore modes and RNG themselves.
     modifies_state: bool = True
 
     def __init__(self, every: int | Callable[[int], bool] = 1, name: str | None = None) -> None:

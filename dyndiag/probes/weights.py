@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+
 from .base import Probe, StepContext
 
 __all__ = ["LayerRotation"]
@@ -21,10 +23,25 @@ class LayerRotation(Probe):
         self.reference = reference
 
     def setup(self, monitor) -> None:
-        if self.reference is None:
-            self.reference = {n: p.detach().clone() for n, p in monitor.model.named_parameters()}
-
-    def compute(self, ctx: StepContext) -> Mapping:
         from ..quantities.rotation import layer_rotation
 
-        return {"rotation": layer_rotation(ctx.model, self.reference)}
+        if self.reference is None:
+            self.reference = {n: p.detach().clone() for n, p in monitor.model.named_parameters()}
+        layer_rotation(monitor.model, self.reference)  # validates the reference once, at attach
+        self._meter = None
+
+    def compute(self, ctx: StepContext) -> Mapping:
+        from ..quantities.rotation import RotationMeter
+
+        if self._meter is None:  # the reference flattened once for the whole run
+            named = list(ctx.model.named_parameters())
+            ref = self.reference
+            if isinstance(ref, Mapping):
+                refs = [ref[n] for n, _ in named]
+            elif isinstance(ref, torch.nn.Module):
+                by_name = dict(ref.named_parameters())
+                refs = [by_name[n] for n, _ in named]
+            else:
+                refs = list(ref)
+            self._meter = RotationMeter(named, refs)
+        return {"rotation": self._meter(ctx.model)}

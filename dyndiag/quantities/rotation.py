@@ -62,7 +62,7 @@ def layer_rotation(
         raise TypeError(
             f"reference must be a module, a state_dict or a list of tensors, got {type(reference).__name__}"
         )
-    out: dict[str, float] = {}
+    refs = []
     for name, p in named:
         if name not in ref:
             raise ValueError(f"reference has no entry for parameter {name!r}")
@@ -73,14 +73,42 @@ def layer_rotation(
             raise ValueError(
                 f"reference[{name!r}] has shape {tuple(r.shape)}, but the parameter has shape {tuple(p.shape)}"
             )
-        w = p.detach().reshape(-1).double()
-        w0 = r.detach().reshape(-1).to(device=w.device, dtype=torch.float64)
-        nw, n0 = torch.linalg.vector_norm(w), torch.linalg.vector_norm(w0)
-        if torch.equal(w, w0):
-            out[name] = 0.0  # unmoved, including a tensor that is and was all zeros
-            continue
-        if float(nw) == 0 or float(n0) == 0:
-            out[name] = 1.0  # a zero vector has cosine similarity 0 with any other
-            continue
-        out[name] = float(torch.linalg.vector_norm(w / nw - w0 / n0) ** 2 / 2)
-    return out
+        refs.append(r)
+    if not named:
+        return {}
+    return RotationMeter(named, refs)(model)
+
+
+class RotationMeter:
+    """Layer rotation against a fixed reference, with the reference flattened once.
+
+    ``layer_rotation`` builds one per call; the LayerRotation probe keeps one for
+    the whole run, since the Monitor may measure every step of a sub-millisecond
+    training step. Parameters are matched by name (``named``) at construction.
+    """
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], refs: Sequence[torch.Tensor]) -> None:
+        self.names = [n for n, _ in named]
+        device = named[0][1].device
+        self.seg = torch.repeat_interleave(
+            torch.arange(len(named), device=device), torch.tensor([p.numel() for _, p in named], device=device)
+        )
+        w0 = torch.cat([r.detach().reshape(-1).to(device=device, dtype=torch.float64) for r in refs])
+        n0 = self._per_tensor(w0 * w0).sqrt()
+        self.w0, self.n0_zero = w0, n0 == 0
+        self.u0 = w0 / torch.where(n0 > 0, n0, 1.0)[self.seg]
+
+    def _per_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(self.names), dtype=torch.float64, device=values.device).index_add_(0, self.seg, values)
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        # One pass over all tensors at once (segment sums), not a dozen small ops per tensor.
+        params = dict(model.named_parameters())
+        w = torch.cat([params[n].detach().reshape(-1) for n in self.names]).to(torch.float64)
+        nw = self._per_tensor(w * w).sqrt()
+        unmoved = self._per_tensor((w != self.w0).double()) == 0  # also a tensor that is and was all zeros
+        zero = (nw == 0) | self.n0_zero  # a zero vector has cosine similarity 0 with any other
+        u = w / torch.where(nw > 0, nw, 1.0)[self.seg]
+        dist = self._per_tensor((u - self.u0) ** 2) / 2
+        dist = torch.where(unmoved, 0.0, torch.where(zero, 1.0, dist))
+        return dict(zip(self.names, dist.tolist()))

@@ -206,3 +206,49 @@ def test_close_removes_every_hook_and_bad_input():
     with pytest.raises(ValueError, match="every"):
         dd.probes.GradientNorm(every=0)
     assert dd.probes.EdgeOfStability(every=1).name == "edge_of_stability"
+
+
+TRAIN_SCRIPT = """
+import sys, time, torch
+from torch import nn
+import dyndiag as dd
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+mon = dd.Monitor(model, opt, [dd.probes.GradientNorm(), dd.probes.LayerRotation()], log_dir=sys.argv[1])
+print("start", mon.step, flush=True)
+while True:
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    print(mon.step - 1, flush=True)   # this step's records are committed
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_keeps_every_completed_step_and_resume_continues(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    log_dir = tmp_path / "run"
+    done = []
+    for _ in range(2):  # run, kill, run again on the same log_dir, kill
+        proc = subprocess.Popen([sys.executable, str(script), str(log_dir)], stdout=subprocess.PIPE, text=True)
+        start = int(proc.stdout.readline().split()[1])
+        assert start == (done[-1] + 1 if done else 0)  # resumes from the stored counter
+        for line in proc.stdout:
+            done.append(int(line))
+            if len(done) % 15 == 0:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    df = dd.load_records(log_dir)
+    steps = sorted(set(df.step))
+    assert steps[: len(done)] == done == list(range(len(done)))  # every completed step, no duplicates
+    per_step = df.groupby("step").size()
+    assert (per_step.loc[done] == per_step.loc[0]).all()  # each completed step is whole

@@ -40,9 +40,10 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="SGD steps before the curvature is measured.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for data split, init and batches.")
 def demo(out: str, steps: int, seed: int) -> None:
-    """Train an MLP on scikit-learn's digits and measure its Hessian.
+    """Train an MLP on scikit-learn's digits under a Monitor with every probe.
 
-    Prints the top-5 eigenvalues (Lanczos), the trace (Hutch++) and the spectral
+    Records go to OUT/records (read them with dyndiag.load_records). Then prints
+    the top-5 eigenvalues (Lanczos), the trace (Hutch++) and the spectral
     density's trace estimate (SLQ) with Hessian-vector-product counts and times,
     and writes curvature.json and spectrum.{png,pdf} to OUT.
     """

@@ -1,8 +1,10 @@
-"""``dyndiag demo``: train an MLP on digits, then measure its curvature and draw it.
+"""``dyndiag demo``: train an MLP on digits under a Monitor with every probe, then
+measure the final curvature and draw it.
 
-Until the Monitor lands this is the curvature demo: top eigenvalues by Lanczos,
-the Hessian trace by Hutch++, the spectral density by stochastic Lanczos
-quadrature, all on the training set's Hessian, with HVP counts and times.
+During training every built-in probe records into ``OUT/records`` (SQLite). After
+training: top eigenvalues by Lanczos, the Hessian trace by Hutch++ and the
+spectral density by stochastic Lanczos quadrature on the whole training set, with
+HVP counts and times, and the spectrum figure.
 """
 
 from __future__ import annotations
@@ -45,17 +47,53 @@ def run_demo(out: str | Path = "dyndiag-demo", steps: int = 300, seed: int = 0, 
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
+    probe_batch = (x[:256], y[:256])  # fixed, so changes over steps come from the model
+    records = out / "records"
+    if records.exists():  # a fresh run each time: the demo is not a resumable job
+        import shutil
+
+        shutil.rmtree(records)
+    P = dd.probes
+    probes = [
+        P.GradientNorm(per_layer=True),
+        P.LayerRotation(every=10),
+        P.SoftmaxCollapse(),
+        P.EdgeOfStability(every=25),
+        P.HessianSpectrum(every=100, k=5, density=True),
+        P.GradientCoherence(every=50),
+        P.DataScores((x[:512], y[:512]), every=100),
+        P.DirectionalSharpness(every=25),
+        P.SafeStepRadius(every=25),
+        P.SubspaceOverlap(every=50, k=10),
+    ]
     t0 = time.perf_counter()
-    for _ in range(steps):  # mini-batch SGD, batch 128
-        idx = torch.randint(0, len(y), (128,), generator=gen)
-        opt.zero_grad()
-        loss_fn(model(x[idx]), y[idx]).backward()
-        opt.step()
+    with dd.Monitor(model, opt, probes, loss_fn=loss_fn, probe_data=probe_batch, log_dir=records):
+        for _ in range(steps):  # mini-batch SGD, batch 128
+            idx = torch.randint(0, len(y), (128,), generator=gen)
+            opt.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
     train_time = time.perf_counter() - t0
     with torch.no_grad():
         train_loss = loss_fn(model(x), y).item()
         test_acc = (model(x_test).argmax(1) == y_test).double().mean().item()
-    echo(f"trained {steps} SGD steps in {train_time:.1f}s: train loss {train_loss:.4f}, test accuracy {test_acc:.3f}")
+    echo(f"trained {steps} SGD steps under a Monitor with {len(probes)} probes in {train_time:.1f}s: "
+         f"train loss {train_loss:.4f}, test accuracy {test_acc:.3f}")
+    if steps:
+        df = dd.load_records(records)
+        echo(f"\nlast recorded value of each probe metric ({len(df)} rows in {records})")
+        echo(f"{'probe':22s} {'metric':34s} {'step':>5s} {'value':>12s}")
+        for (probe, metric), rows in df.groupby(["probe", "metric"], sort=True):
+            rows = rows[rows.step == rows.step.max()]
+            by_key = dict(zip(rows.key, rows.value))
+            # Scalars have key ""; eigenvalues "0".."k-1"; scores mean/p50/p90; else per layer.
+            for key, label in (("", metric), ("0", f"{metric} [largest]"), ("mean", f"{metric} [mean]")):
+                if key in by_key:
+                    value = by_key[key]
+                    break
+            else:
+                value, label = rows.value.mean(), f"{metric} [mean of {len(rows)} layers]"
+            echo(f"{probe:22s} {label:34s} {int(rows.step.iloc[0]):5d} {value:12.5g}")
 
     op = dd.HessianOperator(model, loss_fn, (x, y))
     t = time.perf_counter()
@@ -95,6 +133,7 @@ def run_demo(out: str | Path = "dyndiag-demo", steps: int = 300, seed: int = 0, 
         "trace_hvps": tr.num_matvecs,
         "density_hvps": dens.num_matvecs,
         "figures": [str(p) for p in paths],
+        "records": str(records),
     }
     (out / "curvature.json").write_text(json.dumps(summary, indent=2))
     echo(f"\nwrote {out / 'curvature.json'} and {', '.join(str(p) for p in paths)}")

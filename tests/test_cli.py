@@ -21,6 +21,16 @@ def test_demo_writes_summary_and_figures(tmp_path):
     for name in ("spectrum.png", "spectrum.pdf"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "top-5 eigenvalues" in result.output and "HVPs" in result.output
+    import dyndiag as dd
+
+    df = dd.load_records(tmp_path / "records")  # every probe recorded under the Monitor
+    assert set(df.probe) == {
+        "gradient_norm", "layer_rotation", "softmax_collapse", "edge_of_stability", "hessian_spectrum",
+        "gradient_coherence", "data_scores", "directional_sharpness", "safe_step_radius", "subspace_overlap",
+    }
+    assert df.step.max() == 39 and (df[df.probe == "gradient_norm"].groupby("step").size() > 1).all()
+    assert len(dd.load_arrays(tmp_path / "records", "data_scores", "grand_scores")[0]) == 512
+    assert "layer_rotation" in result.output
 
 
 def test_bad_option_is_one_line_without_traceback(tmp_path):

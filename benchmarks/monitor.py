@@ -11,6 +11,7 @@ Measures, per training step (MLP 64-48-10, batch 128, SGD with momentum, float32
   monitor     + dd.Monitor with GradientNorm, LayerRotation, SoftmaxCollapse every
                 step, records in memory (log_dir=None)
   monitor+db  the same, written to SQLite (log_dir=...)
+  monitor+db async   the same with async_writes=True (commits on a writer thread)
 
     python benchmarks/monitor.py [--steps 400] [--repeats 5] [--threads 1]
 """
@@ -60,10 +61,10 @@ def run(mode: str, steps: int, x, y, seed: int = 0) -> float:
     elif mode.startswith("monitor"):
         probes = [dd.probes.GradientNorm(), dd.probes.LayerRotation(), dd.probes.SoftmaxCollapse()]
         log_dir = None
-        if mode == "monitor+db":
+        if mode.startswith("monitor+db"):
             tmp = tempfile.TemporaryDirectory()
             log_dir = tmp.name
-        mon = dd.Monitor(model, opt, probes, log_dir=log_dir)
+        mon = dd.Monitor(model, opt, probes, log_dir=log_dir, async_writes=mode == "monitor+db async")
     t0 = time.perf_counter()
     for idx in batches:
         opt.zero_grad()
@@ -87,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x, y, _, _ = load_digits()
-    modes = ["plain", "hand", "monitor", "monitor+db"]
+    modes = ["plain", "hand", "monitor", "monitor+db", "monitor+db async"]
     for m in modes:  # warm-up
         run(m, 20, x, y)
     times = {m: [] for m in modes}
@@ -96,11 +97,11 @@ def main() -> None:
             times[m].append(run(m, args.steps, x, y, seed=r))
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.steps} steps x {args.repeats} repeats (median)")
-    print(f"{'mode':12s} {'ms/step':>9s} {'vs plain':>9s}")
+    print(f"{'mode':17s} {'ms/step':>9s} {'vs plain':>9s}")
     for m in modes:
-        print(f"{m:12s} {med[m] * 1e3:9.4f} {med[m] / med['plain']:9.3f}")
+        print(f"{m:17s} {med[m] * 1e3:9.4f} {med[m] / med['plain']:9.3f}")
     arithmetic = (med["hand"] - med["plain"]) / med["plain"]
-    for m in ("monitor", "monitor+db"):
+    for m in ("monitor", "monitor+db", "monitor+db async"):
         own = (med[m] - med["hand"]) / med["plain"]
         print(f"{m}: the monitor's own cost beyond hand-written hooks = {100 * own:.1f} % of a step "
               f"(target <= 5 %); the probes' arithmetic itself = {100 * arithmetic:.1f} %")

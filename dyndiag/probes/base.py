@@ -186,7 +186,8 @@ def flatten_result(probe: str, result: Mapping[str, Any]) -> tuple[list[tuple], 
             for key, v in value.items():
                 scalars.append((probe, metric, str(key), _scalar(probe, metric, v)))
         elif isinstance(value, (torch.Tensor, np.ndarray)) and np.ndim(value) >= 1:
-            arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            # A copy: the record store may write it after the probe's tensors change.
+            arr = np.array(value.detach().cpu()) if isinstance(value, torch.Tensor) else np.array(value)
             arrays.append((probe, metric, "", arr))
         else:
             scalars.append((probe, metric, "", _scalar(probe, metric, value)))

@@ -11,7 +11,6 @@ Measures, per training step (MLP 64-48-10, batch 128, SGD with momentum, float32
   monitor     + dd.Monitor with GradientNorm, LayerRotation, SoftmaxCollapse every
                 step, records in memory (log_dir=None)
   monitor+db  the same, written to SQLite (log_dir=...)
-  monitor+db async   the same with async_writes=True (commits on a writer thread)
 
     python benchmarks/monitor.py [--steps 400] [--repeats 5] [--threads 1]
 """
@@ -64,7 +63,7 @@ def run(mode: str, steps: int, x, y, seed: int = 0) -> float:
         if mode.startswith("monitor+db"):
             tmp = tempfile.TemporaryDirectory()
             log_dir = tmp.name
-        mon = dd.Monitor(model, opt, probes, log_dir=log_dir, async_writes=mode == "monitor+db async")
+        mon = dd.Monitor(model, opt, probes, log_dir=log_dir)
     t0 = time.perf_counter()
     for idx in batches:
         opt.zero_grad()
@@ -88,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x, y, _, _ = load_digits()
-    modes = ["plain", "hand", "monitor", "monitor+db", "monitor+db async"]
+    modes = ["plain", "hand", "monitor", "monitor+db"]
     for m in modes:  # warm-up
         run(m, 20, x, y)
     times = {m: [] for m in modes}
@@ -101,7 +100,7 @@ def main() -> None:
     for m in modes:
         print(f"{m:17s} {med[m] * 1e3:9.4f} {med[m] / med['plain']:9.3f}")
     arithmetic = (med["hand"] - med["plain"]) / med["plain"]
-    for m in ("monitor", "monitor+db", "monitor+db async"):
+    for m in ("monitor", "monitor+db"):
         own = (med[m] - med["hand"]) / med["plain"]
         print(f"{m}: the monitor's own cost beyond hand-written hooks = {100 * own:.1f} % of a step "
               f"(target <= 5 %); the probes' arithmetic itself = {100 * arithmetic:.1f} %")

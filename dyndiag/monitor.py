@@ -17,8 +17,6 @@ value is recorded as it is, with one warning per probe and metric.
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -56,13 +54,6 @@ class Monitor:
     start_step:
         First step number; default: continue from the records already in
         ``log_dir`` (0 for a new one).
-    async_writes:
-        Commit records from a background thread (still one transaction per step)
-        instead of on the training thread, whose cost is then only a queue put:
-        the synchronous commit is ~0.1-0.2 ms, a quarter of a tiny model's step.
-        The price: a SIGKILL loses the steps still queued (normally none or one;
-        the queue holds at most 64). ``close()`` writes everything queued. Off by
-        default, so that records of completed steps survive a SIGKILL.
     """
 
     def __init__(
@@ -76,7 +67,6 @@ class Monitor:
         *,
         closure: Callable | None = None,
         start_step: int | None = None,
-        async_writes: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -116,8 +106,6 @@ class Monitor:
 
             self._writer = RecordWriter(log_dir, start_step=start_step)
             self.step = self._writer.next_step
-            if async_writes:
-                self._writer = _BackgroundWriter(self._writer)
         else:
             self.step = start_step or 0
         self._last_logits = None
@@ -269,34 +257,3 @@ class Monitor:
     def __repr__(self) -> str:
         return f"Monitor(step={self.step}, probes={[p.name for p in self.probes]}, log_dir={self.log_dir!r})"
 
-
-class _BackgroundWriter:
-    """Hands each step's records to a thread that commits them, one transaction per step."""
-
-    def __init__(self, writer) -> None:
-        self.writer = writer
-        self.next_step = writer.next_step
-        self._queue: queue.Queue = queue.Queue(maxsize=64)  # bounded: a slow disk slows training, never memory
-        self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, name="dyndiag-monitor-writer", daemon=True)
-        self._thread.start()
-
-    def write_step(self, step: int, scalars: list, arrays: list) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        self._queue.put((step, scalars, arrays))
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                self.writer.write_step(*item)
-            except Exception as err:  # reported on the training thread at its next write
-                self._error = err
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self.writer.close()
-        if self._error is not None:
-            raise self._error

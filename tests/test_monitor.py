@@ -253,20 +253,3 @@ def test_sigkill_mid_training_keeps_every_completed_step_and_resume_continues(tm
     per_step = df.groupby("step").size()
     assert (per_step.loc[done] == per_step.loc[0]).all()  # each completed step is whole
 
-
-def test_async_writes_store_the_same_records(tmp_path):
-    frames = []
-    for mode in (False, True):
-        model = _mlp("plain")
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        x, y = classification_data(n=16, dtype=torch.float32)
-        probes = [dd.probes.GradientNorm(per_layer=True), dd.probes.LayerRotation(), dd.probes.DataScores((x, y), every=3)]
-        with dd.Monitor(model, opt, probes, loss_fn=CE, log_dir=tmp_path / str(mode), async_writes=mode):
-            for _ in range(10):
-                opt.zero_grad()
-                CE(model(x), y).backward()
-                opt.step()
-        frames.append(dd.load_records(tmp_path / str(mode)).drop(columns="wall_time"))
-        arrays = dd.load_arrays(tmp_path / str(mode), "data_scores", "grand_scores")
-        assert sorted(arrays) == [0, 3, 6, 9] and all(a.shape == (16,) for a in arrays.values())
-    assert frames[0].equals(frames[1])

@@ -18,14 +18,13 @@ in eval mode — dropout (including attention dropout) is off, since a random
 operator breaks Lanczos — and normalisation layers keep the model's mode (train
 mode: batch statistics, the loss training sees). Attention runs with PyTorch's
 MATH scaled-dot-product kernel, the only one with a double backward on CPU.
-Modes and RNG states are restored after every product by :func:`preserve_state`.
+Modes and RNG states are restored after every product (:func:`dyndiag.evaluation.operator_mode`).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -40,11 +39,10 @@ from ..data import (
     iter_batches,
     is_single_batch,
     make_loss_closure,
-    model_outputs,
     tensors_in,
     to_device,
 )
-from ..state import preserve_state
+from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params
 from .base import CurvatureOperator
 
 __all__ = ["HessianOperator", "GGNOperator"]
@@ -57,28 +55,6 @@ with warnings.catch_warnings():
         import torch._decomp.decompositions_for_jvp  # noqa: F401
     except ImportError:  # pragma: no cover - layout differs across torch versions
         pass
-
-try:  # torch >= 2.3
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def _math_attention():
-        return sdpa_kernel(SDPBackend.MATH)
-
-except ImportError:  # pragma: no cover - older torch
-    from contextlib import nullcontext as _math_attention
-
-
-class _Evaluate(nn.Module):
-    """``forward(batch) = fn(model, batch)``, so ``functional_call`` can run a closure."""
-
-    def __init__(self, model: nn.Module, fn: Callable) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, batch):
-        return self.fn(self.model, batch)
-
 
 class _ModelOperator(CurvatureOperator):
     """Shared machinery: parameter selection, data iteration, guards, chunking."""
@@ -109,7 +85,7 @@ class _ModelOperator(CurvatureOperator):
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError("batch_size_fn must be callable (batch) -> int")
         self.model = model
-        self.names, self.params = _select_params(model, params)
+        self.names, self.params = select_params(model, params)
         self.dim = sum(p.numel() for p in self.params)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
@@ -124,7 +100,7 @@ class _ModelOperator(CurvatureOperator):
             self._at = [a.to(self.device) for a in at]
         self._shapes = [p.shape for p in self.params]
         self._numels = [p.numel() for p in self.params]
-        self._evaluate = _Evaluate(model, fn)
+        self._evaluate = Evaluate(model, fn)
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
         self._batch_size_fn = batch_size_fn or default_batch_size
         self.max_batch_vectors = max_batch_vectors
@@ -212,16 +188,8 @@ class _ModelOperator(CurvatureOperator):
             self._graph = (key, build())
         return self._graph[1]
 
-    @contextmanager
     def _guarded(self):
-        # Modes and RNG are the only live state an evaluation could touch: parameters
-        # are read through detached views, buffers through copies, .grad never.
-        with preserve_state(self.model, grads=False, buffers=True, rng=True):
-            for m in self.model.modules():
-                if not isinstance(m, _NormBase):
-                    m.training = False
-            with _math_attention(), torch.enable_grad():
-                yield
+        return operator_mode(self.model)
 
     # -- products ---------------------------------------------------------
     def _accumulate(self, per_batch: Callable, V: torch.Tensor) -> torch.Tensor:
@@ -454,22 +422,12 @@ class GGNOperator(_ModelOperator):
     ) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise TypeError("loss_fn must be a criterion loss_fn(outputs, targets) for the GGN")
-        if forward is not None and not callable(forward):
-            raise TypeError(f"forward must be callable (model, batch) -> outputs, got {type(forward).__name__}")
         self.loss_fn = loss_fn
-
-        def outputs(model, batch):
-            if forward is not None:
-                return forward(model, batch)
-            if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-                return model_outputs(model, batch[0])
-            raise ValueError("batches must be (inputs, targets); pass forward= for other batches")
-
         super().__init__(
             model,
             data,
             params,
-            outputs,
+            outputs_fn(forward),
             batch_size_fn=batch_size_fn,
             max_batch_vectors=max_batch_vectors,
             cache_data=cache_data,
@@ -527,41 +485,6 @@ class GGNOperator(_ModelOperator):
                 [(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(parts, leaves)]
             )
         return result
-
-
-def _select_params(
-    model: nn.Module, params: Sequence[torch.Tensor] | None
-) -> tuple[list[str], list[torch.Tensor]]:
-    named = list(model.named_parameters())  # tied parameters appear once
-    if params is None:
-        chosen = [(n, p) for n, p in named if p.requires_grad]
-        if not chosen:
-            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
-    else:
-        if isinstance(params, torch.Tensor):
-            raise TypeError("params must be a sequence of parameter tensors, not a single Tensor")
-        by_id = {id(p): n for n, p in named}
-        chosen, seen = [], set()
-        for i, p in enumerate(params):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
-            if id(p) not in by_id:
-                raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of model")
-            if id(p) not in seen:
-                seen.add(id(p))
-                chosen.append((by_id[id(p)], p))
-        if not chosen:
-            raise ValueError("params is empty: give at least one parameter of model")
-    dtypes = {p.dtype for _, p in chosen}
-    devices = {p.device for _, p in chosen}
-    if len(dtypes) > 1 or len(devices) > 1:
-        raise ValueError(
-            f"params must share one dtype and device, got {sorted(map(str, dtypes))} on "
-            f"{sorted(map(str, devices))}"
-        )
-    if not next(iter(dtypes)).is_floating_point:
-        raise TypeError("params must be floating point")
-    return [n for n, _ in chosen], [p for _, p in chosen]
 
 
 def _all_reduce(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:

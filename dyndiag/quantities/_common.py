@@ -1,34 +1,24 @@
 """What the quantities share: parameter selection, evaluation modes, argument checks,
 per-example splitting of batches and the collectives used under ``torch.distributed``.
 
-Two evaluation rules (design.md, Decisions):
-
-* *per-example* (:func:`per_example_mode`): every module in eval mode — dropout off,
-  BatchNorm on its running statistics — so that examples do not interact;
-* *operator* (:func:`operator_mode`): every module except normalisation layers in
-  eval mode (dropout off), normalisation layers in the model's own mode; buffers are
-  passed as copies so running statistics never move.
-
-Both run under :func:`dyndiag.state.preserve_state`, which restores modes, buffers and
-RNG states on exit.
+The evaluation rules (``operator_mode``, ``per_example_mode``), the closure wrapper
+``Evaluate`` and ``select_params`` live in :mod:`dyndiag.evaluation`, shared with the
+curvature operators; they are re-exported here for the quantities' modules.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..curvature.operators import _math_attention, _select_params
+from ..evaluation import Evaluate, operator_mode, per_example_mode, select_params
 from ..data import default_batch_size
-from ..state import preserve_state
 
 __all__ = [
     "Evaluate",
@@ -51,27 +41,10 @@ __all__ = [
 ]
 
 
-class Evaluate(nn.Module):
-    """``forward(batch) = fn(model, batch)``, so ``functional_call`` can run a closure."""
-
-    def __init__(self, model: nn.Module, fn: Callable) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, batch):
-        return self.fn(self.model, batch)
-
-
 def check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return model
-
-
-def select_params(model: nn.Module, params: Sequence[torch.Tensor] | None) -> tuple[list[str], list[torch.Tensor]]:
-    """``(names, params)``: the library's parameter rule (see design.md, Conventions)."""
-    return _select_params(model, params)
 
 
 def check_chunk_size(chunk_size: object) -> int:
@@ -108,27 +81,6 @@ def check_at(at: object, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
                 f"at[{i}] must be a tensor of shape {tuple(p.shape)} and dtype {p.dtype} like its parameter"
             )
     return [a.detach().to(params[0].device) for a in at]
-
-
-@contextmanager
-def per_example_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode (restored on exit), gradients enabled, MATH attention."""
-    with preserve_state(model, grads=False, buffers=True, rng=True):
-        for m in model.modules():
-            m.training = False
-        with _math_attention(), torch.enable_grad():
-            yield
-
-
-@contextmanager
-def operator_mode(model: nn.Module) -> Iterator[None]:
-    """The curvature operators' rule: dropout off, normalisation layers keep the model's mode."""
-    with preserve_state(model, grads=False, buffers=True, rng=True):
-        for m in model.modules():
-            if not isinstance(m, _NormBase):
-                m.training = False
-        with _math_attention(), torch.enable_grad():
-            yield
 
 
 def buffer_copies(model: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ..data import iter_batches, model_outputs, to_device
+from ..data import iter_batches, to_device
+from ..evaluation import outputs_fn
 from ._common import (
     Evaluate,
     all_reduce_max,
@@ -94,14 +95,7 @@ def safe_step_radius(
     tangents = tuple(t.reshape(p.shape) for t, p in zip(torch.split(v, [p.numel() for p in chosen]), chosen))
     keys = ["model." + n for n in names]
 
-    def outputs(model, batch):
-        if forward is not None:
-            return forward(model, batch)
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return model_outputs(model, batch[0])
-        raise ValueError("batches must be (inputs, targets); pass forward= for other batches")
-
-    evaluate = Evaluate(model, outputs)
+    evaluate = Evaluate(model, outputs_fn(forward))
     spread = torch.zeros(1, dtype=torch.float64, device=device)
     with operator_mode(model):
         for batch in iter_batches(data):

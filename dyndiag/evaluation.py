@@ -1,0 +1,131 @@
+"""How dyndiag evaluates a model without changing it: one place for every layer.
+
+Two evaluation rules (design.md, Decisions):
+
+* :func:`operator_mode` — curvature products, losses, JVPs: every module except
+  normalisation layers (BatchNorm/InstanceNorm) in eval mode, so dropout (attention
+  dropout too) is off and the evaluation is deterministic; normalisation layers keep
+  the model's own mode (train mode: batch statistics, the loss training sees);
+* :func:`per_example_mode` — per-example quantities: every module in eval mode, so
+  examples do not interact (BatchNorm on its running statistics).
+
+Both run under :func:`dyndiag.state.preserve_state` (modes, buffers and RNG restored),
+with gradients enabled and PyTorch's MATH attention kernel — the only
+scaled-dot-product kernel with a double backward on CPU. Models are called through
+:class:`Evaluate` and ``torch.func.functional_call`` with copied buffers, so their
+parameters and running statistics are never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .data import model_outputs
+from .state import preserve_state
+
+__all__ = ["Evaluate", "math_attention", "operator_mode", "per_example_mode", "select_params", "outputs_fn"]
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def math_attention():
+        """Scaled-dot-product attention on the MATH kernel (double-differentiable)."""
+        return sdpa_kernel(SDPBackend.MATH)
+
+except ImportError:  # pragma: no cover - older torch
+    from contextlib import nullcontext as math_attention
+
+
+class Evaluate(nn.Module):
+    """``forward(batch) = fn(model, batch)``, so ``functional_call`` can run a closure."""
+
+    def __init__(self, model: nn.Module, fn: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch):
+        return self.fn(self.model, batch)
+
+
+@contextmanager
+def operator_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off, normalisation layers in the model's mode; restored on exit."""
+    # Modes and RNG are the only live state an evaluation could touch: parameters
+    # are read through detached views, buffers through copies, .grad never.
+    with preserve_state(model, grads=False, buffers=True, rng=True):
+        for m in model.modules():
+            if not isinstance(m, _NormBase):
+                m.training = False
+        with math_attention(), torch.enable_grad():
+            yield
+
+
+@contextmanager
+def per_example_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode (restored on exit), gradients enabled, MATH attention."""
+    with preserve_state(model, grads=False, buffers=True, rng=True):
+        for m in model.modules():
+            m.training = False
+        with math_attention(), torch.enable_grad():
+            yield
+
+
+def outputs_fn(forward: Callable | None) -> Callable:
+    """``(model, batch) -> outputs``: ``forward`` if given, else ``model(batch[0])``."""
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable (model, batch) -> outputs, got {type(forward).__name__}")
+
+    def outputs(model, batch):
+        if forward is not None:
+            return forward(model, batch)
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return model_outputs(model, batch[0])
+        raise ValueError("batches must be (inputs, targets); pass forward= for other batches")
+
+    return outputs
+
+
+def select_params(
+    model: nn.Module, params: Sequence[torch.Tensor] | None
+) -> tuple[list[str], list[torch.Tensor]]:
+    """``(names, params)``: ``params`` (default: every trainable one) in order, with names.
+
+    Tied parameters appear once; each given tensor must be a parameter of ``model``;
+    all must share one floating dtype and device.
+    """
+    named = list(model.named_parameters())  # tied parameters appear once
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+    else:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be a sequence of parameter tensors, not a single Tensor")
+        by_id = {id(p): n for n, p in named}
+        chosen, seen = [], set()
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
+            if id(p) not in by_id:
+                raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of model")
+            if id(p) not in seen:
+                seen.add(id(p))
+                chosen.append((by_id[id(p)], p))
+        if not chosen:
+            raise ValueError("params is empty: give at least one parameter of model")
+    dtypes = {p.dtype for _, p in chosen}
+    devices = {p.device for _, p in chosen}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(
+            f"params must share one dtype and device, got {sorted(map(str, dtypes))} on "
+            f"{sorted(map(str, devices))}"
+        )
+    if not next(iter(dtypes)).is_floating_point:
+        raise TypeError("params must be floating point")
+    return [n for n, _ in chosen], [p for _, p in chosen]

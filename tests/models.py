@@ -69,3 +69,14 @@ class TiedFrozen(nn.Module):
 def dropout_mlp(d=6, h=7, classes=4, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Dropout(0.5), nn.Linear(h, classes)).double().train()
+
+
+class KeywordModel(nn.Module):
+    """A tanh MLP called as ``model(features=x)``: for dict batches and closures."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tanh_mlp()
+
+    def forward(self, features):
+        return self.net(features)

@@ -14,6 +14,7 @@ import dyndiag as dd
 from dyndiag.curvature import operators
 from exact import exact_ggn, exact_hessian
 from models import (
+    KeywordModel,
     TiedFrozen,
     batchnorm_mlp,
     classification_data,
@@ -122,15 +123,7 @@ def test_float32_matches_float64():
 
 
 def test_closure_with_dict_batches():
-    class KW(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = tanh_mlp()
-
-        def forward(self, features):
-            return self.net(features)
-
-    model = KW()
+    model = KeywordModel()
     x, y = classification_data()
     batches = [{"features": x[:10], "labels": y[:10]}, {"features": x[10:], "labels": y[10:]}]
     op = dd.HessianOperator(model, data=batches, closure=lambda m, b: CE(m(features=b["features"]), b["labels"]))

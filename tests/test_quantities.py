@@ -20,7 +20,7 @@ import dyndiag as dd
 import dyndiag.quantities as q
 from dyndiag.curvature.preconditioned import PreconditionedOperator
 from exact import exact_hessian
-from models import TiedFrozen, batchnorm_mlp, classification_data, dropout_mlp, image_data, small_cnn, tanh_mlp
+from models import KeywordModel, TiedFrozen, batchnorm_mlp, classification_data, dropout_mlp, image_data, small_cnn, tanh_mlp
 
 CE = nn.CrossEntropyLoss()
 F64 = torch.float64
@@ -165,15 +165,7 @@ def test_vectorised_one_forward_per_chunk_not_per_example():
 
 
 def test_grand_with_closure_and_dict_batches():
-    class KW(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = tanh_mlp()
-
-        def forward(self, features):
-            return self.net(features)
-
-    model = KW()
+    model = KeywordModel()
     x, y = classification_data(n=10)
     batches = [{"features": x[:6], "labels": y[:6]}, {"features": x[6:], "labels": y[6:]}]
     got = q.grand_scores(

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .data import model_outputs
 from .state import preserve_state
 
-__all__ = ["Evaluate", "math_attention", "operator_mode", "per_example_mode", "select_params", "outputs_fn"]
+__all__ = ["Evaluate", "math_attention", "operator_mode", "per_example_mode", "select_params", "outputs_fn", "unwrap"]
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -39,6 +39,18 @@ try:  # torch >= 2.3
 
 except ImportError:  # pragma: no cover - older torch
     from contextlib import nullcontext as math_attention
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel``/``DataParallel`` (else ``model``).
+
+    Diagnostics evaluate the inner module: a forward through the DDP wrapper would
+    arm its gradient synchronisation, and ranks would wait on each other inside an
+    HVP. Every rank's products are all-reduced by dyndiag itself instead.
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 class Evaluate(nn.Module):

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .evaluation import unwrap
 from .probes.base import Probe, StepContext, flatten_result
 from .state import preserve_state
 
@@ -88,6 +89,9 @@ class Monitor:
         if start_step is not None and (not isinstance(start_step, int) or start_step < 0):
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
 
+        # Probes evaluate the module inside a DDP wrapper (never arming its gradient sync);
+        # the forward hook on it still sees every training forward.
+        model = unwrap(model)
         self.model = model
         self.optimizer = optimizer
         self.probes = probes

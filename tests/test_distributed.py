@@ -55,3 +55,37 @@ def test_two_ranks_see_the_operator_of_the_union(tmp_path):
         assert torch.equal(r0[key], r1[key]), key  # every rank returns the same numbers
         err = ((r0[key] - single[key]).norm() / single[key].norm()).item()
         assert err <= 1e-6, (key, err)
+
+
+def _monitor_worker(rank: int, world: int, init_file: str, log_dir: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        x, y = classification_data()
+        shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+        ddp = nn.parallel.DistributedDataParallel(tanh_mlp())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        P = dd.probes
+        probes = [P.GradientNorm(), P.EdgeOfStability(every=2), P.LayerRotation()]
+        with dd.Monitor(ddp, opt, probes, loss_fn=CE, probe_data=(x[shard], y[shard]), log_dir=log_dir) as mon:
+            for _ in range(5):
+                opt.zero_grad()
+                CE(ddp(x[shard]), y[shard]).backward()  # DDP averages gradients across ranks
+                opt.step()
+        torch.save({"step": mon.step}, os.path.join(out_dir, f"mon{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_monitor_in_a_two_rank_ddp_run_writes_one_set_of_records(tmp_path):
+    log_dir = tmp_path / "run"
+    mp.spawn(_monitor_worker, args=(2, str(tmp_path / "init"), str(log_dir), str(tmp_path)), nprocs=2, join=True)
+    df = dd.load_records(log_dir)
+    assert sorted(set(df.step)) == [0, 1, 2, 3, 4]
+    assert not df.duplicated(["step", "probe", "metric", "key"]).any()  # rank 0 alone wrote
+    assert torch.load(tmp_path / "mon1.pt")["step"] == 5  # every rank counted the steps
+    # EdgeOfStability's sharpness at step 0 is the operator of the union of both shards.
+    union = dd.eigenvalues(dd.HessianOperator(tanh_mlp(), CE, classification_data()), k=1, tol=1e-10)
+    first = df[(df.metric == "sharpness") & (df.step == 0)].value.item()
+    assert abs(first - union.values[0].item()) <= 1e-4 * abs(first)

@@ -42,7 +42,7 @@ from ..data import (
     tensors_in,
     to_device,
 )
-from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params
+from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params, unwrap
 from .base import CurvatureOperator
 
 __all__ = ["HessianOperator", "GGNOperator"]
@@ -76,6 +76,7 @@ class _ModelOperator(CurvatureOperator):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = unwrap(model)
         if data is None:
             raise ValueError("data must be a batch (inputs, targets) or an iterable of batches, got None")
         if not isinstance(max_batch_vectors, int) or max_batch_vectors < 1:

@@ -95,7 +95,7 @@ class RotationMeter:
         )
         w0 = torch.cat([r.detach().reshape(-1).to(device=device, dtype=torch.float64) for r in refs])
         n0 = self._per_tensor(w0 * w0).sqrt()
-        self.w0, self.n0_zero = w0, n0 == 0
+        self.n0_zero = n0 == 0
         self.u0 = w0 / torch.where(n0 > 0, n0, 1.0)[self.seg]
 
     def _per_tensor(self, values: torch.Tensor) -> torch.Tensor:
@@ -106,9 +106,9 @@ class RotationMeter:
         params = dict(model.named_parameters())
         w = torch.cat([params[n].detach().reshape(-1) for n in self.names]).to(torch.float64)
         nw = self._per_tensor(w * w).sqrt()
-        unmoved = self._per_tensor((w != self.w0).double()) == 0  # also a tensor that is and was all zeros
-        zero = (nw == 0) | self.n0_zero  # a zero vector has cosine similarity 0 with any other
         u = w / torch.where(nw > 0, nw, 1.0)[self.seg]
-        dist = self._per_tensor((u - self.u0) ** 2) / 2
-        dist = torch.where(unmoved, 0.0, torch.where(zero, 1.0, dist))
-        return dict(zip(self.names, dist.tolist()))
+        # An unmoved non-zero tensor gives exactly 0 here (same values, same ops as u0).
+        dist = self._per_tensor((u - self.u0).square_()) * 0.5
+        # A zero tensor has cosine similarity 0 with any other: 1, or 0 if both are zero.
+        both_zero = (nw == 0) & self.n0_zero
+        return dict(zip(self.names, torch.where((nw == 0) | self.n0_zero, (~both_zero).double(), dist).tolist()))

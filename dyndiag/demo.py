@@ -116,9 +116,15 @@ def run_demo(out: str | Path = "dyndiag-demo", steps: int = 300, seed: int = 0, 
     for name, value, hvps, secs in rows:
         echo(f"{name:30s} {value:45s} {hvps:5d} {secs:8.2f}")
 
-    fig = dd.plot.spectrum(dens, top=top)
-    fig.axes[0].set_title(f"Hessian spectrum, digits MLP after {steps} steps", fontsize=9)
-    paths = dd.plot.save(fig, out / "spectrum", formats=("png", "pdf"))
+    with dd.plot.style("paper"):
+        figures = {"spectrum": dd.plot.spectrum(dens, top=top)}
+        figures["spectrum"].axes[0].set_title(f"Hessian spectrum, digits MLP after {steps} steps")
+        if steps:
+            df = dd.load_records(records)
+            figures["edge_of_stability"] = dd.plot.edge_of_stability(df)
+            figures["layer_rotation"] = dd.plot.layer_rotation(df)
+            figures["gradients"] = dd.plot.metrics(df, ["grad_norm", "coherence", "overlap"])
+        paths = [p for name, fig in figures.items() for p in dd.plot.save(fig, out / name, formats=("png", "pdf"))]
     summary = {
         "steps": steps,
         "seed": seed,

@@ -2,6 +2,15 @@
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {"spectrum": ".spectra", "save": ".files"}
+_EXPORTS = {
+    "spectrum": ".spectra",
+    "save": ".files",
+    "style": ".styles",
+    "SINGLE_COLUMN": ".styles",
+    "DOUBLE_COLUMN": ".styles",
+    "edge_of_stability": ".dynamics",
+    "metrics": ".dynamics",
+    "layer_rotation": ".dynamics",
+}
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,265 @@
+"""Training dynamics from Monitor records: edge of stability, metrics over steps, layer rotation.
+
+Every function takes the DataFrame of :func:`dyndiag.load_records` (columns
+``step, probe, metric, key, value, wall_time``), an optional ``ax`` and returns the Figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from ._axes import figure_and_axes
+
+__all__ = ["edge_of_stability", "metrics", "layer_rotation"]
+
+_COLUMNS = ("step", "probe", "metric", "key", "value")
+MAX_LEGEND_KEYS = 8
+"""Above this many keys a panel colours its lines by a colormap instead of a legend."""
+
+
+def _check_frame(df) -> None:
+    missing = [c for c in _COLUMNS if c not in getattr(df, "columns", ())]
+    if missing:
+        raise ValueError(
+            f"df must be a records DataFrame from dyndiag.load_records with columns "
+            f"{list(_COLUMNS)}; missing {missing}"
+        )
+
+
+def _width() -> float:
+    """The current style's figure width (dd.plot.style sets it), never below 3.25 in."""
+    return max(float(mpl.rcParams["figure.figsize"][0]), 3.25)
+
+
+def _series(df, metric: str, probe: str | None = None, key: str | None = ""):
+    """(steps, values) of one metric, sorted by step; key=None keeps every key."""
+    sel = df["metric"] == metric
+    if probe is not None:
+        sel &= df["probe"] == probe
+    if key is not None:
+        sel &= df["key"].astype(str) == key
+    sub = df.loc[sel].sort_values("step")
+    return sub["step"].to_numpy(dtype=float), sub["value"].to_numpy(dtype=float)
+
+
+def _key_order(keys) -> list[str]:
+    """Keys in record order, numbers ("0", "1", ..., "10") numerically."""
+    keys = list(dict.fromkeys(str(k) for k in keys))
+    if keys and all(k.lstrip("-").isdigit() for k in keys):
+        return sorted(keys, key=int)
+    return keys
+
+
+def _auto_log(values: np.ndarray) -> bool:
+    v = values[np.isfinite(values)]
+    return v.size > 1 and bool(np.all(v > 0)) and v.max() / v.min() > 100
+
+
+def _per_key(ax: Axes, sub, *, legend: str = "right", legend_title: str | None = None) -> None:
+    """One line per key of ``sub`` (rows of one metric); the "" key as a thick black total.
+
+    Up to MAX_LEGEND_KEYS keys get palette colours and a legend; more get a viridis
+    colormap in key order with a colorbar naming the first and last key.
+    """
+    groups = {str(k): g.sort_values("step") for k, g in sub.groupby(sub["key"].astype(str), sort=False)}
+    total = groups.pop("", None)
+    keys = _key_order(k for k in sub["key"].astype(str) if k in groups)
+    use_cmap = len(keys) > MAX_LEGEND_KEYS
+    cmap = mpl.colormaps["viridis"]
+    for i, key in enumerate(keys):
+        g = groups[key]
+        color = cmap(i / max(len(keys) - 1, 1)) if use_cmap else None
+        ax.plot(g["step"].to_numpy(float), g["value"].to_numpy(float), color=color,
+                lw=0.8 * mpl.rcParams["lines.linewidth"], label=None if use_cmap else key)
+    if total is not None:  # the total over layers: thick black; a plain scalar: an ordinary line
+        style = dict(color="black", lw=1.6 * mpl.rcParams["lines.linewidth"], label="total", zorder=3) if keys else {}
+        ax.plot(total["step"].to_numpy(float), total["value"].to_numpy(float), **style)
+    if use_cmap:
+        sm = ScalarMappable(norm=Normalize(0, len(keys) - 1), cmap=cmap)
+        cb = ax.figure.colorbar(sm, ax=ax, pad=0.02, fraction=0.04, aspect=30)
+        cb.set_ticks([0, len(keys) - 1], labels=[keys[0], keys[-1]])
+        if legend_title:  # the first and last key names already say what the colours are
+            cb.set_label(legend_title)
+        if total is not None:
+            ax.legend(loc="best")
+    elif keys:
+        if legend == "below":  # a figure legend under the axes: constrained layout makes room for it
+            ax.figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center",
+                             ncols=min(len(keys) + (total is not None), 4), title=legend_title)
+        elif legend == "inside":
+            ax.legend(loc="best", title=legend_title)
+        else:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, title=legend_title)
+
+
+def edge_of_stability(
+    df,
+    ax: Axes | None = None,
+    *,
+    probe: str = "edge_of_stability",
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Sharpness against the optimizer's stability threshold, and the loss, over steps.
+
+    Parameters
+    ----------
+    df:
+        Records from :func:`dyndiag.load_records` holding the ``sharpness`` and
+        ``threshold`` metrics of the :class:`~dyndiag.probes.EdgeOfStability` probe
+        named ``probe`` (and, optionally, ``preconditioned_sharpness`` and ``loss``).
+    ax:
+        Draw only the sharpness panel on this Axes. Without it, a new Figure with
+        two panels sharing the step axis.
+
+    Drawn: top panel, the sharpness λ_max (line with markers), the
+    ``preconditioned_sharpness`` (Adam) when recorded, and the recorded threshold
+    (2/η for SGD, momentum-aware) as a dashed step line, since a schedule changes
+    it; bottom panel, the probe batch's ``loss`` on a log axis (omitted when the
+    records have no ``loss``).
+    """
+    _check_frame(df)
+    steps, sharp = _series(df, "sharpness", probe)
+    t_steps, thresh = _series(df, "threshold", probe)
+    lacking = [m for m, v in (("sharpness", sharp), ("threshold", thresh)) if v.size == 0]
+    if lacking:
+        raise ValueError(
+            f"df has no {' or '.join(repr(m) for m in lacking)} records from probe {probe!r}; "
+            "record them with dd.probes.EdgeOfStability (probes present: "
+            f"{sorted(df['probe'].astype(str).unique())})"
+        )
+    p_steps, psharp = _series(df, "preconditioned_sharpness", probe)
+    l_steps, loss = _series(df, "loss", probe)
+
+    if ax is not None:
+        fig, top = figure_and_axes(ax, (0, 0))
+        bottom = None
+    elif loss.size:
+        w = _width()
+        fig = Figure(figsize=figsize or (w, 0.9 * w), layout="constrained")
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    else:
+        fig, top = figure_and_axes(None, figsize or (_width(), 0.6 * _width()))
+        bottom = None
+
+    top.plot(steps, sharp, "o-", color="C0", ms=2.5, label="$\\lambda_{\\max}$ of the loss Hessian")
+    if psharp.size:
+        top.plot(p_steps, psharp, "s-", color="C1", ms=2.5, label="preconditioned sharpness")
+    top.plot(t_steps, thresh, "--", drawstyle="steps-post", color="C3", label="stability threshold")
+    top.set_ylabel("sharpness")
+    top.set_ylim(bottom=0 if min(np.nanmin(sharp), np.nanmin(thresh)) >= 0 else None)
+    top.legend(loc="best")
+    if bottom is None:
+        top.set_xlabel("step")
+        return fig
+    bottom.plot(l_steps, loss, "o-", color="C2", ms=2.5)
+    if np.all(loss[np.isfinite(loss)] > 0):
+        bottom.set_yscale("log")
+    bottom.set_ylabel("loss")
+    bottom.set_xlabel("step")
+    fig.align_ylabels([top, bottom])
+    return fig
+
+
+def metrics(
+    df,
+    names: str | Sequence[str],
+    ax: Axes | None = None,
+    *,
+    probe: str | None = None,
+    logy: bool | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Record metrics over steps, one panel per metric name (stacked, sharing the step axis).
+
+    Parameters
+    ----------
+    df:
+        Records from :func:`dyndiag.load_records`.
+    names:
+        Metric names (``"grad_norm"``, ``"coherence"``, ...); each must be in ``df``.
+    ax:
+        Draw on this Axes (then ``names`` must be a single metric).
+    probe:
+        Take the metrics from this probe only (for a name several probes record).
+    logy:
+        Log y axes; ``None`` chooses per panel (log when every value is positive and
+        they span more than a factor of 100).
+
+    Drawn: a scalar metric (key ``""``) as one line; a per-layer metric as one thin
+    line per key with a legend (over 8 keys: viridis in record order, with a
+    colorbar), its ``""`` key as a thick black "total" line. A metric that several
+    probes record gets one line per probe and key.
+    """
+    _check_frame(df)
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("names must name at least one metric")
+    rows = df if probe is None else df.loc[df["probe"] == probe]
+    known = set(rows["metric"].astype(str))
+    missing = [n for n in names if n not in known]
+    if missing:
+        where = "df" if probe is None else f"df (probe {probe!r})"
+        raise ValueError(f"{where} has no records of metric(s) {missing}; metrics present: {sorted(known)}")
+    if ax is not None:
+        if len(names) != 1:
+            raise ValueError(f"with ax= give one metric name, got {len(names)}")
+        fig, _ = figure_and_axes(ax, (0, 0))
+        axes = [ax]
+    else:
+        w = _width()
+        fig = Figure(figsize=figsize or (w, 0.2 * w + 0.45 * w * len(names)), layout="constrained")
+        axes = list(np.atleast_1d(fig.subplots(len(names), 1, sharex=True)))
+    for a, name in zip(axes, names):
+        sub = rows.loc[rows["metric"] == name].copy()
+        if sub["probe"].nunique() > 1:
+            sub["key"] = sub["probe"].astype(str) + ": " + sub["key"].astype(str)
+            sub.loc[sub["key"].str.endswith(": "), "key"] = sub["key"].str[:-2]
+        _per_key(a, sub)
+        if logy or (logy is None and _auto_log(sub["value"].to_numpy(float))):
+            a.set_yscale("log")
+        a.set_ylabel(name.replace("_", " "))
+    axes[-1].set_xlabel("step")
+    if len(axes) > 1:
+        fig.align_ylabels(axes)
+    return fig
+
+
+def layer_rotation(
+    df,
+    ax: Axes | None = None,
+    *,
+    probe: str = "layer_rotation",
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Rotation of each parameter tensor from its initial value, over steps.
+
+    ``df``: records from :func:`dyndiag.load_records` with the ``rotation`` metric of
+    the :class:`~dyndiag.probes.LayerRotation` probe named ``probe`` (keys =
+    parameter names). Drawn: one line per parameter, ``1 − cos(w_t, w_0)`` on y
+    (0 = same direction as at initialisation, 1 = orthogonal, 2 = reversed). The
+    legend goes below the axes as a figure legend (inside the axes when ``ax`` is
+    given); over 8 parameters, lines take viridis from first to last layer, with a
+    colorbar instead.
+    """
+    _check_frame(df)
+    sub = df.loc[(df["metric"] == "rotation") & (df["probe"] == probe)]
+    if sub.empty:
+        raise ValueError(
+            f"df has no 'rotation' records from probe {probe!r}; record them with "
+            f"dd.probes.LayerRotation (probes present: {sorted(df['probe'].astype(str).unique())})"
+        )
+    w = _width()
+    own = ax is None
+    fig, ax = figure_and_axes(ax, figsize or (w, 0.85 * w))
+    _per_key(ax, sub, legend="below" if own else "inside")
+    ax.set_ylabel("1 − cos(w, w₀)")
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=0)
+    return fig

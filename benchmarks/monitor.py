@@ -7,8 +7,11 @@ writing) beyond hand-written hooks that compute the same numbers must be at most
 Measures, per training step (MLP 64-48-10, batch 128, SGD with momentum, float32),
 the median and the minimum over interleaved repeats:
   plain       the training step alone
-  hand        + hand-written hooks computing grad norm, per-layer rotation and the
-                Softmax-Collapse fraction every step, appended to a Python list
+  hand        + hand-written hooks computing the same numbers every step (grad norm,
+                per-layer rotation as dyndiag computes it: float64 ||u - u0||^2 / 2,
+                Softmax-Collapse fraction), appended to a Python list
+  hand f32 cos  the same with rotation as a float32 cosine (cheaper, less precise at
+                small angles), for reference
   monitor     + dd.Monitor with GradientNorm, LayerRotation, SoftmaxCollapse every
                 step, records in memory (log_dir=None)
   monitor+db  the same, written to SQLite (log_dir=...)
@@ -41,18 +44,24 @@ def run(mode: str, steps: int, x, y, seed: int = 0) -> float:
     mon = None
     handles = []
     tmp = None
-    if mode == "hand":
+    if mode.startswith("hand"):
         init = [p.detach().clone() for p in model.parameters()]
         names = [n for n, _ in model.named_parameters()]
+        # The same number dyndiag records: 1 - cos as ||u - u0||^2 / 2 in float64.
+        unit0 = [(w0.reshape(-1).double() / w0.double().norm()) for w0 in init]
         last = {}
         handles.append(model.register_forward_hook(lambda m, i, o: last.__setitem__("logits", o.detach())))
 
         def pre_hook(optimizer, args, kwargs):
             g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
             rows.append(("grad_norm", float(torch.linalg.vector_norm(g))))
-            for n, p, w0 in zip(names, model.parameters(), init):
-                cos = torch.nn.functional.cosine_similarity(p.detach().reshape(1, -1), w0.reshape(1, -1))
-                rows.append((n, float(1 - cos)))
+            for n, p, w0, u0 in zip(names, model.parameters(), init, unit0):
+                if mode == "hand f32 cos":  # a cheaper, less precise number (for reference)
+                    cos = torch.nn.functional.cosine_similarity(p.detach().reshape(1, -1), w0.reshape(1, -1))
+                    rows.append((n, float(1 - cos)))
+                else:
+                    w = p.detach().reshape(-1).double()
+                    rows.append((n, float(((w / w.norm() - u0) ** 2).sum() / 2)))
             z = last["logits"]
             collapsed = (torch.exp(z - z.max(1, keepdim=True).values).sum(1) == 1).float().mean()
             rows.append(("collapsed", float(collapsed)))
@@ -88,7 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x, y, _, _ = load_digits()
-    modes = ["plain", "hand", "monitor", "monitor+db"]
+    modes = ["plain", "hand", "hand f32 cos", "monitor", "monitor+db"]
     for m in modes:  # warm-up
         run(m, 20, x, y)
     times = {m: [] for m in modes}
@@ -98,9 +107,9 @@ def main() -> None:
     med = {m: statistics.median(v) for m, v in times.items()}
     low = {m: min(v) for m, v in times.items()}  # noise only adds time: the fastest repeat is the robust estimate
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.steps} steps x {args.repeats} repeats")
-    print(f"{'mode':12s} {'median ms/step':>15s} {'min ms/step':>12s} {'min vs plain':>13s}")
+    print(f"{'mode':13s} {'median ms/step':>15s} {'min ms/step':>12s} {'min vs plain':>13s}")
     for m in modes:
-        print(f"{m:12s} {med[m] * 1e3:15.4f} {low[m] * 1e3:12.4f} {low[m] / low['plain']:13.3f}")
+        print(f"{m:13s} {med[m] * 1e3:15.4f} {low[m] * 1e3:12.4f} {low[m] / low['plain']:13.3f}")
     for label, t in (("median", med), ("min", low)):
         arithmetic = (t["hand"] - t["plain"]) / t["plain"]
         for m in ("monitor", "monitor+db"):

@@ -122,9 +122,10 @@ class StepContext:
     @cached_property
     def gradients(self) -> torch.Tensor:
         """Flat ``(dim,)`` copy of the current ``.grad`` (zeros where a grad is None)."""
+        # torch.cat allocates a new tensor: it is already a copy.
         return torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in self.params]
-        ).clone()
+        )
 
     @property
     def logits(self) -> torch.Tensor:
@@ -180,6 +181,9 @@ def flatten_result(probe: str, result: Mapping[str, Any]) -> tuple[list[tuple], 
         raise TypeError(f"probe {probe!r}: compute() must return a dict {{metric: value}}, got {type(result).__name__}")
     scalars, arrays = [], []
     for metric, value in result.items():
+        if type(value) is float and type(metric) is str:  # fast path: a plain scalar
+            scalars.append((probe, metric, "", value))
+            continue
         if not isinstance(metric, str):
             raise TypeError(f"probe {probe!r}: metric names must be strings, got {metric!r}")
         if isinstance(value, Mapping):
@@ -195,6 +199,8 @@ def flatten_result(probe: str, result: Mapping[str, Any]) -> tuple[list[tuple], 
 
 
 def _scalar(probe: str, metric: str, value: Any) -> float:
+    if type(value) is float:  # the common case, first: this runs for every row of every step
+        return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return float(value.item())
     if isinstance(value, (numbers.Real, np.floating, np.integer)):

@@ -19,6 +19,7 @@ _EXPORTS = {
     "load_records": ".records",
     "load_arrays": ".records",
     "quantities": ".quantities",
+    "landscape": ".landscape",
     **{
         name: ".quantities"
         for name in (

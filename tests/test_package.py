@@ -8,7 +8,7 @@ import types
 
 import dyndiag
 
-SUBPACKAGES = {"plot", "datasets", "probes", "quantities"}
+SUBPACKAGES = {"plot", "datasets", "probes", "quantities", "landscape"}
 
 
 def test_every_export_resolves_and_no_submodule_shadows_a_function():
@@ -16,7 +16,7 @@ def test_every_export_resolves_and_no_submodule_shadows_a_function():
     for info in pkgutil.walk_packages(dyndiag.__path__, "dyndiag."):
         if not info.name.endswith(".cli"):
             importlib.import_module(info.name)
-    for pkg in (dyndiag, dyndiag.curvature, dyndiag.plot, dyndiag.probes, dyndiag.quantities):
+    for pkg in (dyndiag, dyndiag.curvature, dyndiag.plot, dyndiag.probes, dyndiag.quantities, dyndiag.landscape):
         for name in pkg.__all__:
             value = getattr(pkg, name)
             if name in SUBPACKAGES:

@@ -1,0 +1,378 @@
+"""dyndiag.landscape: directions (filter normalisation, eigenvectors) and loss surfaces."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dyndiag.landscape as L
+from dyndiag.curvature import HessianOperator
+from tests.exact import exact_hessian
+from tests.models import TiedFrozen, batchnorm_mlp, classification_data, tanh_mlp
+
+CE = nn.CrossEntropyLoss()
+
+
+def relu_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 4)).double()
+
+
+def bn_relu_mlp(train, seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Linear(6, 5), nn.BatchNorm1d(5, eps=1e-300), nn.ReLU(), nn.Linear(5, 4)
+    ).double()
+    with torch.no_grad():
+        m.train()
+        for _ in range(3):
+            m(torch.randn(16, 6, dtype=torch.float64) * 2 + 1)
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-0.5, 0.5)
+    return m.train(train)
+
+
+def surf(model, data, normalization="filter", resolution=5, extent=1.0, **kw):
+    dirs = L.random_directions(model, 2, normalization, seed=0)
+    return L.surface(model, CE, data, dirs, extent=extent, resolution=resolution, progress=False, **kw)
+
+
+# -- filter normalisation ------------------------------------------------------------
+def _rescale_pair(model, c):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m[0].weight.mul_(c)
+        m[0].bias.mul_(c)
+        m[2].weight.div_(c)
+    return m
+
+
+def test_filter_normalisation_invariant_to_relu_rescaling():
+    model, data = relu_mlp(), classification_data()
+    scaled = _rescale_pair(model, 3.7)
+    a, b = surf(model, data), surf(scaled, data)
+    assert np.ptp(a.values) > 0.05  # a non-trivial surface
+    np.testing.assert_allclose(b.values, a.values, rtol=0, atol=1e-10)
+    # Without filter normalisation the same rescaling changes the surface.
+    a, b = surf(model, data, "none"), surf(scaled, data, "none")
+    assert np.abs(a.values - b.values).max() > 1e-3
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_filter_normalisation_invariant_to_scaling_before_batchnorm(train):
+    model, data = bn_relu_mlp(train), classification_data()
+    scaled = copy.deepcopy(model)
+    c = torch.tensor([0.5, 2.0, 3.7, 1.3, 7.0], dtype=torch.float64)  # one scale per filter
+    with torch.no_grad():  # BatchNorm (eps ~ 0: negligible next to var in float64) undoes it
+        scaled[0].weight.mul_(c[:, None])
+        scaled[0].bias.mul_(c)
+        scaled[1].running_mean.mul_(c)
+        scaled[1].running_var.mul_(c * c)
+    a, b = surf(model, data), surf(scaled, data)
+    assert np.ptp(a.values) > 0.05
+    np.testing.assert_allclose(b.values, a.values, rtol=0, atol=1e-10)
+    # Per-layer normalisation is not invariant to per-filter scales.
+    a, b = surf(model, data, "layer"), surf(scaled, data, "layer")
+    assert np.abs(a.values - b.values).max() > 1e-3
+
+
+def test_scaling_one_layer_of_plain_mlp_changes_surface():
+    model, data = relu_mlp(), classification_data()
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled[0].weight.mul_(3.0)
+        scaled[0].bias.mul_(3.0)
+    assert np.abs(surf(model, data).values - surf(scaled, data).values).max() > 1e-2
+
+
+# -- directions ----------------------------------------------------------------------
+def test_bias_and_norm_directions_zero_by_default_and_filter_norms():
+    model = batchnorm_mlp()
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    for d in L.random_directions(model, 2, seed=1):
+        parts = dict(zip(names, torch.split(d, sizes)))
+        for n in ("0.bias", "1.weight", "1.bias", "3.bias"):
+            assert torch.count_nonzero(parts[n]) == 0, n
+        for n in ("0.weight", "3.weight"):
+            w = dict(model.named_parameters())[n].detach()
+            rows = parts[n].reshape(w.shape)
+            assert torch.count_nonzero(rows) == w.numel()
+            torch.testing.assert_close(rows.norm(dim=1), w.norm(dim=1), rtol=1e-12, atol=0)
+    full = L.random_directions(model, 1, seed=1, ignore=())[0]
+    assert torch.count_nonzero(full) == full.numel()
+    layer = L.random_directions(model, 1, "layer", seed=1, ignore=())[0]
+    for (n, p), part in zip(model.named_parameters(), torch.split(layer, sizes)):
+        torch.testing.assert_close(part.norm(), p.detach().norm(), rtol=1e-12, atol=0)
+    # "norm" alone zeroes BatchNorm parameters but keeps Linear biases.
+    only_norm = dict(zip(names, torch.split(L.random_directions(model, 1, seed=1, ignore=("norm",))[0], sizes)))
+    assert torch.count_nonzero(only_norm["1.weight"]) == 0
+    assert torch.count_nonzero(only_norm["0.bias"]) == only_norm["0.bias"].numel()
+
+
+def test_seed_reproducible_global_rng_untouched_and_orthogonalize():
+    model = tanh_mlp()
+    before = torch.get_rng_state()
+    a = L.random_directions(model, 3, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = L.random_directions(model, 3, seed=5)
+    c = L.random_directions(model, 3, seed=6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert all(d.shape == (sum(p.numel() for p in model.parameters()),) and d.dtype == torch.float64 for d in a)
+    assert abs(float(a[0] @ a[1])) > 1e-3  # raw Gaussian directions are not orthogonal
+    o = L.random_directions(model, 3, seed=5, orthogonalize=True)
+    for i in range(3):
+        torch.testing.assert_close(o[i].norm(), a[i].norm(), rtol=1e-12, atol=0)
+        for j in range(i):
+            assert abs(float(o[i] @ o[j])) < 1e-10 * float(o[i].norm() * o[j].norm())
+    torch.testing.assert_close(o[0], a[0], rtol=1e-14, atol=0)
+
+
+def test_eigen_directions_match_exact_top_eigenvectors():
+    model, (x, y) = tanh_mlp(), classification_data()
+    H = HessianOperator(model, CE, (x, y))
+    evals, evecs = torch.linalg.eigh(exact_hessian(model, CE, [(x, y)]))
+    for tol, err in ((1e-6, 1e-6), (1e-10, 1e-10)):
+        dirs = L.eigen_directions(H, k=2, tol=tol)
+        assert len(dirs) == 2
+        for d, i in zip(dirs, (-1, -2)):
+            assert d.shape == (H.dim,)
+            assert abs(float(d @ evecs[:, i])) == pytest.approx(1.0, abs=err)
+            assert d[d.abs().argmax()] > 0  # sign convention
+
+
+def test_params_selection_with_tied_and_frozen_parameters():
+    model, (x, y) = TiedFrozen(), classification_data(d=5, classes=3)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dirs = L.random_directions(model, 1, seed=0)
+    assert dirs[0].shape == (sum(p.numel() for p in trainable),)
+    s = L.surface(model, CE, (x, y), dirs, resolution=3, progress=False)
+    with torch.no_grad():
+        assert s.values[1] == pytest.approx(float(CE(model(x), y)), abs=1e-12)
+    head_only = L.random_directions(model, 1, params=[model.head.weight], seed=0)[0]
+    assert head_only.shape == (model.head.weight.numel(),)
+    s = L.surface(model, CE, (x, y), [head_only], resolution=3, params=[model.head.weight], progress=False)
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.head.weight.add_(head_only.reshape(model.head.weight.shape))
+        assert s.values[2] == pytest.approx(float(CE(shifted(x), y)), abs=1e-12)
+
+
+# -- surface values ------------------------------------------------------------------
+def test_centre_is_model_loss_with_weighted_batches():
+    model, (x, y) = tanh_mlp(), classification_data(n=25)
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]  # unequal sizes: weighted by sample count
+    s = surf(model, batches)
+    assert s.values.shape == (5, 5) and len(s.coords) == 2
+    np.testing.assert_array_equal(s.coords[0], np.linspace(-1, 1, 5))
+    with torch.no_grad():
+        assert s.values[2, 2] == pytest.approx(float(CE(model(x), y)), abs=1e-12)
+
+
+def test_1d_surface_matches_hand_loop_with_batchnorm_in_train_mode():
+    model = batchnorm_mlp(train=True)
+    x, y = classification_data(n=20)
+    batches = [(x[:12], y[:12]), (x[12:], y[12:])]
+    d = L.random_directions(model, 1, seed=3, ignore=())[0]
+    s = L.surface(model, CE, batches, [d], extent=0.8, resolution=5, progress=False)
+    assert s.values.shape == (5,)
+    expected = []
+    for a in np.linspace(-0.8, 0.8, 5):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            theta = nn.utils.parameters_to_vector(m.parameters())
+            nn.utils.vector_to_parameters(theta + float(a) * d, m.parameters())
+            expected.append(sum(len(xb) * float(CE(m(xb), yb)) for xb, yb in batches) / len(x))
+    np.testing.assert_allclose(s.values, expected, rtol=0, atol=1e-12)
+
+
+def test_metric_and_dataframe():
+    model, data = tanh_mlp(), classification_data()
+    acc = lambda out, t: (out.argmax(1) == t).double().mean()  # noqa: E731
+    s = surf(model, data, resolution=3, metric=acc)
+    with torch.no_grad():
+        assert s.metric_values[1, 1] == pytest.approx(float(acc(model(data[0]), data[1])))
+    df = s.to_dataframe()
+    assert list(df.columns) == ["x", "y", "loss", "metric"] and len(df) == 9
+    row = df.iloc[5]  # i=1, j=2
+    assert (row.x, row.y, row.loss) == (s.coords[0][1], s.coords[1][2], s.values[1, 2])
+    d1 = L.surface(model, CE, data, L.random_directions(model, 1), resolution=4, progress=False)
+    assert list(d1.to_dataframe().columns) == ["x", "loss"] and d1.metric_values is None
+    closure = lambda m, b: CE(m(b[0]), b[1])  # noqa: E731
+    s2 = L.surface(model, None, data, L.random_directions(model, 2, seed=0), resolution=3,
+                   closure=closure, metric=acc, progress=False)
+    np.testing.assert_array_equal(s2.values, s.values)
+    np.testing.assert_array_equal(s2.metric_values, s.metric_values)
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [(p.grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()],
+        torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(),
+    )
+
+
+def test_model_comes_back_bit_identical():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 4)
+    ).double().train()
+    x, y = classification_data()
+    CE(model(x), y).backward()
+    model[4].weight.grad = None  # one parameter without a grad
+    model[3].eval()  # mixed modes
+    before = _snapshot(model)
+    params = list(model.parameters())
+    dirs = L.random_directions(model, 2, seed=0, ignore=())
+    s = L.surface(model, CE, [(x[:10], y[:10]), (x[10:], y[10:])], dirs, resolution=3,
+                  metric=lambda o, t: (o.argmax(1) == t).double().mean(), progress=False)
+    assert np.isfinite(s.values).all()
+    after = _snapshot(model)
+    assert list(model.parameters()) == params
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1] == after[1]
+    for (g0, v0), (g1, _) in zip(before[2], after[2]):
+        assert g0 is g1 and (v0 is None or torch.equal(v0, g1))
+    assert torch.equal(before[3], after[3])
+    assert np.array_equal(before[4], after[4]) and before[5] == after[5]
+
+
+# -- resumability ----------------------------------------------------------------------
+class Counting:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        return CE(model(batch[0]), batch[1])
+
+
+def _failing_metric(after):
+    calls = [0]
+
+    def metric(out, t):
+        calls[0] += 1
+        if calls[0] > after:
+            raise RuntimeError("interrupted")
+        return (out.argmax(1) == t).double().mean()
+
+    return metric
+
+
+def test_resume_skips_finished_points_and_matches_uninterrupted(tmp_path):
+    model, data = tanh_mlp(), classification_data()
+    dirs = L.random_directions(model, 2, seed=0)
+    path = tmp_path / "surface.jsonl"
+    kw = dict(resolution=4, progress=False)
+    acc = _failing_metric(10**9)
+    full = L.surface(model, None, data, dirs, closure=Counting(), metric=acc, **kw)
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        L.surface(model, None, data, dirs, path=path, closure=Counting(), metric=_failing_metric(6), **kw)
+    assert len(path.read_text().splitlines()) == 1 + 6
+    with open(path, "a") as f:  # a torn line from a crash mid-write
+        f.write('{"i": 3, "j"')
+    counter = Counting()
+    resumed = L.surface(model, None, data, dirs, path=path, closure=counter, metric=acc, **kw)
+    assert counter.calls == 16 - 6
+    np.testing.assert_array_equal(resumed.values, full.values)
+    np.testing.assert_array_equal(resumed.metric_values, full.metric_values)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 17 and all(json.loads(line) for line in lines)
+
+    counter = Counting()
+    again = L.surface(model, None, data, dirs, path=path, closure=counter, metric=acc, **kw)
+    assert counter.calls == 0
+    np.testing.assert_array_equal(again.values, full.values)
+
+    with pytest.raises(ValueError, match="path"):
+        L.surface(model, CE, data, dirs, path=path, resolution=5, metric=acc, progress=False)
+    with pytest.raises(ValueError, match="path"):
+        L.surface(model, CE, data, dirs[::-1], path=path, metric=acc, **kw)
+    with pytest.raises(ValueError, match="path"):
+        L.surface(model, CE, data, dirs, path=path, **kw)  # no metric
+    with pytest.raises(ValueError, match="path"):
+        L.surface(model, CE, data, dirs, path=path, extent=2.0, metric=acc, **kw)
+    other = tmp_path / "other.txt"
+    other.write_text("hello\n")
+    with pytest.raises(ValueError, match="path"):
+        L.surface(model, CE, data, dirs, path=other, **kw)
+
+
+def test_resume_1d(tmp_path):
+    model, data = tanh_mlp(), classification_data()
+    d = L.random_directions(model, 1, seed=0)
+    path = tmp_path / "line.jsonl"
+    full = L.surface(model, CE, data, d, resolution=6, progress=False)
+    first = L.surface(model, CE, data, d, resolution=6, path=str(path), progress=False)
+    counter = Counting()
+    second = L.surface(model, None, data, d, resolution=6, path=path, closure=counter, progress=False)
+    assert counter.calls == 0
+    np.testing.assert_array_equal(first.values, full.values)
+    np.testing.assert_array_equal(second.values, full.values)
+
+
+# -- bad input ------------------------------------------------------------------------
+def test_bad_input():
+    model, data = tanh_mlp(), classification_data()
+    dirs = L.random_directions(model, 2)
+    dim = dirs[0].numel()
+    s = lambda *a, **k: L.surface(model, CE, data, *a, progress=False, **k)  # noqa: E731
+    with pytest.raises(ValueError, match="directions"):
+        s([])
+    with pytest.raises(ValueError, match="directions"):
+        s(dirs + dirs[:1])
+    with pytest.raises(ValueError, match=r"directions\[1\]"):
+        s([dirs[0], torch.zeros(dim + 1, dtype=torch.float64)])
+    with pytest.raises(TypeError, match=r"directions\[0\]"):
+        s([torch.zeros(dim, dtype=torch.long)])
+    with pytest.raises(TypeError, match="directions"):
+        s(torch.stack(dirs))
+    with pytest.raises(TypeError, match="directions"):
+        s("ab")
+    with pytest.raises(ValueError, match="resolution"):
+        s(dirs, resolution=1)
+    with pytest.raises(ValueError, match="extent"):
+        s(dirs, extent=0)
+    with pytest.raises(ValueError, match="extent"):
+        s(dirs, extent=float("nan"))
+    with pytest.raises(TypeError, match="metric"):
+        s(dirs, metric=3)
+    with pytest.raises(TypeError, match="data"):
+        L.surface(model, CE, iter([data]), dirs)
+    with pytest.raises(ValueError, match="loss_fn"):
+        L.surface(model, None, data, dirs)
+    with pytest.raises(ValueError, match="^n "):
+        L.random_directions(model, 0)
+    with pytest.raises(ValueError, match="normalization"):
+        L.random_directions(model, 2, "filters")
+    with pytest.raises(ValueError, match="ignore"):
+        L.random_directions(model, 2, ignore=("biases",))
+    with pytest.raises(TypeError, match="model"):
+        L.random_directions("model")
+    with pytest.raises(TypeError, match="H"):
+        L.eigen_directions(model)
+    # a single flat tensor is one direction
+    assert L.surface(model, CE, data, dirs[0], resolution=3, progress=False).values.shape == (3,)
+
+
+def test_exports_resolve_and_do_not_shadow():
+    for name in L.__all__:
+        value = getattr(L, name)
+        assert not isinstance(value, types.ModuleType), name
+        assert getattr(L, name) is value
+    import dyndiag.landscape.directions  # noqa: F401
+    import dyndiag.landscape.grid  # noqa: F401
+
+    assert callable(L.surface) and callable(L.random_directions)

@@ -45,8 +45,8 @@ def demo(out: str, steps: int, seed: int) -> None:
     Records go to OUT/records (read them with dyndiag.load_records). Then prints
     the top-5 eigenvalues (Lanczos), the trace (Hutch++) and the spectral
     density's trace estimate (SLQ) with Hessian-vector-product counts and times,
-    and writes curvature.json and figures (spectrum, edge_of_stability,
-    layer_rotation, gradients; PNG and PDF) to OUT.
+    and writes curvature.json and figures (spectrum, 2-D landscape,
+    edge_of_stability, layer_rotation, gradients; PNG and PDF) to OUT.
     """
     from .demo import run_demo
 

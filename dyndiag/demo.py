@@ -116,8 +116,13 @@ def run_demo(out: str | Path = "dyndiag-demo", steps: int = 300, seed: int = 0, 
     for name, value, hvps, secs in rows:
         echo(f"{name:30s} {value:45s} {hvps:5d} {secs:8.2f}")
 
+    t = time.perf_counter()
+    directions = dd.landscape.random_directions(model, n=2, normalization="filter", seed=seed)
+    surf = dd.landscape.surface(model, loss_fn, (x[:512], y[:512]), directions, extent=1.0, resolution=25, progress=False)
+    echo(f"2-D filter-normalised loss landscape, 25x25 points on 512 samples: {time.perf_counter() - t:.2f}s, "
+         f"loss {surf.values.min():.4g} .. {surf.values.max():.4g}")
     with dd.plot.style("paper"):
-        figures = {"spectrum": dd.plot.spectrum(dens, top=top)}
+        figures = {"spectrum": dd.plot.spectrum(dens, top=top), "landscape": dd.plot.landscape(surf)}
         figures["spectrum"].axes[0].set_title(f"Hessian spectrum, digits MLP after {steps} steps")
         if steps:
             df = dd.load_records(records)

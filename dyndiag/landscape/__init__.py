@@ -11,6 +11,8 @@ _EXPORTS = {
     "eigen_directions": ".directions",
     "surface": ".grid",
     "Surface": ".grid",
+    "trajectory_directions": ".trajectory",
+    "TrajectoryDirections": ".trajectory",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -3,6 +3,7 @@
 from .._lazy import lazy_exports
 
 _EXPORTS = {
+    "landscape": ".landscapes",
     "spectrum": ".spectra",
     "save": ".files",
     "style": ".styles",

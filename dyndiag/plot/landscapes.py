@@ -1,0 +1,125 @@
+"""Loss-landscape figures: 1-D lines, 2-D contours (log-spaced levels), filled contours, 3-D surfaces."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colors, ticker
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..landscape.grid import Surface
+from ._axes import figure_and_axes
+
+__all__ = ["landscape"]
+
+_KINDS = ("contour", "filled", "surface", "line")
+
+
+def landscape(
+    surf: Surface,
+    ax: Axes | None = None,
+    *,
+    kind: str | None = None,
+    levels: int = 20,
+    log: bool | None = None,
+    trajectory=None,
+    cmap: str = "viridis",
+    labels: tuple[str, str] = ("direction 1", "direction 2"),
+) -> Figure:
+    """Draw a :class:`~dyndiag.landscape.Surface` and return the Figure.
+
+    Parameters
+    ----------
+    surf:
+        From :func:`dyndiag.landscape.surface`: 1-D (a line) or 2-D.
+    kind:
+        ``"contour"`` (default for 2-D: contour lines, labelled), ``"filled"``
+        (filled contours with a colourbar), ``"surface"`` (3-D; ``ax`` must then be
+        a 3-D axes) or ``"line"`` (the only kind for 1-D).
+    levels:
+        Number of contour levels.
+    log:
+        Log-spaced levels / log y axis; default: when every value is positive and
+        they span more than a factor of 10 (losses around a minimum usually do —
+        linear levels would put every line in the outer rim).
+    trajectory:
+        A training path to overlay on a 2-D plot: an ``(T, 2)`` array of
+        coordinates in the surface's direction basis, or an object with ``.path``
+        (e.g. :func:`dyndiag.landscape.trajectory_directions`'s result). Drawn as a
+        line with markers, its last point (the model the surface is centred on)
+        marked with a star.
+    labels:
+        Axis labels for the two directions.
+    """
+    if not isinstance(surf, Surface):
+        raise TypeError(f"surf must be a dyndiag.landscape.Surface, got {type(surf).__name__}")
+    values = np.asarray(surf.values, dtype=float)
+    if not np.isfinite(values).any():
+        raise ValueError("surf has no finite values to draw")
+    if kind is None:
+        kind = "line" if surf.ndim == 1 else "contour"
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if (surf.ndim == 1) != (kind == "line"):
+        raise ValueError(f"kind={kind!r} does not fit a {surf.ndim}-D surface")
+    if not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+    finite = values[np.isfinite(values)]
+    if log is None:
+        log = bool(finite.min() > 0 and finite.max() / finite.min() > 10)
+    elif log and finite.min() <= 0:
+        raise ValueError("log=True needs positive values")
+
+    if kind == "surface":
+        return _surface3d(surf, values, ax, log, cmap, labels)
+    fig, ax = figure_and_axes(ax, (4.0, 3.4) if kind != "line" else (4.0, 2.8))
+    if kind == "line":
+        ax.plot(surf.coords[0], values, color="C0", lw=1.5)
+        ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel("loss")
+        return fig
+
+    x, y = surf.coords
+    X, Y = np.meshgrid(x, y, indexing="ij")
+    lv = np.geomspace(finite.min(), finite.max(), levels) if log else np.linspace(finite.min(), finite.max(), levels)
+    norm = colors.LogNorm(lv[0], lv[-1]) if log else None
+    if kind == "filled":
+        cs = ax.contourf(X, Y, values, levels=lv, cmap=cmap, norm=norm)
+        # Ticks at a few of the levels, compactly formatted; the bar no taller than the square axes.
+        fig.colorbar(cs, ax=ax, label="loss", ticks=lv[:: max(1, levels // 5)], format="%.3g", shrink=0.8)
+    else:
+        cs = ax.contour(X, Y, values, levels=lv, cmap=cmap, norm=norm, linewidths=0.9)
+        ax.clabel(cs, cs.levels[::4], inline=True, fontsize="x-small", fmt="%.3g")
+    ax.plot([0.0], [0.0], marker="*", color="black", ms=9, ls="none", label="model")
+    if trajectory is not None:
+        path = np.asarray(getattr(trajectory, "path", trajectory), dtype=float)
+        if path.ndim != 2 or path.shape[1] < 2:
+            raise ValueError(f"trajectory must be (T, 2) coordinates, got shape {path.shape}")
+        ax.plot(path[:, 0], path[:, 1], color="C3", lw=1.2, marker="o", ms=2.5, label="training path")
+        ax.legend(frameon=False, fontsize="small", loc="upper right")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    for axis in (ax.xaxis, ax.yaxis):  # a column-wide figure fits about five tick labels
+        axis.set_major_locator(ticker.MaxNLocator(5))
+    ax.set_aspect("equal", adjustable="box")
+    return fig
+
+
+def _surface3d(surf: Surface, values: np.ndarray, ax, log: bool, cmap: str, labels) -> Figure:
+    if ax is None:
+        fig = Figure(figsize=(4.6, 3.8), layout="constrained")
+        ax = fig.add_subplot(projection="3d")
+    elif getattr(ax, "name", "") != "3d":
+        raise ValueError("kind='surface' needs a 3-D axes (add_subplot(projection='3d')) or ax=None")
+    else:
+        fig = ax.figure
+    X, Y = np.meshgrid(*surf.coords, indexing="ij")
+    Z = np.log10(values) if log else values
+    ax.plot_surface(X, Y, Z, cmap=cmap, linewidth=0, antialiased=True)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_zlabel("log10 loss" if log else "loss")
+    return fig

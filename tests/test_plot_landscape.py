@@ -1,0 +1,55 @@
+"""plot.landscape on real and constructed surfaces: the artists it promises."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+import dyndiag as dd
+from dyndiag.landscape.grid import Surface
+
+
+def bowl(n=15):
+    x = np.linspace(-1, 1, n)
+    X, Y = np.meshgrid(x, x, indexing="ij")
+    return Surface(coords=(x, x), values=0.01 + 2 * X**2 + Y**2)
+
+
+def test_contour_uses_log_levels_marks_the_model_and_overlays_a_path():
+    rc = dict(matplotlib.rcParams)
+    path = np.array([[0.8, -0.6], [0.4, -0.2], [0.0, 0.0]])
+    fig = dd.plot.landscape(bowl(), trajectory=path)
+    ax = fig.axes[0]
+    cs = [c for c in ax.collections if hasattr(c, "levels")][0]
+    assert np.allclose(np.diff(np.log(cs.levels)), np.log(cs.levels[1] / cs.levels[0]))  # geometric
+    lines = {l.get_label(): l for l in ax.lines}
+    assert np.array_equal(lines["training path"].get_xydata(), path)
+    assert lines["model"].get_xydata().tolist() == [[0.0, 0.0]]
+    assert dict(matplotlib.rcParams) == rc
+
+
+def test_filled_has_a_colorbar_and_line_for_1d():
+    fig = dd.plot.landscape(bowl(), kind="filled")
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "loss"  # the colourbar
+    x = np.linspace(-1, 1, 11)
+    fig1 = dd.plot.landscape(Surface(coords=(x,), values=1 + x**2))
+    (line,) = [l for l in fig1.axes[0].lines if l.get_linestyle() == "-"]
+    assert np.array_equal(line.get_xdata(), x) and fig1.axes[0].get_yscale() == "linear"
+
+
+def test_surface_3d_and_given_axes_and_bad_input():
+    assert dd.plot.landscape(bowl(), kind="surface").axes[0].name == "3d"
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert dd.plot.landscape(bowl(), ax=ax) is fig
+    with pytest.raises(ValueError, match="3-D axes"):
+        dd.plot.landscape(bowl(), ax=ax, kind="surface")
+    with pytest.raises(ValueError, match="kind"):
+        dd.plot.landscape(bowl(), kind="line")
+    with pytest.raises(TypeError, match="Surface"):
+        dd.plot.landscape(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="log=True needs positive"):
+        dd.plot.landscape(Surface(coords=(np.arange(3.0),), values=np.array([-1.0, 0.0, 1.0])), log=True)

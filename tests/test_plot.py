@@ -58,3 +58,24 @@ def test_save_writes_every_format(tmp_path, results):
     assert (tmp_path / "sub" / "spec.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="formats"):
         dd.plot.save(fig, tmp_path / "x", formats=("doc",))
+
+
+def test_scores_histograms_split_by_label_share_bins():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.uniform(0, 0.5, 90), rng.uniform(1.0, 1.4, 10)])
+    flipped = np.arange(100) >= 90
+    fig = dd.plot.scores(torch.as_tensor(values), flipped, names={True: "flipped", False: "clean"}, bins=20)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["clean (n=90)", "flipped (n=10)"]
+    fills = [p for p in ax.patches if p.get_fill()]
+    assert len(fills) == 2  # one filled step histogram per group
+    xs = [p.get_xy()[:, 0] for p in fills]
+    assert np.isclose(min(xs[0].min(), xs[1].min()), values.min()) and np.isclose(max(xs[0].max(), xs[1].max()), values.max())
+    clean, flip = (p.get_xy() for p in fills)
+    assert (clean[clean[:, 0] > 0.6, 1] == 0).all() and (flip[flip[:, 0] < 0.9, 1] == 0).all()  # each where its scores are
+    assert clean[:, 1].max() > 0 and flip[:, 1].max() > 0
+    assert dd.plot.scores(values).axes[0].get_legend() is None
+    with pytest.raises(ValueError, match="labels has 3 entries"):
+        dd.plot.scores(values, [True, False, True])
+    with pytest.raises(ValueError, match="finite"):
+        dd.plot.scores(np.array([1.0, np.nan]))

@@ -4,6 +4,7 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "landscape": ".landscapes",
+    "scores": ".distributions",
     "spectrum": ".spectra",
     "save": ".files",
     "style": ".styles",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import types
 
 import numpy as np
@@ -16,6 +15,7 @@ import dyndiag.landscape as L
 from dyndiag.curvature import HessianOperator
 from tests.exact import exact_hessian
 from tests.models import TiedFrozen, batchnorm_mlp, classification_data, tanh_mlp
+from tests.snapshots import assert_same, snapshot
 
 CE = nn.CrossEntropyLoss()
 
@@ -213,15 +213,6 @@ def test_metric_and_dataframe():
     np.testing.assert_array_equal(s2.metric_values, s.metric_values)
 
 
-def _snapshot(model):
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [m.training for m in model.modules()],
-        [(p.grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()],
-        torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(),
-    )
-
-
 def test_model_comes_back_bit_identical():
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -231,21 +222,14 @@ def test_model_comes_back_bit_identical():
     CE(model(x), y).backward()
     model[4].weight.grad = None  # one parameter without a grad
     model[3].eval()  # mixed modes
-    before = _snapshot(model)
+    before = snapshot(model)
     params = list(model.parameters())
     dirs = L.random_directions(model, 2, seed=0, ignore=())
     s = L.surface(model, CE, [(x[:10], y[:10]), (x[10:], y[10:])], dirs, resolution=3,
                   metric=lambda o, t: (o.argmax(1) == t).double().mean(), progress=False)
     assert np.isfinite(s.values).all()
-    after = _snapshot(model)
     assert list(model.parameters()) == params
-    for k in before[0]:
-        assert torch.equal(before[0][k], after[0][k]), k
-    assert before[1] == after[1]
-    for (g0, v0), (g1, _) in zip(before[2], after[2]):
-        assert g0 is g1 and (v0 is None or torch.equal(v0, g1))
-    assert torch.equal(before[3], after[3])
-    assert np.array_equal(before[4], after[4]) and before[5] == after[5]
+    assert_same(before, snapshot(model))  # params, grad objects and values, flags, modes, buffers, RNGs
 
 
 # -- resumability ----------------------------------------------------------------------

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
 
-import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
@@ -13,6 +11,7 @@ from torch import nn
 import dyndiag as dd
 from dyndiag.curvature import operators
 from exact import exact_ggn, exact_hessian
+from snapshots import assert_same, snapshot
 from models import (
     KeywordModel,
     TiedFrozen,
@@ -171,28 +170,6 @@ def test_ggn_differs_from_hessian_for_a_nonlinear_model():
     assert rel(G, H) > 1e-3
 
 
-def _state(model, opt=None):
-    return {
-        "params": [p.detach().clone() for p in model.parameters()],
-        "grads": [None if p.grad is None else (id(p.grad), p.grad.clone()) for p in model.parameters()],
-        "flags": [p.requires_grad for p in model.parameters()],
-        "modes": [m.training for m in model.modules()],
-        "buffers": [b.clone() for b in model.buffers()],
-        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()),
-    }
-
-
-def _assert_same(a, b):
-    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
-    assert all(
-        (x is None and y is None) or (x[0] == y[0] and torch.equal(x[1], y[1])) for x, y in zip(a["grads"], b["grads"])
-    )
-    assert a["flags"] == b["flags"] and a["modes"] == b["modes"]
-    assert all(torch.equal(x, y) for x, y in zip(a["buffers"], b["buffers"]))
-    assert torch.equal(a["rng"][0], b["rng"][0]) and np.array_equal(a["rng"][1], b["rng"][1])
-    assert a["rng"][2] == b["rng"][2]
-
-
 @pytest.mark.parametrize("cls", [dd.HessianOperator, dd.GGNOperator])
 @pytest.mark.parametrize("backend", ["vmap", "loop"])
 def test_no_side_effects_batchnorm_train_with_grads(cls, backend):
@@ -202,10 +179,10 @@ def test_no_side_effects_batchnorm_train_with_grads(cls, backend):
     model[0][3].weight.requires_grad_(False)
     op = cls(model, CE, (x, y), backend=backend)
     V = torch.randn(op.dim, 3, dtype=torch.float64)
-    before = _state(model)
+    before = snapshot(model)
     op.matmat(V)
     op.matvec(V[:, 0])
-    _assert_same(before, _state(model))
+    assert_same(before, snapshot(model))
 
 
 def test_vmap_failure_falls_back_with_one_warning(monkeypatch):

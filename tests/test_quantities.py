@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +18,7 @@ import dyndiag as dd
 import dyndiag.quantities as q
 from dyndiag.curvature.preconditioned import PreconditionedOperator
 from exact import exact_hessian
+from snapshots import assert_same, snapshot
 from models import KeywordModel, TiedFrozen, batchnorm_mlp, classification_data, dropout_mlp, image_data, small_cnn, tanh_mlp
 
 CE = nn.CrossEntropyLoss()
@@ -32,45 +31,6 @@ def rel(a, b):
 
 def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
-
-
-# -- snapshots: nothing may change ---------------------------------------------------
-def _snapshot(model, opt=None):
-    snap = {
-        "params": [p.detach().clone() for p in model.parameters()],
-        "grads": [None if p.grad is None else (id(p.grad), p.grad.clone()) for p in model.parameters()],
-        "flags": [p.requires_grad for p in model.parameters()],
-        "modes": [m.training for m in model.modules()],
-        "buffers": [b.clone() for b in model.buffers()],
-        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()),
-    }
-    if opt is not None:
-        snap["opt_state"] = {
-            id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-            for p, st in opt.state.items()
-        }
-        snap["opt_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    return snap
-
-
-def _assert_same(a, b):
-    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
-    assert all(
-        (x is None and y is None) or (x is not None and y is not None and x[0] == y[0] and torch.equal(x[1], y[1]))
-        for x, y in zip(a["grads"], b["grads"])
-    )
-    assert a["flags"] == b["flags"] and a["modes"] == b["modes"]
-    assert all(torch.equal(x, y) for x, y in zip(a["buffers"], b["buffers"]))
-    assert torch.equal(a["rng"][0], b["rng"][0]) and np.array_equal(a["rng"][1], b["rng"][1])
-    assert a["rng"][2] == b["rng"][2]
-    if "opt_state" in a:
-        assert a["opt_state"].keys() == b["opt_state"].keys()
-        for key, st in a["opt_state"].items():
-            other = b["opt_state"][key]
-            assert st.keys() == other.keys()
-            for k, v in st.items():
-                assert torch.equal(v, other[k]) if isinstance(v, torch.Tensor) else v == other[k]
-        assert a["opt_groups"] == b["opt_groups"]
 
 
 # -- independent per-example references ------------------------------------------------
@@ -104,9 +64,9 @@ def test_grand_matches_a_per_example_backward_loop(name):
     model = MODELS[name]()
     batches, _ = unequal_batches()
     want = loop_gradients(model, batches).norm(dim=1)
-    before = _snapshot(model)
+    before = snapshot(model)
     scores = [q.grand_scores(model, CE, batches, chunk_size=c, progress=False) for c in (1, 3, 64)]
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     assert model.training  # train mode kept, though examples were evaluated in eval mode
     for s in scores:
         assert s.shape == (17,) and s.dtype == F64
@@ -197,9 +157,9 @@ def test_el2n_evaluates_in_eval_mode_and_accepts_soft_targets_and_forward():
     with torch.no_grad():
         p = torch.softmax(copy.deepcopy(model).eval()(x), dim=1)
     want = (p - nn.functional.one_hot(y, 4).double()).norm(dim=1)
-    before = _snapshot(model)
+    before = snapshot(model)
     got = q.el2n_scores(model, batches, chunk_size=3, progress=False)
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     assert rel(got, want) < 1e-13
     soft = torch.full((17, 4), 0.25, dtype=F64)
     assert rel(q.el2n_scores(model, (x, soft), progress=False), (p - soft).norm(dim=1)) < 1e-13
@@ -372,9 +332,9 @@ def test_gradient_weight_cosine_matches_autograd_and_detects_pure_scaling():
     g = flat(torch.autograd.grad(loss, params))
     theta = flat([p.detach() for p in params])
     want = float(g @ theta / (g.norm() * theta.norm()))
-    before = _snapshot(model)
+    before = snapshot(model)
     assert abs(q.gradient_weight_cosine(model, CE, batches) - want) < 1e-12
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     # A correctly classified example whose loss falls by scaling W: -g points along W.
     lin = nn.Linear(2, 2, bias=False).double()
     with torch.no_grad():
@@ -455,9 +415,9 @@ def test_preconditioned_sharpness_after_steps_matches_a_hand_rolled_adam(name):
     H = exact_hessian(model, CE, [batch])
     want = _dense_preconditioned_top(H, vmax if cfg["ams"] else v, t, b1, b2, eps, wd=cfg["wd"])
     op = dd.HessianOperator(model, CE, batch)
-    before = _snapshot(model, opt)
+    before = snapshot(model, opt)
     got = q.preconditioned_sharpness(op, opt, tol=1e-12)
-    _assert_same(before, _snapshot(model, opt))
+    assert_same(before, snapshot(model, opt))
     assert abs(got - want) < 1e-8 * abs(want), (got, want)
 
     # With the current gradient: the preconditioner of the coming step (t + 1, updated v).
@@ -488,9 +448,9 @@ def test_preconditioned_sharpness_at_step_zero_needs_the_gradient():
     g = flat(torch.autograd.grad(CE(model(batch[0]), batch[1]), list(model.parameters())))
     H = exact_hessian(model, CE, [batch])
     want = _dense_preconditioned_top(H, (1 - b2) * g * g, 1, b1, b2, eps)
-    before = _snapshot(model, opt)
+    before = snapshot(model, opt)
     got = q.preconditioned_sharpness(op, opt, gradient=g, tol=1e-12)
-    _assert_same(before, _snapshot(model, opt))
+    assert_same(before, snapshot(model, opt))
     assert not opt.state
     assert abs(got - want) < 1e-8 * abs(want)
 
@@ -676,9 +636,9 @@ def test_safe_step_radius_matches_explicit_jacobians():
     x, y = classification_data(n=11)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64, generator=torch.Generator().manual_seed(5))
     per_sample = _jacobian_radius(model, x, v)
-    before = _snapshot(model)
+    before = snapshot(model)
     got = q.safe_step_radius(model, [(x[:4], y[:4]), (x[4:], y[4:])], v)
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     assert abs(got - float(per_sample.min())) < 1e-12 * got
     assert float(per_sample.max()) > 1.5 * got  # the minimum over samples matters
     assert abs(q.safe_step_radius(model, (x, y), 2 * v) - got / 2) < 1e-12 * got  # units of ||v||
@@ -692,15 +652,15 @@ def test_safe_step_radius_batchnorm_train_mode_dropout_off_and_at():
     model = nn.Sequential(batchnorm_mlp(train=True), nn.Dropout(0.5)).train()
     x, y = classification_data(n=10)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64, generator=torch.Generator().manual_seed(6))
-    before = _snapshot(model)
+    before = snapshot(model)
     got = q.safe_step_radius(model, (x, y), v)
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     assert abs(got - float(_jacobian_radius(model, x, v).min())) < 1e-10 * got
     at = [p.detach() + 0.1 for p in model.parameters()]
     got_at = q.safe_step_radius(model, (x, y), v, at=at)
     assert abs(got_at - float(_jacobian_radius(model, x, v, at=at).min())) < 1e-10 * got_at
     assert abs(got_at - got) > 1e-6 * got
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     with pytest.raises(ValueError, match="direction"):
         q.safe_step_radius(model, (x, y), v[:-1])
     with pytest.raises(TypeError, match="direction"):
@@ -716,7 +676,7 @@ def test_no_side_effects_with_live_grads_frozen_parameters_and_train_mode():
     CE(model(x), y).backward()
     model[0][3].bias.requires_grad_(False)
     batches = [(x[:10], y[:10]), (x[10:], y[10:])]
-    before = _snapshot(model)
+    before = snapshot(model)
     q.grand_scores(model, CE, batches, progress=False)
     q.el2n_scores(model, batches, progress=False)
     q.gradient_coherence(model, CE, batches, progress=False)
@@ -724,7 +684,7 @@ def test_no_side_effects_with_live_grads_frozen_parameters_and_train_mode():
     q.gradient_weight_cosine(model, CE, batches)
     q.layer_rotation(model, copy.deepcopy(model))
     q.safe_step_radius(model, batches, torch.ones(sum(p.numel() for p in model.parameters() if p.requires_grad), dtype=F64))
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
 
 
 def test_per_example_bad_input_names_the_argument():

@@ -50,8 +50,10 @@ class Monitor:
         A fixed batch (or list of batches) for curvature and loss probes. Fixed,
         so that changes over steps come from the model, not from the data.
     log_dir:
-        Where records are written (SQLite, see :func:`~dyndiag.load_records`).
-        ``None`` keeps them in memory (:meth:`records`).
+        Where records are written (SQLite, see :func:`~dyndiag.load_records` and
+        :func:`~dyndiag.load_arrays`). ``None`` keeps the scalar records in memory
+        (:meth:`records`); array results (per-example scores, densities) are then
+        not kept — they need a ``log_dir``.
     start_step:
         First step number; default: continue from the records already in
         ``log_dir`` (0 for a new one).
@@ -103,8 +105,7 @@ class Monitor:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self._writer = None
-        self._memory: list[tuple] = []  # records kept in memory when log_dir is None
-        self._memory_arrays: list[tuple] = []
+        self._memory: list[tuple] = []  # scalar records kept in memory when log_dir is None
         if log_dir is not None:
             from .records import RecordWriter
 
@@ -225,7 +226,6 @@ class Monitor:
         else:
             now = time.time()
             self._memory += [(step, probe, metric, key, value, now) for probe, metric, key, value in scalars]
-            self._memory_arrays += [(step, *row) for row in arrays]
 
     def _warn_once(self, key, message: str) -> None:
         if key not in self._warned:

@@ -147,7 +147,7 @@ def surface(
         raise TypeError("data must be re-iterable (a batch, a list of batches or a DataLoader), not an iterator")
 
     model = unwrap(model)
-    names, chosen = select_params(model, params)
+    _, chosen = select_params(model, params)
     dtype, device = chosen[0].dtype, chosen[0].device
     dirs = _check_directions(directions, sum(p.numel() for p in chosen), dtype, device)
     coords = tuple(np.linspace(-float(extent), float(extent), resolution) for _ in dirs)

@@ -18,6 +18,8 @@ _EXPORTS = {
     "Monitor": ".monitor",
     "load_records": ".records",
     "load_arrays": ".records",
+    "analyze": ".analysis",
+    "load_checkpoint": ".checkpoints",
     "quantities": ".quantities",
     "landscape": ".landscape",
     **{

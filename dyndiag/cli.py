@@ -1,8 +1,13 @@
-"""The ``dyndiag`` command line."""
+"""The ``dyndiag`` command line: ``demo``, ``analyze``, ``plot``, ``landscape``.
+
+Errors are one line on stderr (``dyndiag: error: ...``) with a non-zero exit and
+no traceback unless ``--debug``.
+"""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -15,8 +20,13 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except click.ClickException as err:  # bad options: one line too, naming the option
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"dyndiag: error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
         except Exception as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -51,6 +61,308 @@ def demo(out: str, steps: int, seed: int) -> None:
     from .demo import run_demo
 
     run_demo(out=out, steps=steps, seed=seed, echo=click.echo)
+
+
+
+# -- offline analysis ------------------------------------------------------------
+
+LOSSES = {"cross_entropy": "CrossEntropyLoss", "mse": "MSELoss", "nll": "NLLLoss", "bce_logits": "BCEWithLogitsLoss"}
+DEFAULT_PROBES = "hessian_spectrum,gradient_norm,layer_rotation,softmax_collapse"
+
+
+def _probe_table(data, top_k: int, density: bool) -> dict:
+    from . import probes as P
+
+    return {
+        "hessian_spectrum": lambda: P.HessianSpectrum(k=top_k, density=density),
+        "edge_of_stability": lambda: P.EdgeOfStability(),
+        "subspace_overlap": lambda: P.SubspaceOverlap(k=top_k),
+        "gradient_norm": lambda: P.GradientNorm(per_layer=True),
+        "gradient_coherence": lambda: P.GradientCoherence(),
+        "layer_rotation": lambda: P.LayerRotation(),
+        "softmax_collapse": lambda: P.SoftmaxCollapse(),
+        "data_scores": lambda: P.DataScores(data),
+        "directional_sharpness": lambda: P.DirectionalSharpness(),
+        "safe_step_radius": lambda: P.SafeStepRadius(),
+    }
+
+
+#: The probes `analyze --probes` takes, by record name (keys of _probe_table).
+PROBE_NAMES = (
+    "hessian_spectrum", "edge_of_stability", "subspace_overlap", "gradient_norm", "gradient_coherence",
+    "layer_rotation", "softmax_collapse", "data_scores", "directional_sharpness", "safe_step_radius",
+)
+
+
+def _loss(spec: str):
+    from torch import nn
+
+    from ._imports import resolve
+
+    if spec in LOSSES:
+        return getattr(nn, LOSSES[spec])()
+    if ":" not in spec:
+        raise ValueError(f"--loss must be one of {sorted(LOSSES)} or MODULE:NAME, got {spec!r}")
+    obj = resolve(spec, "--loss")
+    if isinstance(obj, type):  # a criterion class such as mypkg:FocalLoss
+        obj = obj()
+    if not callable(obj):
+        raise ValueError(f"--loss: {spec!r} is not callable")
+    return obj
+
+
+def _model_factory(spec: str):
+    from torch import nn
+
+    from ._imports import resolve
+
+    factory = resolve(spec, "--model")
+    if isinstance(factory, nn.Module):
+        raise ValueError(f"--model must name a factory returning a fresh model, not a module instance ({spec!r})")
+    if not callable(factory):
+        raise ValueError(f"--model: {spec!r} is not callable")
+
+    def build():
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"--model: {spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    return build
+
+
+def _data(spec: str):
+    from ._imports import resolve
+
+    fn = resolve(spec, "--data")
+    data = fn() if callable(fn) else fn
+    if data is None:
+        raise ValueError(f"--data: {spec} returned None; it must return a batch (inputs, targets) or a list of batches")
+    return data
+
+
+def _checkpoint_paths(checkpoints: tuple[str, ...]) -> list[Path]:
+    if not checkpoints:
+        raise click.UsageError("give at least one CHECKPOINT")
+    return [Path(c) for c in checkpoints]  # missing files are reported one by one, the rest go on
+
+
+common_model_options = [
+    click.option("--model", "model_spec", required=True, metavar="MOD:FACTORY",
+                 help="Import string of a function returning a fresh model, e.g. mypkg.models:make_model "
+                      "or models.py:make_model."),
+    click.option("--data", "data_spec", required=True, metavar="MOD:FN",
+                 help="Import string of a function returning the data to measure on: a batch (inputs, "
+                      "targets) or a list/DataLoader of batches."),
+    click.option("--loss", "loss_spec", default="cross_entropy", show_default=True,
+                 help=f"Criterion: one of {', '.join(sorted(LOSSES))}, or MOD:NAME of a criterion (class or callable)."),
+    click.option("--trust-checkpoint", is_flag=True,
+                 help="Allow checkpoints that hold arbitrary pickled objects (unpickling can run code: "
+                      "only for files you trust). By default they load with weights_only=True."),
+]
+
+
+def _with(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=str))
+@_with(common_model_options)
+@click.option("--probes", "probe_spec", default=DEFAULT_PROBES, show_default=True,
+              help=f"Comma-separated probe names (record names): {', '.join(PROBE_NAMES)}.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder: records go to OUT/records (dyndiag.load_records), re-runs skip analysed steps.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate of the run (needed by edge_of_stability for its 2/lr threshold).")
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Heavy-ball momentum of the run (threshold (2+2*momentum)/lr).")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Eigenvalues for hessian_spectrum; eigenspace size for subspace_overlap.")
+@click.option("--density", is_flag=True, help="hessian_spectrum also records its SLQ spectral density.")
+@click.option("--train-mode", is_flag=True,
+              help="Evaluate in train mode (BatchNorm batch statistics) instead of eval mode.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def analyze(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, probe_spec, out, lr, momentum,
+            top_k, density, train_mode, progress) -> None:
+    """Run probes on saved checkpoints and write their records.
+
+    CHECKPOINT is a state_dict file, a training checkpoint holding one under
+    state_dict / model_state_dict / model (Lightning's .ckpt included; wrapper
+    prefixes such as model. or module. are stripped), or a Hugging Face
+    checkpoint-N/ directory. Its step is the last integer in its name
+    (model_step_120.pt -> 120), else its position. Update probes
+    (directional_sharpness, safe_step_radius) use the displacement to the next
+    checkpoint. A checkpoint that fails is reported and the others go on (exit
+    status 1 at the end).
+    """
+    import torch
+
+    from .analysis import analyze as run_analysis
+
+    paths = _checkpoint_paths(checkpoints)
+    names = [n.strip() for n in probe_spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROBE_NAMES]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown probe {unknown[0] if unknown else probe_spec!r}; choose from "
+                                 f"{', '.join(PROBE_NAMES)}", param_hint="'--probes'")
+    if "edge_of_stability" in names and lr is None:
+        raise click.BadParameter("edge_of_stability needs the run's learning rate: pass --lr", param_hint="'--lr'")
+    build = _model_factory(model_spec)
+    data = _data(data_spec)
+    loss_fn = _loss(loss_spec)
+    table = _probe_table(data, top_k, density)
+    probes = [table[n]() for n in names]
+    optimizer = None
+    if lr is not None:
+        optimizer = lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)  # noqa: E731 - read, never stepped
+    failures = []
+
+    def report(path, err):
+        failures.append(path)
+        click.echo(f"dyndiag: checkpoint {str(path)!r} skipped: {type(err).__name__}: {err}", err=True)
+
+    result = run_analysis(paths, build, probes, data, Path(out) / "records", loss_fn, optimizer=optimizer,
+                          train_mode=train_mode, trust=trust_checkpoint, progress=progress, on_error=report)
+    click.echo(f"analysed {len(result['analysed'])} checkpoint(s), skipped {len(result['skipped'])} already "
+               f"analysed, {len(result['failed'])} failed; records in {result.log_dir}")
+    if result["analysed"]:
+        _summary(result.log_dir, result["analysed"])
+    if failures:
+        raise click.ClickException(f"{len(failures)} of {len(paths)} checkpoints failed (see above)")
+
+
+def _summary(log_dir: Path, steps: list[int]) -> None:
+    from .records import load_records
+
+    df = load_records(log_dir)
+    df = df[df.step.isin(steps)]
+    main_rows = df[(df.key == "") | (df.key == "0") | (df.key == "mean")]
+    table = main_rows.pivot_table(index="step", columns="metric", values="value", aggfunc="first")
+    if not table.empty:
+        click.echo(table.to_string(float_format=lambda v: f"{v:.4g}"))
+
+
+# -- figures -------------------------------------------------------------------------
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the figures.")
+@click.option("--format", "formats", default="pdf,png", show_default=True,
+              help="Comma-separated file formats (pdf, png, svg, ...).")
+@click.option("--style", "style_name", type=click.Choice(["paper", "talk", "notebook"]), default="paper",
+              show_default=True, help="Figure style (sizes and fonts).")
+@click.option("--dpi", type=click.IntRange(min=10), default=300, show_default=True, help="Resolution of raster formats.")
+def plot(run_dir, out, formats, style_name, dpi) -> None:
+    """Draw every figure a run's records support.
+
+    RUN_DIR is a record folder (holding records.sqlite) or a run folder holding
+    records/ (what `dyndiag demo` and `dyndiag analyze` write). Figures:
+    edge_of_stability, spectrum, layer_rotation, metrics, scores — those the
+    records hold.
+    """
+    from . import plot as dplot
+    from .plot.runs import run_figures
+
+    records = _records_dir(Path(run_dir))
+    fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
+    if not fmts:
+        raise click.BadParameter("give at least one format", param_hint="'--format'")
+    with dplot.style(style_name):
+        figures = run_figures(records)
+        if not figures:
+            raise click.ClickException(f"{records} holds no records to draw")
+        paths = [p for name, fig in figures.items() for p in dplot.save(fig, Path(out) / name, formats=fmts, dpi=dpi)]
+    click.echo(f"wrote {len(paths)} file(s): {', '.join(str(p) for p in paths)}")
+
+
+def _records_dir(run_dir: Path) -> Path:
+    for candidate in (run_dir, run_dir / "records"):
+        if (candidate / "records.sqlite").is_file():
+            return candidate
+    raise click.BadParameter(f"{str(run_dir)!r} holds no records.sqlite (nor records/records.sqlite)",
+                             param_hint="'RUN_DIR'")
+
+
+# -- landscapes ------------------------------------------------------------------------
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=str))
+@_with(common_model_options)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for landscape.jsonl (resumable points), landscape.csv and the figure.")
+@click.option("--directions", "kind", type=click.Choice(["random", "hessian", "trajectory"]), default="random",
+              show_default=True,
+              help="random: filter-normalised random directions; hessian: top eigenvectors of the Hessian on "
+                   "--data; trajectory: PCA of the checkpoints' path (needs 3 or more for 2-D).")
+@click.option("--dims", type=click.IntRange(1, 2), default=2, show_default=True, help="1-D line or 2-D surface.")
+@click.option("--extent", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Grid half-width in direction units [default: 1.0; trajectory: 1.2 x the path's reach].")
+@click.option("--resolution", type=click.IntRange(min=2), default=21, show_default=True, help="Points per direction.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random directions.")
+@click.option("--format", "formats", default="pdf,png", show_default=True, help="Comma-separated figure formats.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, out, kind, dims, extent,
+              resolution, seed, formats, progress) -> None:
+    """Loss landscape around the last CHECKPOINT (in step order).
+
+    Grid points are stored in OUT/landscape.jsonl as they are evaluated; a re-run
+    with the same settings resumes and skips finished points. Writes
+    OUT/landscape.csv (x[, y], loss) and the figure (with the training path drawn
+    on it for trajectory directions).
+    """
+    from . import plot as dplot
+    from .checkpoints import load_checkpoint, match_state_dict, sort_checkpoints
+    from .curvature.operators import HessianOperator
+    from .landscape import eigen_directions, random_directions, surface, trajectory_directions
+
+    paths = _checkpoint_paths(checkpoints)
+    if kind == "trajectory" and len(paths) < dims + 1:
+        raise click.BadParameter(f"trajectory directions in {dims}-D need at least {dims + 1} checkpoints, "
+                                 f"got {len(paths)}", param_hint="'--directions'")
+    fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
+    build = _model_factory(model_spec)
+    data = _data(data_spec)
+    loss_fn = _loss(loss_spec)
+    ordered = sort_checkpoints(paths)
+    model = build()
+    model.eval()
+    states = []
+    for step, path in ordered if kind == "trajectory" else ordered[-1:]:
+        states.append(match_state_dict(load_checkpoint(path, trust=trust_checkpoint).state_dict, model))
+    model.load_state_dict(states[-1])
+    trajectory = None
+    if kind == "random":
+        dirs = random_directions(model, n=dims, normalization="filter", seed=seed)
+    elif kind == "hessian":
+        dirs = eigen_directions(HessianOperator(model, loss_fn, data), k=dims, seed=seed)
+    else:
+        dirs = trajectory = trajectory_directions(states, n=dims, params_of=model)
+        click.echo("trajectory PCA explained variance: "
+                   + ", ".join(f"{v:.3f}" for v in trajectory.explained_variance))
+    if extent is None:
+        extent = trajectory.extent() if trajectory is not None else 1.0
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    surf = surface(model, loss_fn, data, dirs, extent=extent, resolution=resolution,
+                   path=out / "landscape.jsonl", progress=progress)
+    surf.to_dataframe().to_csv(out / "landscape.csv", index=False)
+    labels = {"random": ("random direction 1", "random direction 2"),
+              "hessian": ("Hessian eigenvector 1", "Hessian eigenvector 2"),
+              "trajectory": ("PC 1", "PC 2")}[kind]
+    with dplot.style("paper"):
+        fig = dplot.landscape(surf, trajectory=trajectory if dims == 2 else None, labels=labels)
+        if dims == 1:
+            fig.axes[0].set_xlabel(labels[0])
+        saved = dplot.save(fig, out / "landscape", formats=fmts)
+    click.echo(f"{'x'.join([str(resolution)] * dims)} grid around step {ordered[-1][0]}: loss "
+               f"{surf.values.min():.4g} .. {surf.values.max():.4g}; wrote {out / 'landscape.csv'}, "
+               + ", ".join(str(p) for p in saved))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -124,14 +124,8 @@ def run_demo(out: str | Path = "dyndiag-demo", steps: int = 300, seed: int = 0, 
     with dd.plot.style("paper"):
         figures = {"spectrum": dd.plot.spectrum(dens, top=top), "landscape": dd.plot.landscape(surf)}
         figures["spectrum"].axes[0].set_title(f"Hessian spectrum, digits MLP after {steps} steps")
-        if steps:
-            df = dd.load_records(records)
-            figures["edge_of_stability"] = dd.plot.edge_of_stability(df)
-            figures["layer_rotation"] = dd.plot.layer_rotation(df)
-            figures["gradients"] = dd.plot.metrics(df, ["grad_norm", "coherence", "overlap"])
-            el2n = dd.load_arrays(records, "data_scores", "el2n_scores")
-            last = max(el2n)
-            figures["scores"] = dd.plot.scores(el2n[last], xlabel=f"EL2N score at step {last} (512 examples)")
+        if steps:  # the records' own figures; the spectrum above is the full training set's
+            figures = {**dd.plot.run_figures(records), **figures}
         paths = [p for name, fig in figures.items() for p in dd.plot.save(fig, out / name, formats=("png", "pdf"))]
     summary = {
         "steps": steps,

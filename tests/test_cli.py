@@ -2,6 +2,8 @@
 
 import json
 
+import click
+
 import pytest
 from click.testing import CliRunner
 
@@ -50,3 +52,148 @@ def test_library_errors_are_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert result.output.strip() == "dyndiag: error: steps must be >= 0, got -1"
+
+
+PROJECT = '''
+import torch
+from torch import nn
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 6, generator=g, dtype=torch.float64)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+'''
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A user's project file with a model factory and a data function, and 4 checkpoints."""
+    import torch
+
+    (tmp_path / "proj.py").write_text(PROJECT)
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(PROJECT, ns)
+    model, (x, y) = ns["make_model"](), ns["data"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(16):
+        if step % 5 == 0:
+            torch.save(model.state_dict(), tmp_path / f"model_step_{step}.pt")
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return tmp_path
+
+
+def _ckpts(root):
+    return sorted(str(p) for p in root.glob("model_step_*.pt"))
+
+
+def test_analyze_then_plot_end_to_end(project):
+    import dyndiag as dd
+
+    args = ["analyze", *_ckpts(project), "--model", "proj.py:make_model", "--data", "proj:data", "--out", "run",
+            "--probes", "hessian_spectrum,edge_of_stability,gradient_norm,directional_sharpness,data_scores",
+            "--lr", "0.5", "--density", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "analysed 4 checkpoint(s)" in result.output
+    df = dd.load_records(project / "run" / "records")
+    assert sorted(df.step.unique()) == [0, 5, 10, 15]
+    assert (df[df.metric == "threshold"].value == 4.0).all()  # 2 / lr
+    assert set(df[df.metric == "directional_sharpness"].step) == {0, 5, 10}  # needs the next checkpoint
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "skipped 4 already analysed" in again.output
+
+    result = CliRunner().invoke(main, ["plot", "run", "--out", "figs", "--format", "png,svg"])
+    assert result.exit_code == 0, result.output
+    for stem in ("edge_of_stability", "spectrum", "gradients", "dynamics", "scores"):
+        assert (project / "figs" / f"{stem}.png").stat().st_size > 5000
+        assert (project / "figs" / f"{stem}.svg").exists()
+    assert not (project / "figs" / "layer_rotation.png").exists()  # not recorded, not drawn
+
+
+@pytest.mark.parametrize("kind, dims", [("trajectory", 2), ("hessian", 1), ("random", 2)])
+def test_landscape_end_to_end_and_resumes(project, kind, dims):
+    import pandas as pd
+
+    args = ["landscape", *_ckpts(project), "--model", "proj.py:make_model", "--data", "proj:data", "--out", "land",
+            "--directions", kind, "--dims", str(dims), "--resolution", "7", "--format", "png", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(project / "land" / "landscape.csv")
+    assert len(table) == 7**dims and list(table.columns[:dims]) == ["x", "y"][:dims]
+    assert (project / "land" / "landscape.png").stat().st_size > 5000
+    if kind == "trajectory":
+        assert "explained variance" in result.output
+    lines = (project / "land" / "landscape.jsonl").read_text().splitlines()
+    assert CliRunner().invoke(main, args).exit_code == 0  # resumed: nothing evaluated twice
+    assert (project / "land" / "landscape.jsonl").read_text().splitlines() == lines
+    # the centre of the grid is the last checkpoint's loss
+    centre = table[(table.x.abs() < 1e-12) & ((table.y.abs() < 1e-12) if dims == 2 else True)].loss.item()
+    import torch
+
+    ns = {}
+    exec(PROJECT, ns)
+    model = ns["make_model"]()
+    model.load_state_dict(torch.load(project / "model_step_15.pt"))
+    x, y = ns["data"]()
+    assert centre == pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["analyze", "missing_1.pt"], "checkpoint 'missing_1.pt' skipped: FileNotFoundError"),
+        (["analyze", "model_step_0.pt", "--model", "proj.py:nope"], "--model: 'proj.py' has no attribute 'nope'"),
+        (["analyze", "model_step_0.pt", "--model", "no_such_module:f"], "--model: cannot import module 'no_such_module'"),
+        (["analyze", "model_step_0.pt", "--model", "make_model"], "--model must be MODULE:NAME"),
+        (["analyze", "model_step_0.pt", "--probes", "hessian"], "unknown probe 'hessian'"),
+        (["analyze", "model_step_0.pt", "--probes", "edge_of_stability"], "pass --lr"),
+        (["analyze", "model_step_0.pt", "--loss", "hinge"], "--loss must be one of"),
+        (["analyze"], "give at least one CHECKPOINT"),
+        (["landscape", "model_step_0.pt", "--directions", "trajectory"], "need at least 3 checkpoints"),
+        (["plot", "."], "holds no records.sqlite"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_problem(project, args, message):
+    defaults = {"--model": "proj.py:make_model", "--data": "proj:data", "--out": "out"}
+    if args[0] == "plot":
+        defaults = {"--out": "out"}
+    for option, value in defaults.items():
+        if option not in args:
+            args = args + [option, value]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("dyndiag: error:")]
+    assert len(errors) == 1
+
+
+def test_untrusted_pickle_is_refused_and_names_the_flag(project):
+    import torch
+
+    ns = {}
+    exec(PROJECT, ns)
+    torch.save({"model": ns["make_model"]()}, project / "whole_step_3.pt")
+    base = ["analyze", "whole_step_3.pt", "--model", "proj.py:make_model", "--data", "proj:data", "--out", "run"]
+    refused = CliRunner().invoke(main, base)
+    assert refused.exit_code == 1 and "--trust-checkpoint" in refused.output
+    trusted = CliRunner().invoke(main, base + ["--trust-checkpoint"])
+    assert trusted.exit_code == 0, trusted.output
+
+
+def test_every_command_documents_its_options():
+    for command in ("demo", "analyze", "plot", "landscape"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0
+        params = main.commands[command].params
+        for p in params:
+            if isinstance(p, click.Option):
+                assert p.help, f"{command} {p.opts} has no help"
+                assert p.opts[0] in result.output

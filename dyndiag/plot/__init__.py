@@ -13,6 +13,7 @@ _EXPORTS = {
     "edge_of_stability": ".dynamics",
     "metrics": ".dynamics",
     "layer_rotation": ".dynamics",
+    "run_figures": ".runs",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -57,6 +57,10 @@ def _key_order(keys) -> list[str]:
     return keys
 
 
+#: Series with at most this many points get markers (lines alone hide how few there are).
+SPARSE_POINTS = 20
+
+
 def _auto_log(values: np.ndarray) -> bool:
     v = values[np.isfinite(values)]
     return v.size > 1 and bool(np.all(v > 0)) and v.max() / v.min() > 100
@@ -80,6 +84,8 @@ def _per_key(ax: Axes, sub, *, legend: str = "right", legend_title: str | None =
                 lw=0.8 * mpl.rcParams["lines.linewidth"], label=None if use_cmap else key)
     if total is not None:  # the total over layers: thick black; a plain scalar: an ordinary line
         style = dict(color="black", lw=1.6 * mpl.rcParams["lines.linewidth"], label="total", zorder=3) if keys else {}
+        if len(total) <= SPARSE_POINTS:  # a probe run every 25 steps: show where the measurements are
+            style.update(marker="o", ms=3)
         ax.plot(total["step"].to_numpy(float), total["value"].to_numpy(float), **style)
     if use_cmap:
         sm = ScalarMappable(norm=Normalize(0, len(keys) - 1), cmap=cmap)
@@ -118,6 +124,8 @@ def edge_of_stability(
         Draw only the sharpness panel on this Axes. Without it, a new Figure with
         two panels sharing the step axis.
 
+    Notes
+    -----
     Drawn: top panel, the sharpness λ_max (line with markers), the
     ``preconditioned_sharpness`` (Adam) when recorded, and the recorded threshold
     (2/η for SGD, momentum-aware) as a dashed step line, since a schedule changes
@@ -192,6 +200,8 @@ def metrics(
         Log y axes; ``None`` chooses per panel (log when every value is positive and
         they span more than a factor of 100).
 
+    Notes
+    -----
     Drawn: a scalar metric (key ``""``) as one line; a per-layer metric as one thin
     line per key with a legend (over 8 keys: viridis in record order, with a
     colorbar), its ``""`` key as a thick black "total" line. A metric that several

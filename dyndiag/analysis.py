@@ -1,0 +1,263 @@
+"""Offline analysis: run probes on saved checkpoints instead of a live training loop.
+
+Each checkpoint is loaded into one model (built once) and the probes run on it as
+a Monitor would run them at that step, with the needs computed from the fixed
+``probe_data`` instead of the training loop:
+
+* ``gradients``: the gradient of the mean probe-data loss at the checkpoint;
+* ``logits``: the model's outputs on the first probe batch;
+* ``update`` (update probes: directional sharpness, safe step radius): the
+  displacement to the *next* checkpoint, theta_next - theta, with curvature taken
+  at theta. The last checkpoint has no update, so update probes skip it;
+* ``curvature``: the Hessian of the probe data's loss, shared by the probes.
+
+The model is evaluated in eval mode by default (dropout off, BatchNorm with the
+running statistics stored in the checkpoint); ``train_mode=True`` uses batch
+statistics as training saw them. Layer rotation is measured against the first
+checkpoint analysed unless the probe is given a ``reference``. The edge-of-stability
+threshold needs the learning rate: pass an ``optimizer`` built over the model's
+parameters (the CLI builds SGD from ``--lr``/``--momentum``).
+
+Records are written like a Monitor's, under each checkpoint's step. A re-run skips
+the steps already recorded; if a checkpoint is new at a step before the last
+recorded one (or failed before), the records from that step on are replaced.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import load_checkpoint, match_state_dict, sort_checkpoints
+from .data import default_batch_size, iter_batches, make_loss_closure, model_outputs
+from .evaluation import math_attention, operator_mode
+from .probes.base import Probe, StepContext, flatten_result
+from .state import preserve_state
+
+__all__ = ["analyze", "AnalysisResult"]
+
+
+class AnalysisResult(dict):
+    """``{"analysed": [steps], "skipped": [steps], "failed": {path: message}}`` with
+    ``log_dir`` the records' directory."""
+
+    log_dir: Path
+
+
+class _Session:
+    """What :class:`StepContext` reads from a monitor, for one offline checkpoint."""
+
+    def __init__(self, model, optimizer, probe_data, loss_fn, closure, params, names) -> None:
+        self.model, self.optimizer, self.probe_data = model, optimizer, probe_data
+        self.loss_fn, self.closure = loss_fn, closure
+        self.params, self.names = params, names
+        self._last_logits = None
+
+
+class _OfflineContext(StepContext):
+    @property
+    def gradients(self) -> torch.Tensor:
+        if "_gradients" not in self.__dict__:
+            self.__dict__["_gradients"] = _mean_gradient(self.monitor)
+        return self.__dict__["_gradients"]
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self.monitor._last_logits is None:
+            m = self.monitor
+            batch = next(iter_batches(m.probe_data, "probe_data"))
+            with torch.no_grad(), operator_mode(m.model), math_attention():
+                inputs = batch if isinstance(batch, dict) else batch[0]
+                m._last_logits = model_outputs(m.model, inputs).detach()
+        return self.monitor._last_logits
+
+
+def _mean_gradient(m: _Session) -> torch.Tensor:
+    fn = make_loss_closure(m.loss_fn, m.closure)
+    total = None
+    count = 0
+    with operator_mode(m.model), math_attention():
+        for batch in iter_batches(m.probe_data, "probe_data"):
+            n = default_batch_size(batch)
+            grads = torch.autograd.grad(fn(m.model, batch), m.params, allow_unused=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) * n
+                              for g, p in zip(grads, m.params)])
+            total = flat if total is None else total + flat
+            count += n
+    return total / count
+
+
+def analyze(
+    checkpoints: Sequence[str | Path],
+    model: nn.Module | Callable[[], nn.Module],
+    probes: Sequence[Probe],
+    probe_data: object,
+    log_dir: str | Path,
+    loss_fn: Callable | None = None,
+    *,
+    closure: Callable | None = None,
+    optimizer: torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    train_mode: bool = False,
+    trust: bool = False,
+    progress: bool | None = None,
+    on_error: Callable[[Path, Exception], None] | None = None,
+) -> AnalysisResult:
+    """Run ``probes`` on each checkpoint and write their records to ``log_dir``.
+
+    Parameters
+    ----------
+    checkpoints:
+        Paths of checkpoints (see :func:`dyndiag.checkpoints.load_checkpoint`). Each
+        one's step is the last integer in its name (``model_step_120.pt`` -> 120), a
+        Hugging Face directory's ``trainer_state.json``, else its position; they are
+        analysed in step order.
+    model:
+        A module to load the weights into, or a factory returning one. It is
+        returned with its own weights, buffers and mode restored.
+    probes:
+        :class:`~dyndiag.Probe` instances (names unique), every one run on every
+        checkpoint (``every=`` is ignored offline).
+    probe_data:
+        A batch or a list of batches: the data the curvature, gradients and losses
+        are measured on.
+    log_dir:
+        Where the records go (``dd.load_records(log_dir)``).
+    loss_fn, closure:
+        The criterion ``loss_fn(outputs, targets)``, or ``closure(model, batch)``.
+    optimizer:
+        An optimizer over the model's parameters, or a callable ``params ->
+        optimizer``; read by probes that need hyper-parameters (the
+        edge-of-stability threshold). Never stepped.
+    train_mode:
+        Evaluate in train mode (BatchNorm batch statistics) instead of eval mode.
+    trust:
+        Allow checkpoints with arbitrary pickled objects (see ``load_checkpoint``).
+    progress:
+        Show a progress bar (default: on a terminal).
+    on_error:
+        Called with ``(path, exception)`` for a checkpoint that fails; the rest go
+        on. Default: a ``RuntimeWarning``.
+
+    Returns
+    -------
+    AnalysisResult
+        Steps analysed, skipped (already recorded) and failed checkpoints.
+    """
+    from .records import RecordWriter, load_records
+
+    if isinstance(checkpoints, (str, Path)):
+        checkpoints = [checkpoints]
+    if not checkpoints:
+        raise ValueError("checkpoints must name at least one checkpoint")
+    probes = list(probes)
+    for p in probes:
+        if not isinstance(p, Probe):
+            raise TypeError(f"probes must be dyndiag Probe instances, got {type(p).__name__}")
+    names = [p.name for p in probes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"probe names must be unique, got {names}")
+    if not probes:
+        raise ValueError("probes must hold at least one probe")
+    if probe_data is None:
+        raise ValueError("probe_data is required offline: the gradients, logits and curvature are measured on it")
+    make_loss_closure(loss_fn, closure)  # validates: exactly one of the two
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a factory returning one, got {type(model).__name__}")
+        model = model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer(params)
+    ordered = sort_checkpoints(checkpoints)
+
+    log_dir = Path(log_dir)
+    done: set[int] = set()
+    if (log_dir / "records.sqlite").exists():
+        done = set(load_records(log_dir).step.unique().tolist())
+    todo = [(s, p) for s, p in ordered if s not in done]
+    result = AnalysisResult(analysed=[], skipped=[s for s, _ in ordered if s in done], failed={})
+    result.log_dir = log_dir
+    if not todo:
+        return result
+    writer = RecordWriter(log_dir)
+    if todo[0][0] < writer.next_step:  # rewind: RecordWriter stores steps in increasing order
+        writer.close()
+        writer = RecordWriter(log_dir, start_step=todo[0][0])
+        rewound = [(s, p) for s, p in ordered if s >= todo[0][0]]
+        result["skipped"] = [s for s in result["skipped"] if s < todo[0][0]]
+        todo = rewound
+    report = on_error or (lambda path, err: warnings.warn(
+        f"checkpoint {str(path)!r} skipped: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=3))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(todo, desc="checkpoints", unit="ckpt", disable=not _show(progress))
+    with writer, preserve_state(model, optimizer, params=True), torch.enable_grad():
+        model.train(train_mode)
+        for p in probes:
+            p.enabled = True
+        first = True
+        for i, (step, path) in enumerate(bar):
+            bar.set_postfix_str(f"step {step}")
+            try:
+                sd = match_state_dict(load_checkpoint(path, trust=trust).state_dict, model)
+                _load(model, sd)
+                session = _Session(model, optimizer, probe_data, loss_fn, closure, params, [n for n, _ in named])
+                if first:
+                    for p in probes:
+                        p.setup(session)
+                    first = False
+                ctx = _OfflineContext(session, step)
+                pre = [p for p in probes if p.phase == "pre"]
+                post = [p for p in probes if p.phase == "post"]
+                scalars, arrays = _run(pre, ctx)
+                nxt = _next_weights(ordered, step, model, trust) if post else None
+                if nxt is not None:
+                    ctx.theta_before = [p.detach().clone() for p in params]
+                    _load(model, nxt)
+                    s, a = _run(post, ctx)
+                    scalars += s
+                    arrays += a
+                writer.write_step(step, scalars, arrays)
+                result["analysed"].append(step)
+            except Exception as err:  # one bad checkpoint must not stop the others
+                result["failed"][str(path)] = f"{type(err).__name__}: {err}"
+                report(path, err)
+    return result
+
+
+def _show(progress: bool | None) -> bool:
+    if progress is None:
+        import sys
+
+        return sys.stderr.isatty()
+    return bool(progress)
+
+
+def _load(model: nn.Module, state_dict: dict) -> None:
+    with torch.no_grad():
+        model.load_state_dict(state_dict, strict=True)
+
+
+def _next_weights(ordered, step: int, model: nn.Module, trust: bool) -> dict | None:
+    later = [p for s, p in ordered if s > step]
+    if not later:
+        return None
+    return match_state_dict(load_checkpoint(later[0], trust=trust).state_dict, model)
+
+
+def _run(probes: list[Probe], ctx: StepContext) -> tuple[list, list]:
+    scalars: list = []
+    arrays: list = []
+    for probe in probes:
+        s, a = flatten_result(probe.name, probe.compute(ctx))
+        scalars += s
+        arrays += a
+    return scalars, arrays

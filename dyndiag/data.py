@@ -98,17 +98,23 @@ def _first_tensor(obj: object) -> torch.Tensor | None:
     return next(tensors_in(obj), None)
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Move every tensor in a (nested) batch to ``device``; other objects pass through."""
+def to_device(batch: Batch, device: torch.device, float_dtype: torch.dtype | None = None) -> Batch:
+    """Move every tensor in a (nested) batch to ``device``; other objects pass through.
+
+    ``float_dtype`` also casts floating-point tensors (integer labels and token ids
+    keep their dtype).
+    """
     if isinstance(batch, torch.Tensor):
+        if float_dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=float_dtype)
         return batch.to(device)
     if isinstance(batch, Mapping):
         # A plain dict keeps model(**inputs) working for any mapping type (BatchEncoding too).
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(v, device) for v in batch))
+        return type(batch)(*(to_device(v, device, float_dtype) for v in batch))
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device, float_dtype) for v in batch)
     return batch
 
 

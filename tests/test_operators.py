@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
@@ -390,3 +391,65 @@ def test_loss_is_the_mean_over_batches_evaluated_like_products():
     assert abs(op.loss() - expected) < 1e-12
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert model.training and model[1].training
+
+
+def _norm_mlp(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [dd.HessianOperator, dd.GGNOperator])
+def test_half_precision_models_get_float32_products_of_their_rounded_weights(half, cls):
+    model = _norm_mlp(half)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)).to(half)
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
+    ref = _norm_mlp(torch.float32)
+    before = snapshot(model)
+    op = cls(model, nn.CrossEntropyLoss(), (x, y))
+    assert op.dtype == torch.float32 and op.param_dtype == half
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ref_op = cls(ref, nn.CrossEntropyLoss(), (x.float(), y))
+    assert torch.equal(op.to_dense(), ref_op.to_dense())  # the same float32 arithmetic
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(3)).to(half)  # a half-precision gradient or update goes in exactly
+    assert torch.equal(op @ v, ref_op @ v.float())
+    assert_same(before, snapshot(model))
+    assert all(p.dtype == half for p in model.parameters())
+
+
+def test_compute_dtype_float64_on_a_float32_model():
+    model = _norm_mlp(torch.float32)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    op = dd.HessianOperator(model, nn.CrossEntropyLoss(), (x.float(), y), compute_dtype=torch.float64)
+    ref = _norm_mlp(torch.float32).double()
+    assert op.dtype == torch.float64
+    assert torch.equal(op.to_dense(), dd.HessianOperator(ref, nn.CrossEntropyLoss(), (x.float().double(), y)).to_dense())
+    with pytest.raises(TypeError, match="dtype"):  # a float64 vector would be rounded by a float32 operator
+        dd.HessianOperator(model, nn.CrossEntropyLoss(), (x.float(), y)) @ torch.ones(op.dim, dtype=torch.float64)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        dd.HessianOperator(model, nn.CrossEntropyLoss(), (x.float(), y), compute_dtype=torch.int32)
+
+
+def test_auto_chunk_fits_half_the_free_memory():
+    assert operators.auto_chunk(per_column_bytes=10, free_bytes=1000) == 50
+    assert operators.auto_chunk(per_column_bytes=10**9, free_bytes=10**8) == 1  # never below one column
+    assert operators.auto_chunk(per_column_bytes=1, free_bytes=10**12) == operators.AUTO_MAX_CHUNK
+    assert operators.auto_chunk(per_column_bytes=0, free_bytes=10) == operators.AUTO_MAX_CHUNK
+    model, (x, y) = tanh_mlp(), classification_data()
+    op = dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    assert op.max_batch_vectors == "auto"
+    V = torch.randn(op.dim, 5, dtype=op.dtype)
+    assert torch.allclose(op @ V, dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), max_batch_vectors=2) @ V,
+                          rtol=1e-12, atol=1e-14)
+    assert op.max_batch_vectors == operators.AUTO_CPU_CHUNK  # resolved on first use, off CUDA
+    for bad in (0, -1, "big", True, 2.5):
+        with pytest.raises(ValueError, match="max_batch_vectors"):
+            dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), max_batch_vectors=bad)
+
+
+def test_density_basis_on_another_device_gives_the_same_density():
+    model, data = tanh_mlp(), classification_data()
+    H = dd.HessianOperator(model, nn.CrossEntropyLoss(), data)
+    a = dd.spectral_density(H, num_probes=3, lanczos_steps=12, progress=False)
+    b = dd.spectral_density(H, num_probes=3, lanczos_steps=12, progress=False, basis_device="cpu")
+    assert np.array_equal(a.nodes, b.nodes) and np.array_equal(a.weights, b.weights)

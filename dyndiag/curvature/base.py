@@ -103,7 +103,11 @@ class CurvatureOperator:
             want = f"({self.dim},)" if ndim == 1 else f"({self.dim}, k)"
             raise ValueError(f"{name} must have shape {want}, got {tuple(V.shape)}")
         if V.dtype != self.dtype:
-            raise TypeError(f"{name} has dtype {V.dtype}, but the operator works in {self.dtype}")
+            # Half-precision vectors (a bf16 model's gradient or update) go up exactly;
+            # anything that would lose digits is refused rather than rounded silently.
+            if not (V.dtype in (torch.float16, torch.bfloat16) and self.dtype in (torch.float32, torch.float64)):
+                raise TypeError(f"{name} has dtype {V.dtype}, but the operator works in {self.dtype}")
+            V = V.to(self.dtype)
         if V.device != self.device:
             V = V.to(self.device)
         return V

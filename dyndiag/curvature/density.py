@@ -109,6 +109,7 @@ def spectral_density(
     seed: int = 0,
     *,
     reorthogonalize: bool = True,
+    basis_device: torch.device | str | None = None,
     progress: bool | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
@@ -133,7 +134,10 @@ def spectral_density(
         basis (classical Gram-Schmidt twice). Without it, lost orthogonality
         produces spurious copies ("ghosts") of converged nodes, which shift weight.
         It stores every basis vector: ``num_probes * steps * dim`` numbers of
-        ``op.dtype`` on ``op.device`` (e.g. 8 x 80 x 1M float32 = 2.6 GB).
+        ``op.dtype`` on ``basis_device`` (e.g. 8 x 80 x 1M float32 = 2.6 GB).
+    basis_device
+        Where the reorthogonalisation basis lives; ``"cpu"`` spares GPU memory at the
+        cost of moving one block per step. Default: ``op.device``.
     progress
         Show a progress bar over the steps; ``None`` shows it on a terminal only.
 
@@ -156,7 +160,8 @@ def spectral_density(
     beta_prev = torch.zeros(num_probes, dtype=dtype, device=device)
     alpha = torch.zeros(num_probes, steps, dtype=torch.float64)
     beta = torch.zeros(num_probes, steps, dtype=torch.float64)
-    basis = torch.empty(num_probes, steps, dim, dtype=dtype, device=device) if reorthogonalize else None
+    basis_device = device if basis_device is None else torch.device(basis_device)
+    basis = torch.empty(num_probes, steps, dim, dtype=dtype, device=basis_device) if reorthogonalize else None
     length = torch.full((num_probes,), steps)
     active = torch.ones(num_probes, dtype=torch.bool, device=device)
     scale = torch.zeros(num_probes, dtype=dtype, device=device)
@@ -168,10 +173,12 @@ def spectral_density(
         a = (w * v).sum(1)
         w = w - a[:, None] * v - beta_prev[:, None] * v_prev
         if basis is not None:
-            basis[:, i] = v
+            basis[:, i] = v.to(basis_device)
             Bi = basis[:, : i + 1]
+            w = w.to(basis_device)
             for _ in range(2):
                 w = w - torch.bmm(Bi.transpose(1, 2), torch.bmm(Bi, w.unsqueeze(2))).squeeze(2)
+            w = w.to(device)
         b = torch.linalg.vector_norm(w, dim=1)
         alpha[:, i], beta[:, i] = a.cpu().double(), b.cpu().double()
         scale = torch.maximum(scale, torch.maximum(a.abs(), b))

@@ -67,11 +67,12 @@ class _ModelOperator(CurvatureOperator):
         fn: Callable,
         *,
         batch_size_fn: Callable | None,
-        max_batch_vectors: int,
+        max_batch_vectors: int | str,
         cache_data: bool,
         backend: str,
         cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -79,8 +80,10 @@ class _ModelOperator(CurvatureOperator):
         model = unwrap(model)
         if data is None:
             raise ValueError("data must be a batch (inputs, targets) or an iterable of batches, got None")
-        if not isinstance(max_batch_vectors, int) or max_batch_vectors < 1:
-            raise ValueError(f"max_batch_vectors must be a positive int, got {max_batch_vectors!r}")
+        if max_batch_vectors != "auto" and (
+            not isinstance(max_batch_vectors, int) or isinstance(max_batch_vectors, bool) or max_batch_vectors < 1
+        ):
+            raise ValueError(f"max_batch_vectors must be a positive int or 'auto', got {max_batch_vectors!r}")
         if backend not in ("auto", "vmap", "loop"):
             raise ValueError(f"backend must be 'auto', 'vmap' or 'loop', got {backend!r}")
         if batch_size_fn is not None and not callable(batch_size_fn):
@@ -88,7 +91,8 @@ class _ModelOperator(CurvatureOperator):
         self.model = model
         self.names, self.params = select_params(model, params)
         self.dim = sum(p.numel() for p in self.params)
-        self.dtype = self.params[0].dtype
+        self.param_dtype = self.params[0].dtype
+        self.dtype = _compute_dtype(self.param_dtype, compute_dtype)
         self.device = self.params[0].device
         self._at = None
         if at is not None:
@@ -105,13 +109,12 @@ class _ModelOperator(CurvatureOperator):
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
         self._batch_size_fn = batch_size_fn or default_batch_size
         self.max_batch_vectors = max_batch_vectors
+        self._auto_chunk = max_batch_vectors == "auto"
         self.backend = backend
         self._data = data
         self._cached = None
         if cache_data:
-            self._cached = [
-                (to_device(b, self.device), self._count(b)) for b in iter_batches(data)
-            ]
+            self._cached = [(self._prepare(b), self._count(b)) for b in iter_batches(data)]
         one_batch = is_single_batch(data) or (self._cached is not None and len(self._cached) == 1)
         if cache_graph and not one_batch:
             raise ValueError("cache_graph=True needs data to be a single batch (or cache_data=True with one batch)")
@@ -131,7 +134,14 @@ class _ModelOperator(CurvatureOperator):
             yield from self._cached
             return
         for b in iter_batches(self._data):
-            yield to_device(b, self.device), self._count(b)
+            yield self._prepare(b), self._count(b)
+
+    def _prepare(self, batch):
+        """The batch on the operator's device; floating tensors in the compute dtype
+        when it differs from the parameters' (mixed precision: bf16 inputs of a bf16
+        model meet float32 parameters)."""
+        dtype = self.dtype if self.dtype != self.param_dtype else None
+        return to_device(batch, self.device, float_dtype=dtype)
 
     # -- functional evaluation -------------------------------------------
     def _mapping(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,7 +150,8 @@ class _ModelOperator(CurvatureOperator):
         # mode updates them in place, which torch.func allows only on tensors created
         # at the innermost level, and the model's own buffers never move.
         for name, b in zip(self._buffer_names, self.model.buffers()):
-            mapping[name] = b.clone()
+            cast = b.is_floating_point() and b.dtype != self.dtype and self.dtype != self.param_dtype
+            mapping[name] = b.to(self.dtype) if cast else b.clone()
         return mapping
 
     def _loss(self, tensors: Sequence[torch.Tensor], batch) -> torch.Tensor:
@@ -157,9 +168,15 @@ class _ModelOperator(CurvatureOperator):
     def _join(self, parts: Sequence[torch.Tensor], k: int) -> torch.Tensor:
         return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
 
+    def _sources(self) -> list[torch.Tensor]:
+        """The parameter tensors the operator is taken at (``at=`` or the live ones)."""
+        return self._at if self._at is not None else self.params
+
     def _values(self) -> list[torch.Tensor]:
-        """Fresh detached views of the parameter values the operator is taken at."""
-        return [t.detach() for t in (self._at if self._at is not None else self.params)]
+        """Fresh detached views of the parameter values, in the compute dtype."""
+        if self.dtype == self.param_dtype:
+            return [t.detach() for t in self._sources()]
+        return [t.detach().to(self.dtype) for t in self._sources()]
 
     def clear_cache(self) -> None:
         """Free the cached gradient graph (see ``cache_graph``)."""
@@ -173,7 +190,7 @@ class _ModelOperator(CurvatureOperator):
         # statistics without bumping their versions, but num_batches_tracked moves
         # with them.)
         return (
-            tuple((p._version, p.data_ptr()) for p in self._values()),
+            tuple((p._version, p.data_ptr()) for p in self._sources()),
             tuple(b._version for b in self.model.buffers()),
             tuple(m.training for m in self._norm_layers),
             tuple(t._version for t in tensors_in(self._data)),
@@ -213,10 +230,39 @@ class _ModelOperator(CurvatureOperator):
 
     def _batch_matmat(self, batch, V: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(V)
-        for start in range(0, V.shape[1], self.max_batch_vectors):
+        start = 0
+        if self.max_batch_vectors == "auto":
+            start = self._size_chunks(batch, V, out)
+        for start in range(start, V.shape[1], self.max_batch_vectors):
             cols = slice(start, start + self.max_batch_vectors)
             out[:, cols] = self._chunk(batch, V[:, cols])
         return out
+
+    def _size_chunks(self, batch, V: torch.Tensor, out: torch.Tensor) -> int:
+        """Resolve ``max_batch_vectors="auto"``; returns the columns already multiplied.
+
+        On CUDA with the vmap backend, the first column is multiplied alone while the
+        allocator's peak is watched; its cost per column and the free memory (the
+        driver's plus what torch's cache holds unused) give the chunk, keeping half of
+        the free memory spare. Elsewhere columns are multiplied one at a time anyway
+        (double backward), so the chunk only bounds the output block: 32.
+        """
+        backend = self.backend if self.backend != "auto" else _preferred_backend(self.device)
+        if self.device.type != "cuda" or backend != "vmap":
+            self.max_batch_vectors = AUTO_CPU_CHUNK
+            return 0
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        peak_before = torch.cuda.max_memory_allocated(self.device)
+        out[:, :1] = self._chunk(batch, V[:, :1])
+        torch.cuda.synchronize(self.device)
+        # Without resetting the user's peak statistics: a new peak measures the column;
+        # an older, higher peak bounds it from above (a conservative estimate).
+        per_column = max(torch.cuda.max_memory_allocated(self.device), peak_before) - base
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        self.max_batch_vectors = auto_chunk(per_column, free)
+        return 1
 
     def _chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         backend = self.backend if self.backend != "auto" else _preferred_backend(self.device)
@@ -237,6 +283,30 @@ class _ModelOperator(CurvatureOperator):
                 )
                 self.backend = "loop"
         return self._loop_chunk(batch, V)
+
+
+#: ``max_batch_vectors="auto"`` off CUDA (products are one column at a time there).
+AUTO_CPU_CHUNK = 32
+#: Largest chunk ``"auto"`` picks: past it, vmap gains nothing and compile times grow.
+AUTO_MAX_CHUNK = 256
+
+
+def auto_chunk(per_column_bytes: int, free_bytes: int, spare: float = 0.5) -> int:
+    """Columns per vmapped pass that fit in ``(1 - spare) * free_bytes`` at
+    ``per_column_bytes`` each, between 1 and :data:`AUTO_MAX_CHUNK`."""
+    if per_column_bytes <= 0:
+        return AUTO_MAX_CHUNK
+    return int(max(1, min(AUTO_MAX_CHUNK, (1 - spare) * free_bytes // per_column_bytes)))
+
+
+def _compute_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """float32 for half-precision parameters (bf16/fp16 HVPs lose most of their
+    digits to round-off and overflow); otherwise the parameters' own dtype."""
+    if requested is not None:
+        if not isinstance(requested, torch.dtype) or not requested.is_floating_point:
+            raise TypeError(f"compute_dtype must be a floating torch.dtype, got {requested!r}")
+        return requested
+    return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
 
 
 def _preferred_backend(device: torch.device) -> str:
@@ -274,6 +344,9 @@ class HessianOperator(_ModelOperator):
         batch's first tensor.
     max_batch_vectors:
         Columns multiplied in one vmapped pass; bounds memory of ``matmat``.
+        ``"auto"`` (default): on CUDA with the vmap backend, sized from the free GPU
+        memory and the measured cost of one column (half the free memory kept
+        spare); elsewhere 32, since products there are one column at a time.
     cache_data:
         Materialise the batches once on the operator's device (fixes the operator
         when ``data`` is a shuffling/augmenting DataLoader).
@@ -294,7 +367,16 @@ class HessianOperator(_ModelOperator):
         Parameter values to take the Hessian at instead of the model's current ones
         (one tensor per parameter of ``params``, e.g. a saved copy of the weights
         before an optimizer step); the model itself is not touched.
+    compute_dtype:
+        The dtype products are computed and returned in (``H.dtype``). Default: the
+        parameters' dtype, except float32 for bfloat16/float16 parameters (mixed
+        precision models): parameters, floating buffers and floating batch tensors
+        are then cast to float32 for the evaluation, so the products are those of
+        the float32 model with the same (rounded) weights. Autocast regions inside
+        the model still apply.
 
+    Notes
+    -----
     Under an initialised ``torch.distributed`` process group each rank passes its
     shard; products are summed over ranks with sample weights, so every rank holds
     the operator of the union of the shards.
@@ -309,11 +391,12 @@ class HessianOperator(_ModelOperator):
         closure: Callable | None = None,
         *,
         batch_size_fn: Callable | None = None,
-        max_batch_vectors: int = 32,
+        max_batch_vectors: int | str = "auto",
         cache_data: bool = False,
         backend: str = "auto",
         cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         fn = make_loss_closure(loss_fn, closure)
         super().__init__(
@@ -327,6 +410,7 @@ class HessianOperator(_ModelOperator):
             backend=backend,
             cache_graph=cache_graph,
             at=at,
+            compute_dtype=compute_dtype,
         )
 
     def loss(self) -> float:
@@ -375,7 +459,7 @@ class HessianOperator(_ModelOperator):
         rows = self._split(V.T)
         k = V.shape[1]
         for j in range(k):
-            hv = [torch.zeros_like(p) for p in self.params]
+            hv = [torch.zeros_like(leaf) for leaf in leaves]
             if live:
                 parts = torch.autograd.grad(
                     [g[i] for i in live],
@@ -397,8 +481,11 @@ class GGNOperator(_ModelOperator):
     convex in the outputs (cross-entropy, MSE) the GGN is positive semi-definite;
     for a linear model with MSE it equals the Hessian.
 
-    Parameters are as for :class:`HessianOperator`, except:
+    Parameters are as for :class:`HessianOperator`, except ``loss_fn`` and ``forward``
+    (and there is no ``closure`` or ``cache_graph``).
 
+    Parameters
+    ----------
     loss_fn:
         A criterion ``loss_fn(outputs, targets)`` (required: the GGN needs the
         outputs and the loss separately).
@@ -416,10 +503,11 @@ class GGNOperator(_ModelOperator):
         forward: Callable | None = None,
         *,
         batch_size_fn: Callable | None = None,
-        max_batch_vectors: int = 32,
+        max_batch_vectors: int | str = "auto",
         cache_data: bool = False,
         backend: str = "auto",
         at: Sequence[torch.Tensor] | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise TypeError("loss_fn must be a criterion loss_fn(outputs, targets) for the GGN")
@@ -435,6 +523,7 @@ class GGNOperator(_ModelOperator):
             backend=backend,
             cache_graph=False,  # GGN products rebuild their graphs; no cache to keep
             at=at,
+            compute_dtype=compute_dtype,
         )
 
     def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:

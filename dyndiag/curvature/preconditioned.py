@@ -33,6 +33,8 @@ class PreconditionedOperator(CurvatureOperator):
         A real number (``shift * I``) or an ``(op.dim,)`` tensor (a diagonal) added
         to ``op`` inside the preconditioning; default 0.
 
+    Notes
+    -----
     Every product costs one product of ``op`` per column (``op.num_matvecs`` counts
     them; this operator's ``num_matvecs`` counts its own columns). ``params`` and
     ``names`` of ``op``, when present, are passed through (vectors keep ``op``'s

@@ -352,6 +352,9 @@ def gradient_snr(
     by ``(N - 1) / N`` for the unbiased-variance GSNR). Mean and variance are
     accumulated chunk by chunk with Chan's parallel update, in float64.
 
+    Other parameters are as for :func:`grand_scores`; ``data`` must hold at least
+    two examples.
+
     Parameters
     ----------
     reduction
@@ -361,9 +364,6 @@ def gradient_snr(
         mean of its elementwise GSNR over the elements with non-zero variance, and
         under the key ``""`` the same mean over every element of every parameter
         (the scalar summary; NaN when no element has non-zero variance).
-
-    Other parameters are as for :func:`grand_scores`; ``data`` must hold at least
-    two examples.
 
     Returns
     -------

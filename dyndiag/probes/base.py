@@ -191,11 +191,18 @@ def flatten_result(probe: str, result: Mapping[str, Any]) -> tuple[list[tuple], 
                 scalars.append((probe, metric, str(key), _scalar(probe, metric, v)))
         elif isinstance(value, (torch.Tensor, np.ndarray)) and np.ndim(value) >= 1:
             # A copy: the record store may write it after the probe's tensors change.
-            arr = np.array(value.detach().cpu()) if isinstance(value, torch.Tensor) else np.array(value)
+            arr = _to_numpy(value) if isinstance(value, torch.Tensor) else np.array(value)
             arrays.append((probe, metric, "", arr))
         else:
             scalars.append((probe, metric, "", _scalar(probe, metric, value)))
     return scalars, arrays
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        t = t.float()
+    return t.numpy().copy()
 
 
 def _scalar(probe: str, metric: str, value: Any) -> float:

@@ -3,7 +3,11 @@
 The training loop stays unchanged: the monitor registers an optimizer step
 pre-hook (state probes, on the current gradients and parameters), a post-hook
 (update probes, then one record transaction per step) and a forward hook that
-keeps the last training forward's outputs. Every probe runs under
+keeps the last training forward's outputs. With ``step_hooks=False`` no optimizer
+hook is registered and the caller drives the two phases with
+:meth:`Monitor.before_step` (after backward) and :meth:`Monitor.after_step` (after
+the update): what the Lightning and Hugging Face callbacks do, since their
+optimizer steps may run forward and backward inside ``step()``. Every probe runs under
 :func:`~dyndiag.state.preserve_state`, so training with a monitor gives
 bit-identical weights to training without one.
 
@@ -57,6 +61,10 @@ class Monitor:
     start_step:
         First step number; default: continue from the records already in
         ``log_dir`` (0 for a new one).
+    step_hooks:
+        ``True`` (default): probes run from optimizer step hooks. ``False``: no
+        optimizer hook is registered; call :meth:`before_step` after backward and
+        :meth:`after_step` after the update (the forward hook stays).
     """
 
     def __init__(
@@ -70,6 +78,7 @@ class Monitor:
         *,
         closure: Callable | None = None,
         start_step: int | None = None,
+        step_hooks: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -90,6 +99,8 @@ class Monitor:
             raise ValueError(f"probes {needing} need probe_data and a loss_fn (or closure)")
         if start_step is not None and (not isinstance(start_step, int) or start_step < 0):
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+        if not isinstance(step_hooks, bool):
+            raise TypeError(f"step_hooks must be a bool, got {type(step_hooks).__name__}")
 
         # Probes evaluate the module inside a DDP wrapper (never arming its gradient sync);
         # the forward hook on it still sees every training forward.
@@ -117,11 +128,13 @@ class Monitor:
         self._running = False
         self._pending = None
         self._warned: set = set()
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
-            model.register_forward_hook(self._capture),
-        ]
+        self.step_hooks = step_hooks
+        self._handles = [model.register_forward_hook(self._capture)]
+        if step_hooks:
+            self._handles += [
+                optimizer.register_step_pre_hook(self._pre_step),
+                optimizer.register_step_post_hook(self._post_step),
+            ]
         for p in probes:
             p.setup(self)
 
@@ -134,13 +147,20 @@ class Monitor:
             self._last_logits = logits.detach()
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        # torch passes step()'s own arguments, the optimizer first: (opt, closure?).
+        closure_step = kwargs.get("closure", args[1] if len(args) > 1 else None) is not None
+        self._begin(closure_step)
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        self._finish()
+
+    def _begin(self, closure_step: bool) -> None:
+        """Run the state probes due at ``self.step``; keep their rows for :meth:`_finish`."""
         step = self.step
         due = [p for p in self.probes if p.enabled and p.due(step)]
         self._pending = None
         if not due:
             return
-        # torch passes step()'s own arguments, the optimizer first: (opt, closure?).
-        closure_step = kwargs.get("closure", args[1] if len(args) > 1 else None) is not None
         if closure_step:
             self._warn_once(
                 "closure",
@@ -157,11 +177,12 @@ class Monitor:
         scalars, arrays = self._run(pre, ctx)
         self._pending = (ctx, post, scalars, arrays)
 
-    def _post_step(self, optimizer, args, kwargs) -> None:
+    def _finish(self) -> list[tuple]:
+        """Run the pending update probes, write the step, advance the counter; the scalar rows."""
         step = self.step
         self.step += 1
         if self._pending is None:
-            return
+            return []
         ctx, post, scalars, arrays = self._pending
         self._pending = None
         if post:
@@ -169,6 +190,62 @@ class Monitor:
             scalars += s
             arrays += a
         self._write(step, scalars, arrays)
+        return scalars
+
+    # -- manual driving (step_hooks=False) ------------------------------------
+    def before_step(self, step: int | None = None) -> None:
+        """Run the state probes due at ``step``, on the current gradients and parameters.
+
+        For ``step_hooks=False``: call it after backward, before the optimizer's
+        update. ``step`` (default: the monitor's counter) sets the counter; it may
+        skip ahead but never go back. If the previous :meth:`before_step` was never
+        followed by :meth:`after_step` (its update did not happen, e.g. a gradient
+        scaler skipped it), that step's state-probe rows are written first — unless
+        ``step`` is that same step again, whose rows this call then replaces.
+
+        Returns
+        -------
+        None
+        """
+        self._need_manual("before_step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if self._pending is not None:
+            if step is not None and step == self._pending[0].step:
+                self._pending = None  # the same step again: its first attempt was never applied
+            else:
+                self._flush_pending()
+        if step is not None:
+            if step < self.step:
+                raise ValueError(f"step must be >= the monitor's next step {self.step}, got {step}")
+            self.step = step
+        self._begin(closure_step=False)
+
+    def after_step(self) -> list[tuple[str, str, str, float]]:
+        """Run the update probes (after the optimizer's update) and write the step.
+
+        For ``step_hooks=False``: call it once the update is applied.
+
+        Returns
+        -------
+        list of ``(probe, metric, key, value)``
+            The scalar rows recorded for the step (empty when no probe was due).
+        """
+        self._need_manual("after_step")
+        return self._finish()
+
+    def _need_manual(self, method: str) -> None:
+        if self.step_hooks:
+            raise RuntimeError(
+                f"{method}() drives a monitor built with step_hooks=False; this one runs from optimizer hooks"
+            )
+
+    def _flush_pending(self) -> None:
+        """Write the state-probe rows of a step whose update never came (no update probes)."""
+        ctx, _, scalars, arrays = self._pending
+        self._pending = None
+        self.step = ctx.step + 1
+        self._write(ctx.step, scalars, arrays)
 
     # -- running probes ------------------------------------------------------
     def _run(self, probes: list[Probe], ctx: StepContext) -> tuple[list, list]:
@@ -244,7 +321,13 @@ class Monitor:
         return pd.DataFrame(self._memory, columns=["step", "probe", "metric", "key", "value", "wall_time"])
 
     def close(self) -> None:
-        """Remove every hook and close the record store. Idempotent."""
+        """Remove every hook and close the record store. Idempotent.
+
+        With ``step_hooks=False``, the state-probe rows of a step begun by
+        :meth:`before_step` but never finished are written first.
+        """
+        if not self.step_hooks and self._pending is not None:
+            self._flush_pending()
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -1,0 +1,88 @@
+"""Integrations with training frameworks and viewers.
+
+* :mod:`dyndiag.integrations.lightning` — ``DiagnosticsCallback`` for a Lightning ``Trainer``;
+* :mod:`dyndiag.integrations.transformers` — ``DiagnosticsCallback`` for a Hugging Face ``Trainer``;
+* :mod:`dyndiag.integrations.tensorboard` — ``export_scalars``: a run's records as TensorBoard scalars.
+
+Each submodule imports its framework when it is imported; this package imports none
+of them, so ``import dyndiag`` never loads Lightning, transformers or TensorBoard.
+The helpers below are shared by the two callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+__all__: list[str] = []
+
+Row = tuple[str, str, str, float]
+
+
+def metric_name(probe: str, metric: str, key: str) -> str:
+    """The name a record row is logged under: ``probe/metric``, or ``probe/metric/key``."""
+    return f"{probe}/{metric}/{key}" if key else f"{probe}/{metric}"
+
+
+def rows_to_metrics(rows: Iterable[Row], log_filter: Callable[[str, str, str], bool] | None = None) -> dict[str, float]:
+    """``{metric_name: value}`` for the scalar rows of one step that pass ``log_filter``."""
+    return {
+        metric_name(probe, metric, key): float(value)
+        for probe, metric, key, value in rows
+        if log_filter is None or log_filter(probe, metric, key)
+    }
+
+
+def torch_optimizer(optimizer: object, name: str = "optimizer") -> torch.optim.Optimizer:
+    """The plain ``torch.optim.Optimizer`` inside framework wrappers.
+
+    Accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` hold
+    the real optimizer in ``.optimizer`` / ``._optimizer``. Probes need the real one:
+    its class decides the stability threshold, its hooks fire only when an update is
+    actually applied (a gradient scaler may skip it).
+
+    Returns
+    -------
+    torch.optim.Optimizer
+    """
+    seen = 0
+    while seen < 8:  # wrappers nest at most a few levels; guards against cycles
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer, seen = inner, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{name} must be a torch.optim.Optimizer (or wrap one), got {type(optimizer).__name__}")
+    return optimizer
+
+
+def check_callback_args(probes: Sequence, loss_fn: object, closure: object, log_filter: object) -> list:
+    """Validate the arguments both callbacks share; the probes as a list."""
+    from ..probes.base import Probe
+
+    if isinstance(probes, Probe) or not isinstance(probes, Iterable):
+        raise TypeError(f"probes must be a sequence of dyndiag Probe instances, got {type(probes).__name__}")
+    probes = list(probes)
+    for p in probes:
+        if not isinstance(p, Probe):
+            raise TypeError(f"probes must be dyndiag Probe instances, got {type(p).__name__}")
+    if loss_fn is not None and closure is not None:
+        raise ValueError("give at most one of loss_fn and closure")
+    for value, name in ((loss_fn, "loss_fn"), (closure, "closure"), (log_filter, "log_filter")):
+        if value is not None and not callable(value):
+            raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    return probes
+
+
+def clone_batch(batch: object) -> object:
+    """A copy of a (nested) batch whose tensors are detached clones, so training cannot edit it."""
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, Mapping):  # BatchEncoding and other mappings become a plain dict
+        return {k: clone_batch(v) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(clone_batch(v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(clone_batch(v) for v in batch)
+    return batch

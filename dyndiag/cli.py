@@ -289,6 +289,22 @@ def _records_dir(run_dir: Path) -> Path:
                              param_hint="'RUN_DIR'")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="TensorBoard log folder [default: the record folder's tensorboard/].")
+def tensorboard(run_dir, out) -> None:
+    """Export a run's scalar records as TensorBoard scalars (tags probe/metric[/key]).
+
+    RUN_DIR is a record folder or a run folder holding records/. Re-exporting
+    replaces the previous export. Needs `pip install dyndiag[tensorboard]`.
+    """
+    from .integrations.tensorboard import export_scalars
+
+    path = export_scalars(_records_dir(Path(run_dir)), out)
+    click.echo(f"wrote TensorBoard scalars to {path} (view: tensorboard --logdir {path})")
+
+
 # -- landscapes ------------------------------------------------------------------------
 
 @main.command()

@@ -109,6 +109,10 @@ def test_analyze_then_plot_end_to_end(project):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "skipped 4 already analysed" in again.output
 
+    result = CliRunner().invoke(main, ["tensorboard", "run", "--out", "tb"])
+    assert result.exit_code == 0, result.output
+    assert any((project / "tb").iterdir())
+
     result = CliRunner().invoke(main, ["plot", "run", "--out", "figs", "--format", "png,svg"])
     assert result.exit_code == 0, result.output
     for stem in ("edge_of_stability", "spectrum", "gradients", "dynamics", "scores"):
@@ -189,7 +193,7 @@ def test_untrusted_pickle_is_refused_and_names_the_flag(project):
 
 
 def test_every_command_documents_its_options():
-    for command in ("demo", "analyze", "plot", "landscape"):
+    for command in ("demo", "analyze", "plot", "landscape", "tensorboard"):
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0
         params = main.commands[command].params

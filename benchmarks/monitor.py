@@ -14,7 +14,9 @@ the median and the minimum over interleaved repeats:
                 small angles), for reference
   monitor     + dd.Monitor with GradientNorm, LayerRotation, SoftmaxCollapse every
                 step, records in memory (log_dir=None)
-  monitor+db  the same, written to SQLite (log_dir=...)
+  monitor+db  the same, written to SQLite (log_dir=...), one transaction per step
+                (every completed step survives a SIGKILL)
+  monitor+db/10  the same with commit_every=10 (a SIGKILL may lose the last 9 steps)
 
     python benchmarks/monitor.py [--steps 200] [--repeats 15] [--threads 1]
 """
@@ -73,7 +75,8 @@ def run(mode: str, steps: int, x, y, seed: int = 0) -> float:
         if mode.startswith("monitor+db"):
             tmp = tempfile.TemporaryDirectory()
             log_dir = tmp.name
-        mon = dd.Monitor(model, opt, probes, log_dir=log_dir)
+        commit_every = int(mode.split("/")[1]) if "/" in mode else 1
+        mon = dd.Monitor(model, opt, probes, log_dir=log_dir, commit_every=commit_every)
     t0 = time.perf_counter()
     for idx in batches:
         opt.zero_grad()
@@ -97,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x, y, _, _ = load_digits()
-    modes = ["plain", "hand", "hand f32 cos", "monitor", "monitor+db"]
+    modes = ["plain", "hand", "hand f32 cos", "monitor", "monitor+db", "monitor+db/10"]
     for m in modes:  # warm-up
         run(m, 20, x, y)
     times = {m: [] for m in modes}
@@ -112,7 +115,7 @@ def main() -> None:
         print(f"{m:13s} {med[m] * 1e3:15.4f} {low[m] * 1e3:12.4f} {low[m] / low['plain']:13.3f}")
     for label, t in (("median", med), ("min", low)):
         arithmetic = (t["hand"] - t["plain"]) / t["plain"]
-        for m in ("monitor", "monitor+db"):
+        for m in ("monitor", "monitor+db", "monitor+db/10"):
             own = (t[m] - t["hand"]) / t["plain"]
             print(f"[{label}] {m}: the monitor's own cost beyond hand-written hooks = {100 * own:.1f} % of a step "
                   f"(target <= 5 %); the probes' arithmetic itself = {100 * arithmetic:.1f} %")

@@ -252,3 +252,24 @@ def test_sigkill_mid_training_keeps_every_completed_step_and_resume_continues(tm
     per_step = df.groupby("step").size()
     assert (per_step.loc[done] == per_step.loc[0]).all()  # each completed step is whole
 
+
+
+def test_commit_every_records_the_same_steps_and_records_flushes(tmp_path):
+    frames = []
+    for n in (1, 4):
+        model = _mlp("plain")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = classification_data(n=16, dtype=torch.float32)
+        mon = dd.Monitor(model, opt, [dd.probes.GradientNorm(per_layer=True)], log_dir=tmp_path / f"c{n}",
+                         commit_every=n)
+        for step in range(6):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            opt.step()
+            if step == 4:  # records() commits what is pending
+                assert sorted(mon.records().step.unique()) == [0, 1, 2, 3, 4]
+        mon.close()
+        frames.append(dd.load_records(tmp_path / f"c{n}")[["step", "probe", "metric", "key", "value"]])
+    assert frames[0].equals(frames[1])
+    with pytest.raises(ValueError, match="commit_every"):
+        dd.Monitor(model, opt, [], commit_every=0)

@@ -441,3 +441,24 @@ def test_load_records_sorts_by_step_whatever_the_file_order(tmp_path):
     df = load_records(tmp_path)
     assert list(df["step"]) == [0, 0, 1, 2] and list(df["key"][:2]) == ["a", "b"]
     assert list(df.index) == [0, 1, 2, 3]
+
+
+def test_commit_every_keeps_steps_in_memory_until_n_then_commits_them_together(tmp_path):
+    w = RecordWriter(tmp_path, commit_every=3)
+    for step in range(2):
+        w.write_step(step, [("p", "m", "", float(step))], [("p", "a", "", np.arange(step + 1))])
+    assert not (tmp_path / "records.sqlite").exists() or load_records(tmp_path).empty
+    assert w.next_step == 2
+    w.write_step(2, [("p", "m", "", 2.0)])
+    assert load_records(tmp_path).value.tolist() == [0.0, 1.0, 2.0]  # committed at the third step
+    w.write_step(3, [("p", "m", "", 3.0)])
+    w.flush()
+    assert load_records(tmp_path).step.tolist() == [0, 1, 2, 3]
+    w.write_step(4, [("p", "m", "", 4.0)])
+    w.close()  # close commits what is pending
+    assert load_records(tmp_path).step.tolist() == [0, 1, 2, 3, 4]
+    assert list(load_arrays(tmp_path, "p", "a")) == [0, 1]
+    assert RecordWriter(tmp_path).next_step == 5
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="commit_every"):
+            RecordWriter(tmp_path, commit_every=bad)

@@ -53,3 +53,15 @@ def test_surface_3d_and_given_axes_and_bad_input():
         dd.plot.landscape(np.zeros((3, 3)))
     with pytest.raises(ValueError, match="log=True needs positive"):
         dd.plot.landscape(Surface(coords=(np.arange(3.0),), values=np.array([-1.0, 0.0, 1.0])), log=True)
+
+
+def test_several_1d_lines_on_one_axes_get_colours_labels_and_one_origin_line():
+    x = np.linspace(-1, 1, 11)
+    fig = dd.plot.landscape(Surface(coords=(x,), values=1 + x**2), label="small batch")
+    ax = fig.axes[0]
+    dd.plot.landscape(Surface(coords=(x,), values=1 + 3 * x**2), ax=ax, label="large batch", color="C3")
+    solid = [l for l in ax.lines if l.get_linestyle() == "-"]
+    assert [l.get_label() for l in solid] == ["small batch", "large batch"]
+    assert solid[0].get_color() != solid[1].get_color() and solid[1].get_color() == "C3"
+    assert sum(l.get_linestyle() == ":" for l in ax.lines) == 1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["small batch", "large batch"]

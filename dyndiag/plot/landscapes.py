@@ -25,6 +25,8 @@ def landscape(
     trajectory=None,
     cmap: str = "viridis",
     labels: tuple[str, str] = ("direction 1", "direction 2"),
+    color: str | None = None,
+    label: str | None = None,
 ) -> Figure:
     """Draw a :class:`~dyndiag.landscape.Surface` and return the Figure.
 
@@ -50,6 +52,9 @@ def landscape(
         marked with a star.
     labels:
         Axis labels for the two directions.
+    color, label:
+        Line colour and legend label of a 1-D line (several surfaces on one ``ax``:
+        pass a label to each and a legend is drawn).
     """
     if not isinstance(surf, Surface):
         raise TypeError(f"surf must be a dyndiag.landscape.Surface, got {type(surf).__name__}")
@@ -74,8 +79,12 @@ def landscape(
         return _surface3d(surf, values, ax, log, cmap, labels)
     fig, ax = figure_and_axes(ax, (4.0, 3.4) if kind != "line" else (4.0, 2.8))
     if kind == "line":
-        ax.plot(surf.coords[0], values, color="C0", lw=1.5)
-        ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
+        # Without a colour the Axes' cycle picks one: several lines on one ax differ.
+        ax.plot(surf.coords[0], values, color=color, lw=1.5, label=label)
+        if not any(line.get_gid() == "dyndiag-origin" for line in ax.lines):
+            ax.axvline(0.0, color="0.6", lw=0.8, ls=":", gid="dyndiag-origin")
+        if label is not None:
+            ax.legend(frameon=False, fontsize="small")
         if log:
             ax.set_yscale("log")
         ax.set_xlabel(labels[0])

@@ -79,3 +79,25 @@ def test_scores_histograms_split_by_label_share_bins():
         dd.plot.scores(values, [True, False, True])
     with pytest.raises(ValueError, match="finite"):
         dd.plot.scores(np.array([1.0, np.nan]))
+
+
+def test_close_outliers_share_one_label_and_each_keeps_its_line():
+    eigs = np.array([10.0, 9.9, 9.85, 5.0, 1.0])
+    fig = dd.plot.spectrum(np.linspace(-1, 1, 50), top=eigs)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["λ1–λ3", "λ4", "λ5"]
+    assert len([l for l in ax.lines if l.get_linestyle() == "--"]) == 5
+
+
+def test_edge_of_stability_goes_log_when_adam_values_span_orders_of_magnitude():
+    import pandas as pd
+
+    rows = [(s, "edge_of_stability", m, "", v, 0.0) for s in range(5)
+            for m, v in (("sharpness", 20.0 + s), ("threshold", 3800.0), ("preconditioned_sharpness", 3000.0 + 100 * s))]
+    df = pd.DataFrame(rows, columns=["step", "probe", "metric", "key", "value", "wall_time"])
+    assert dd.plot.edge_of_stability(df).axes[0].get_yscale() == "log"
+    sgd = df[df.metric != "preconditioned_sharpness"].copy()
+    sgd.loc[sgd.metric == "threshold", "value"] = 40.0
+    ax = dd.plot.edge_of_stability(sgd).axes[0]
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+    assert dd.plot.edge_of_stability(sgd, logy=True).axes[0].get_yscale() == "log"

@@ -110,6 +110,7 @@ def edge_of_stability(
     ax: Axes | None = None,
     *,
     probe: str = "edge_of_stability",
+    logy: bool | None = None,
     figsize: tuple[float, float] | None = None,
 ) -> Figure:
     """Sharpness against the optimizer's stability threshold, and the loss, over steps.
@@ -123,6 +124,10 @@ def edge_of_stability(
     ax:
         Draw only the sharpness panel on this Axes. Without it, a new Figure with
         two panels sharing the step axis.
+    logy:
+        Log axis for the sharpness panel; ``None`` chooses one when the values drawn
+        span more than a factor of 100 (Adam: the plain top eigenvalue next to a
+        preconditioned sharpness and threshold near 38/lr), else a linear axis from 0.
 
     Notes
     -----
@@ -161,7 +166,11 @@ def edge_of_stability(
         top.plot(p_steps, psharp, "s-", color="C1", ms=2.5, label="preconditioned sharpness")
     top.plot(t_steps, thresh, "--", drawstyle="steps-post", color="C3", label="stability threshold")
     top.set_ylabel("sharpness")
-    top.set_ylim(bottom=0 if min(np.nanmin(sharp), np.nanmin(thresh)) >= 0 else None)
+    drawn = np.concatenate([sharp, thresh, psharp])
+    if logy or (logy is None and _auto_log(drawn)):  # Adam: lambda_max ~25 next to a threshold ~4000
+        top.set_yscale("log")
+    else:
+        top.set_ylim(bottom=0 if np.nanmin(drawn) >= 0 else None)
     top.legend(loc="best")
     if bottom is None:
         top.set_xlabel("step")

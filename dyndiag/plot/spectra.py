@@ -77,13 +77,18 @@ def spectrum(
         if not isinstance(spec, SpectralDensity):
             ax.plot(density.nodes, np.full_like(density.nodes, pdf.min()), "|", color="0.3", ms=8, alpha=0.5)
     if top is not None:
-        for i, val in enumerate(_as_array(top)):
-            ax.axvline(val, color="C3", ls="--", lw=0.9, alpha=0.8)
+        vals = _as_array(top)
+        lo, hi = ax.get_xlim()
+        span = max(hi, vals.max()) - min(lo, vals.min())  # the x range once the lines are drawn
+        for j, (first, last) in enumerate(_label_groups(vals, 0.03 * span)):
+            for val in vals[first : last + 1]:
+                ax.axvline(val, color="C3", ls="--", lw=0.9, alpha=0.8)
+            text = f"λ{first + 1}" if first == last else f"λ{first + 1}–λ{last + 1}"
             ax.annotate(
-                f"λ{i + 1}",
-                (val, 1.0),
+                text,
+                (vals[first : last + 1].max(), 1.0),
                 xycoords=("data", "axes fraction"),
-                xytext=(2, -2 - 9 * (i % 3)),
+                xytext=(2, -2 - 9 * (j % 3)),
                 textcoords="offset points",
                 fontsize=7,
                 color="C3",
@@ -93,6 +98,18 @@ def spectrum(
     if label is not None:
         ax.legend(frameon=False)
     return fig
+
+
+def _label_groups(vals: np.ndarray, gap: float) -> list[tuple[int, int]]:
+    """Index ranges of eigenvalues (in the given order) that lie within ``gap`` of
+    their neighbour: they share one label (``λ4–λ7``) instead of overprinting."""
+    groups: list[tuple[int, int]] = []
+    for i in range(len(vals)):
+        if groups and abs(vals[i] - vals[i - 1]) < gap:
+            groups[-1] = (groups[-1][0], i)
+        else:
+            groups.append((i, i))
+    return groups
 
 
 def _exact_density(eigs: np.ndarray) -> SpectralDensity:

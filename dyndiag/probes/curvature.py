@@ -71,7 +71,7 @@ class EdgeOfStability(Probe):
         }
         if isinstance(ctx.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             out["preconditioned_sharpness"] = preconditioned_sharpness(
-                H, ctx.optimizer, gradient=ctx.gradients, group=self.group
+                H, ctx.optimizer, gradient=ctx.gradients, group=self.group, tol=self.tol, seed=self.seed
             )
         return out
 
@@ -84,11 +84,11 @@ class SubspaceOverlap(Probe):
 
     needs = frozenset({"curvature", "gradients"})
 
-    def __init__(self, every=1, name=None, *, k: int = 10, seed: int = 0) -> None:
+    def __init__(self, every=1, name=None, *, k: int = 10, tol: float = 1e-4, seed: int = 0) -> None:
         super().__init__(every, name)
-        self.k, self.seed = k, seed
+        self.k, self.tol, self.seed = k, tol, seed
 
     def compute(self, ctx: StepContext) -> Mapping:
         from ..quantities.sharpness import subspace_overlap
 
-        return {"overlap": subspace_overlap(ctx.hessian, ctx.gradients, self.k, seed=self.seed)}
+        return {"overlap": subspace_overlap(ctx.hessian, ctx.gradients, self.k, tol=self.tol, seed=self.seed)}

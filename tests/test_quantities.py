@@ -244,7 +244,9 @@ def test_layer_rotation_reference_forms_agree_and_match_by_hand():
     for res in results:
         assert list(res) == list(by_hand)
         assert all(abs(res[n] - by_hand[n]) < 1e-14 for n in by_hand)
+    before = [p.detach().clone() for p in model.parameters()]
     assert q.layer_rotation(model, model) == {n: 0.0 for n in by_hand}
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the reference is only read
 
 
 @pytest.mark.parametrize("dtype,angle,tol", [(F64, 0.7, 1e-12), (F64, 1e-6, 1e-8), (torch.float32, 1e-3, 1e-2)])

@@ -44,4 +44,4 @@ class LayerRotation(Probe):
             else:
                 refs = list(ref)
             self._meter = RotationMeter(named, refs)
-        return {"rotation": self._meter(ctx.model)}
+        return {"rotation": self._meter()}

@@ -76,39 +76,46 @@ def layer_rotation(
         refs.append(r)
     if not named:
         return {}
-    return RotationMeter(named, refs)(model)
+    return RotationMeter(named, refs)()
 
 
 class RotationMeter:
-    """Layer rotation against a fixed reference, with the reference flattened once.
+    """Layer rotation against a fixed reference, with the reference normalised once.
 
     ``layer_rotation`` builds one per call; the LayerRotation probe keeps one for
     the whole run, since the Monitor may measure every step of a sub-millisecond
-    training step. Parameters are matched by name (``named``) at construction.
+    training step. The parameters (``named``) are held, matched to the reference
+    at construction; calling the meter reads their current values.
     """
 
     def __init__(self, named: list[tuple[str, torch.Tensor]], refs: Sequence[torch.Tensor]) -> None:
         self.names = [n for n, _ in named]
-        device = named[0][1].device
-        self.seg = torch.repeat_interleave(
-            torch.arange(len(named), device=device), torch.tensor([p.numel() for _, p in named], device=device)
-        )
-        w0 = torch.cat([r.detach().reshape(-1).to(device=device, dtype=torch.float64) for r in refs])
-        n0 = self._per_tensor(w0 * w0).sqrt()
-        self.n0_zero = n0 == 0
-        self.u0 = w0 / torch.where(n0 > 0, n0, 1.0)[self.seg]
+        self.params = [p for _, p in named]
+        self.u0: list[torch.Tensor] = []
+        self.zero0: list[bool] = []
+        for (_, p), r in zip(named, refs):
+            w0 = r.detach().reshape(-1).to(device=p.device, dtype=torch.float64, copy=True)
+            n0 = torch.linalg.vector_norm(w0)
+            self.zero0.append(bool(n0 == 0))
+            # The same ops as for the current weights below: an unmoved tensor gives exactly 0.
+            self.u0.append(w0.div_(n0) if n0 > 0 else w0)
 
-    def _per_tensor(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(self.names), dtype=torch.float64, device=values.device).index_add_(0, self.seg, values)
-
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        # One pass over all tensors at once (segment sums), not a dozen small ops per tensor.
-        params = dict(model.named_parameters())
-        w = torch.cat([params[n].detach().reshape(-1) for n in self.names]).to(torch.float64)
-        nw = self._per_tensor(w * w).sqrt()
-        u = w / torch.where(nw > 0, nw, 1.0)[self.seg]
-        # An unmoved non-zero tensor gives exactly 0 here (same values, same ops as u0).
-        dist = self._per_tensor((u - self.u0).square_()) * 0.5
-        # A zero tensor has cosine similarity 0 with any other: 1, or 0 if both are zero.
-        both_zero = (nw == 0) & self.n0_zero
-        return dict(zip(self.names, torch.where((nw == 0) | self.n0_zero, (~both_zero).double(), dist).tolist()))
+    def __call__(self) -> dict[str, float]:
+        # Per tensor, in place, one transfer at the end: five small kernels per tensor
+        # beat segment sums over one concatenated float64 copy (measured 67 vs 194 us
+        # on the 4-tensor digits MLP), and never hold a float64 copy of the model.
+        parts = []
+        for p, u0 in zip(self.params, self.u0):
+            w = p.detach().reshape(-1).to(torch.float64, copy=True)
+            nw = torch.linalg.vector_norm(w)
+            d = w.div_(nw).sub_(u0)
+            parts += [nw, torch.dot(d, d)]
+        values = torch.stack(parts).tolist() if parts else []
+        out = {}
+        for i, (name, zero0) in enumerate(zip(self.names, self.zero0)):
+            nw, sq = values[2 * i], values[2 * i + 1]
+            if nw == 0 or zero0:  # a zero tensor has cosine similarity 0 with any other: 1, or 0 if both are zero
+                out[name] = 0.0 if (nw == 0 and zero0) else 1.0
+            else:
+                out[name] = 0.5 * sq
+        return out

@@ -21,6 +21,7 @@ value is recorded as it is, with one warning per probe and metric.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -280,7 +281,7 @@ class Monitor:
                         )
                         continue
                     for row in s:
-                        if row[3] != row[3] or row[3] in (float("inf"), float("-inf")):
+                        if not math.isfinite(row[3]):
                             self._warn_once(
                                 ("nonfinite", probe.name, row[1]),
                                 f"probe {probe.name!r} recorded a non-finite {row[1]} ({row[3]}) at step {ctx.step}",
@@ -293,8 +294,11 @@ class Monitor:
         return scalars, arrays
 
     def _disable(self, probes: list[Probe], failed: list[Probe]) -> None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not failed and not distributed:  # the every-step case: nothing to do
+            return
         flags = [p in failed for p in probes]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and probes:
+        if distributed and probes:
             # Disable on every rank together: a rank that skipped a probe would skip its collectives.
             t = torch.tensor(flags, dtype=torch.float32)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -442,3 +442,23 @@ def _op() -> MatrixOperator:
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_lanczos_basis_grows_with_use_not_to_max_basis_up_front(monkeypatch):
+    dim = 3000
+    lam = torch.cat([torch.tensor([100.0, 50.0]), torch.linspace(0.0, 1.0, dim - 2, dtype=torch.float64)])
+    op = MatrixOperator(torch.diag(lam))
+    widths = []
+    real_empty = torch.empty
+
+    def spy(*size, **kw):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+        if len(shape) == 2 and shape[0] == dim:
+            widths.append(shape[1])
+        return real_empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", spy)
+    res = eigenvalues(op, k=1, tol=1e-8, max_basis=dim)
+    monkeypatch.undo()
+    assert res.converged and abs(res.values[0].item() - 100.0) < 1e-6
+    assert max(widths) < 60 and max(widths) >= res.num_matvecs  # what was used, not dim columns

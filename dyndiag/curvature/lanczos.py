@@ -79,9 +79,11 @@ def eigenvalues(
         finds only one copy of a repeated eigenvalue (a Krylov space of one vector
         sees each eigenspace as one direction).
     max_basis
-        Most settled basis columns kept before a thick restart; memory is
-        ``(max_basis + block_size) * dim`` numbers of ``op.dtype`` on
-        ``basis_device``. Default ``min(dim, max(40, 2 * k + 2 * block_size))``;
+        Most settled basis columns kept before a thick restart; memory is at
+        most ``(max_basis + block_size) * dim`` numbers of ``op.dtype`` on
+        ``basis_device``, allocated as the basis grows (doubling from
+        ``2 * (k + block_size) + 8`` columns), so a run that converges early holds
+        only what it used. Default ``min(dim, max(40, 2 * k + 2 * block_size))``;
         must be at least ``k + block_size`` unless it is ``dim``.
     basis_device
         Where the basis lives (e.g. ``"cpu"`` to spare GPU memory); products still
@@ -126,7 +128,10 @@ def eigenvalues(
     # during a step new directions are appended behind the pending block. The
     # small matrices (T, C, Ritz) are float64 numpy: LAPACK through numpy is
     # reliably fast at these sizes (MKL's eigh through torch stalls for some).
-    V = torch.empty(dim, max_basis + b, dtype=dtype, device=basis_device)
+    # The buffer grows by doubling up to max_basis + b columns: a run that converges
+    # in a dozen products never allocates the full basis (on a GPU that is real memory).
+    capacity = max_basis + b
+    V = torch.empty(dim, min(capacity, 2 * (k + b) + 8), dtype=dtype, device=basis_device)
     V[:, :b] = torch.linalg.qr(gaussian(gen, dim, b, dtype, basis_device)).Q
     m, p = 0, b
     T = np.zeros((0, 0))
@@ -144,6 +149,8 @@ def eigenvalues(
             T, C = np.diag(theta[keep]), C @ Y[:, keep]
 
         # -- one block step: multiply q pending columns X, keep the rest R pending
+        if V.shape[1] < m + q + p:  # room for the next pending block behind the current one
+            V = _grow(V, m + q + p, capacity, used=m + p)
         W = multiply(op, V[:, m : m + q].to(device)).to(basis_device)
         spent += q
         # ||H X|| <= ||H||: a lower estimate of the operator's scale before any Ritz value.
@@ -199,6 +206,13 @@ def eigenvalues(
         converged=converged,
         error_bounds=torch.from_numpy(bounds[idx].copy()),
     )
+
+
+def _grow(V: torch.Tensor, need: int, capacity: int, used: int) -> torch.Tensor:
+    """A copy of ``V`` with at least ``need`` columns (doubling, at most ``capacity``)."""
+    wider = torch.empty(V.shape[0], min(capacity, max(need, 2 * V.shape[1])), dtype=V.dtype, device=V.device)
+    wider[:, :used] = V[:, :used]
+    return wider
 
 
 def _order(theta: np.ndarray, which: str) -> np.ndarray:

@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--model", choices=["tanh", "relu", "wide"], default="tanh",
+                    help="tanh: the demo's 64-48-10 MLP; relu: the same with ReLU; "
+                         "wide: 64-512-10 ReLU (the first layer dominates)")
     args = ap.parse_args()
     import loss_landscapes
     import loss_landscapes.metrics
@@ -38,6 +41,10 @@ def main() -> None:
     x, y, _, _ = load_digits()
     x, y = x[: args.samples], y[: args.samples]
     model = digits_mlp()
+    if args.model != "tanh":
+        torch.manual_seed(0)
+        hidden = 512 if args.model == "wide" else 48
+        model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     for _ in range(200):
@@ -66,8 +73,8 @@ def main() -> None:
             values = fn()
             times.append(time.perf_counter() - t0)
         rows.append((name, statistics.median(times), values.shape, unchanged))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, digits MLP "
-          f"({sum(p.numel() for p in model.parameters())} parameters), {args.samples} samples, "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, digits MLP ({args.model}, "
+          f"{sum(p.numel() for p in model.parameters())} parameters), {args.samples} samples, "
           f"{args.steps}x{args.steps} grid, median of {args.repeats}")
     print(f"{'method':30s} {'seconds':>8s} {'grid':>9s}  model unchanged")
     for name, t, shape, unchanged in rows:

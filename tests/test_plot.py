@@ -101,3 +101,33 @@ def test_edge_of_stability_goes_log_when_adam_values_span_orders_of_magnitude():
     ax = dd.plot.edge_of_stability(sgd).axes[0]
     assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
     assert dd.plot.edge_of_stability(sgd, logy=True).axes[0].get_yscale() == "log"
+
+
+def _coherence_frame():
+    import pandas as pd
+
+    rows = []
+    for s in range(0, 50, 10):
+        rows += [(s, "real labels", "coherence", "", 40.0 - s / 2, 0.0), (s, "real labels", "gsnr", "", 0.5, 0.0),
+                 (s, "random labels", "coherence", "", 2.0 + s / 100, 0.0), (s, "random labels", "gsnr", "", 0.1, 0.0)]
+    return pd.DataFrame(rows, columns=["step", "probe", "metric", "key", "value", "wall_time"])
+
+
+def test_coherence_draws_each_run_against_the_orthogonal_and_identical_lines():
+    rc = dict(matplotlib.rcParams)
+    fig = dd.plot.coherence(_coherence_frame(), m=128)
+    top, bottom = fig.axes
+    labels = [l.get_label() for l in top.lines]
+    assert labels[:2] == ["real labels", "random labels"]
+    refs = {l.get_label(): l.get_ydata()[0] for l in top.lines if l.get_label().startswith(("1:", "128:"))}
+    assert refs == {"1: orthogonal gradients": 1.0, "128: identical gradients": 128.0}
+    assert top.get_yscale() == "log"  # 1 .. 128 spans more than 100x
+    assert len(bottom.lines) == 2 and bottom.get_ylabel() == "GSNR (mean)"
+    assert dict(matplotlib.rcParams) == rc
+    one = dd.plot.coherence(_coherence_frame(), probes="random labels")
+    assert len(one.axes) == 2 and one.axes[0].lines[0].get_label() == "m-coherence"
+    assert one.axes[0].get_yscale() == "linear"
+    with pytest.raises(ValueError, match="coherence"):
+        dd.plot.coherence(_coherence_frame(), probes="nope")
+    with pytest.raises(ValueError, match="m must"):
+        dd.plot.coherence(_coherence_frame(), m=0)

@@ -13,6 +13,7 @@ _EXPORTS = {
     "edge_of_stability": ".dynamics",
     "metrics": ".dynamics",
     "layer_rotation": ".dynamics",
+    "coherence": ".dynamics",
     "run_figures": ".runs",
 }
 __all__ = sorted(_EXPORTS)

@@ -282,3 +282,87 @@ def layer_rotation(
     ax.set_xlabel("step")
     ax.set_ylim(bottom=0)
     return fig
+
+
+def coherence(
+    df,
+    ax: Axes | None = None,
+    *,
+    probes: str | Sequence[str] | None = None,
+    m: int | None = None,
+    logy: bool | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Gradient coherence over steps, against its reference values, and the GSNR.
+
+    Parameters
+    ----------
+    df:
+        Records from :func:`dyndiag.load_records` with the ``coherence`` metric (and
+        optionally ``gsnr``) of :class:`~dyndiag.probes.GradientCoherence` probes.
+    ax:
+        Draw only the coherence panel on this Axes. Without it, a new Figure with a
+        second panel for the GSNR when recorded.
+    probes:
+        The probe names to draw (e.g. two runs named ``"real labels"`` and
+        ``"random labels"``); default every probe that recorded ``coherence``, one
+        line each, labelled by name when there are several.
+    m:
+        The number of examples the coherence was measured on: draws the ``m`` line
+        (identical gradients) next to the line at 1 (orthogonal gradients).
+
+    Notes
+    -----
+    m-coherence ``||sum g_i||^2 / sum ||g_i||^2`` is 1 for orthogonal per-example
+    gradients, ``m`` for identical ones and below 1 when they cancel (Chatterjee,
+    "Coherent Gradients"). The y axis is logarithmic when the values span more
+    than a factor of 100 (``logy=None``).
+    """
+    _check_frame(df)
+    rows = df.loc[df["metric"] == "coherence"]
+    names = list(dict.fromkeys(rows["probe"].astype(str))) if probes is None else (
+        [probes] if isinstance(probes, str) else list(probes))
+    rows = rows.loc[rows["probe"].isin(names)]
+    if rows.empty:
+        raise ValueError(
+            f"df has no 'coherence' records from probes {names}; record them with dd.probes.GradientCoherence "
+            f"(probes present: {sorted(df['probe'].astype(str).unique())})"
+        )
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"m must be a positive int (the number of examples), got {m!r}")
+    gsnr = df.loc[(df["metric"] == "gsnr") & df["probe"].isin(names)]
+    w = _width()
+    if ax is not None:
+        fig, top = figure_and_axes(ax, (0, 0))
+        bottom = None
+    elif not gsnr.empty:
+        fig = Figure(figsize=figsize or (w, 0.9 * w), layout="constrained")
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    else:
+        fig, top = figure_and_axes(None, figsize or (w, 0.6 * w))
+        bottom = None
+    several = len(names) > 1
+    for i, name in enumerate(names):
+        steps, values = _series(df, "coherence", name)
+        if values.size:
+            top.plot(steps, values, "o-", ms=2.5, color=f"C{i}", label=name if several else "m-coherence")
+            if bottom is not None:
+                g_steps, g = _series(df, "gsnr", name)
+                bottom.plot(g_steps, g, "o-", ms=2.5, color=f"C{i}")
+    top.axhline(1.0, color="0.5", ls=":", lw=1, label="1: orthogonal gradients")
+    if m is not None:
+        top.axhline(float(m), color="0.3", ls="--", lw=1, label=f"{m}: identical gradients")
+    drawn = np.concatenate([rows["value"].to_numpy(float), [1.0] + ([float(m)] if m else [])])
+    if logy or (logy is None and _auto_log(drawn)):
+        top.set_yscale("log")
+    top.set_ylabel("m-coherence")
+    top.legend(loc="best", fontsize="small")
+    if bottom is None:
+        top.set_xlabel("step")
+    else:
+        if _auto_log(gsnr["value"].to_numpy(float)):
+            bottom.set_yscale("log")
+        bottom.set_ylabel("GSNR (mean)")
+        bottom.set_xlabel("step")
+        fig.align_ylabels([top, bottom])
+    return fig

@@ -11,7 +11,7 @@ __all__ = ["run_figures"]
 
 #: Scalar metrics drawn over steps (one panel each), grouped into figures, when present.
 TIMELINES = {
-    "gradients": ("grad_norm", "coherence", "overlap"),
+    "gradients": ("grad_norm", "overlap"),
     "dynamics": ("directional_sharpness", "ratio", "collapsed_fraction"),
 }
 
@@ -31,8 +31,8 @@ def run_figures(log_dir: str | os.PathLike) -> dict[str, Figure]:
         Any of ``edge_of_stability`` (sharpness against its threshold, and the
         loss), ``spectrum`` (the last recorded Hessian spectrum: its SLQ density
         when recorded, with the top eigenvalues marked, else the top eigenvalues),
-        ``layer_rotation``, ``gradients`` (gradient norm, coherence, subspace
-        overlap), ``dynamics`` (directional sharpness, safe-step ratio, collapsed
+        ``layer_rotation``, ``coherence`` (with the GSNR), ``gradients``
+        (gradient norm, subspace overlap), ``dynamics`` (directional sharpness, safe-step ratio, collapsed
         fraction) — each with the metrics recorded — and
         ``scores`` (the last EL2N scores). Empty when the run has no records.
     """
@@ -40,7 +40,7 @@ def run_figures(log_dir: str | os.PathLike) -> dict[str, Figure]:
     from ..curvature.results import EigenResult
     from ..records import load_arrays, load_records
     from .distributions import scores
-    from .dynamics import edge_of_stability, layer_rotation, metrics
+    from .dynamics import coherence, edge_of_stability, layer_rotation, metrics
     from .spectra import spectrum
 
     df = load_records(log_dir)
@@ -72,6 +72,8 @@ def run_figures(log_dir: str | os.PathLike) -> dict[str, Figure]:
         figures["spectrum"] = fig
     if "rotation" in present:
         figures["layer_rotation"] = layer_rotation(df)
+    if "coherence" in present:
+        figures["coherence"] = coherence(df)
     for name, group in TIMELINES.items():
         timeline = [m for m in group if m in present]
         if timeline:

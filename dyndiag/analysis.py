@@ -215,6 +215,7 @@ def analyze(
                         p.setup(session)
                     first = False
                 ctx = _OfflineContext(session, step)
+                ctx.due = probes
                 pre = [p for p in probes if p.phase == "pre"]
                 post = [p for p in probes if p.phase == "post"]
                 scalars, arrays = _run(pre, ctx)

@@ -180,6 +180,7 @@ class Monitor:
                 "run after backward)",
             )
         ctx = StepContext(self, step)
+        ctx.due = due
         pre = [p for p in due if p.phase == "pre" and not (closure_step and "gradients" in p.needs)]
         post = [p for p in due if p.phase == "post"]
         if post:

@@ -273,3 +273,40 @@ def test_commit_every_records_the_same_steps_and_records_flushes(tmp_path):
     assert frames[0].equals(frames[1])
     with pytest.raises(ValueError, match="commit_every"):
         dd.Monitor(model, opt, [], commit_every=0)
+
+
+def test_probes_due_together_share_one_lanczos_run(monkeypatch):
+    import dyndiag.curvature.lanczos as lanczos
+
+    calls = []
+    real = lanczos.eigenvalues
+
+    def counting(op, k=1, *args, **kwargs):
+        calls.append((k, kwargs.get("return_vectors", False)))
+        return real(op, k, *args, **kwargs)
+
+    monkeypatch.setattr(lanczos, "eigenvalues", counting)
+    model = _mlp("plain")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = classification_data(n=32, dtype=torch.float64)
+    model.double()
+    P = dd.probes
+    probes = [P.EdgeOfStability(every=2), P.HessianSpectrum(every=2, k=3, trace_matvecs=0),
+              P.SubspaceOverlap(every=4, k=4)]
+    with dd.Monitor(model, opt, probes, loss_fn=CE, probe_data=(x, y)) as mon:
+        for step in range(5):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            if step == 4:  # the parameters the step-4 probes see (before the update)
+                at = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+    # steps 0 and 4: all three due -> one k=4 run with vectors; step 2: one k=3 run
+    assert calls == [(4, True), (3, False), (4, True)]
+    df = mon.records()
+    for step in (0, 2, 4):
+        rows = df[df.step == step].set_index(["metric", "key"]).value
+        assert rows[("sharpness", "")] == rows[("eigenvalue", "0")]  # the same run
+    H = dd.HessianOperator(model, CE, (x, y), at=at)
+    exact = torch.linalg.eigvalsh(H.to_dense()).flip(0)
+    last = df[df.step == 4].set_index(["metric", "key"]).value
+    assert [last[("eigenvalue", str(i))] for i in range(3)] == pytest.approx(exact[:3].tolist(), rel=1e-4)

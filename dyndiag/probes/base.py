@@ -87,6 +87,13 @@ class Probe:
     def setup(self, monitor: Monitor) -> None:
         """Called once when the monitor attaches (e.g. to snapshot initial weights)."""
 
+    def eigen_need(self) -> tuple[int, float, int, bool] | None:
+        """``(k, tol, seed, vectors)`` if ``compute`` will call
+        :meth:`StepContext.top_eigen` on the probe Hessian, else ``None``. Probes due
+        at the same step with the same ``tol`` and ``seed`` then share one Lanczos
+        run for the largest ``k`` (with vectors if any of them wants vectors)."""
+        return None
+
     def compute(self, ctx: StepContext) -> Mapping[str, Any]:  # pragma: no cover - abstract
         """Measure at this step; return ``{metric: value}`` (see the module docstring)."""
         raise NotImplementedError
@@ -117,6 +124,9 @@ class StepContext:
         self.names = monitor.names
         self.theta_before: list[torch.Tensor] | None = None
         self.theta_after: list[torch.Tensor] | None = None
+        #: The probes due at this step (set by the monitor): their eigen needs are pooled.
+        self.due: list[Probe] = []
+        self._eigen: dict = {}
 
     # -- needs ------------------------------------------------------------
     @cached_property
@@ -163,6 +173,34 @@ class StepContext:
         """Flat ``(dim,)`` update the optimizer applied: theta_after - theta_before."""
         before = self._need_before()
         return torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(self.params, before)])
+
+    def top_eigen(self, k: int, tol: float, seed: int = 0, vectors: bool = False):
+        """The top-``k`` eigenvalues (and unit eigenvectors with ``vectors``) of
+        :attr:`hessian`, as an :class:`~dyndiag.EigenResult`.
+
+        One Lanczos run per ``(tol, seed)`` and step serves every due probe: it is
+        made for the largest ``k`` that any of them declares in
+        :meth:`Probe.eigen_need` (their values agree to ``tol``), and results are
+        its leading ``k`` entries; ``num_matvecs`` is that run's.
+        """
+        from ..curvature.lanczos import eigenvalues
+        from ..curvature.results import EigenResult
+
+        key = (float(tol), int(seed))
+        res = self._eigen.get(key)
+        if res is None or res.values.numel() < k or (vectors and res.vectors is None):
+            needs = [n for n in (p.eigen_need() for p in self.due) if n is not None and (float(n[1]), int(n[2])) == key]
+            want_k = min(max([k] + [n[0] for n in needs]), self.hessian.dim - 1)
+            want_v = vectors or any(n[3] for n in needs)
+            res = eigenvalues(self.hessian, k=max(want_k, k), which="LA", tol=tol, seed=seed, return_vectors=want_v)
+            self._eigen[key] = res
+        return EigenResult(
+            values=res.values[:k],
+            vectors=None if res.vectors is None else res.vectors[:, :k],
+            num_matvecs=res.num_matvecs,
+            converged=res.converged,
+            error_bounds=res.error_bounds[:k],
+        )
 
     @cached_property
     def probe_loss(self) -> float:

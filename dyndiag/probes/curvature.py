@@ -31,10 +31,9 @@ class HessianSpectrum(Probe):
     def compute(self, ctx: StepContext) -> Mapping:
         from ..curvature.density import spectral_density
         from ..curvature.hutchinson import trace
-        from ..curvature.lanczos import eigenvalues
 
         H = ctx.hessian
-        top = eigenvalues(H, k=self.k, tol=self.tol, seed=self.seed)
+        top = ctx.top_eigen(self.k, self.tol, self.seed)
         out: dict = {"eigenvalue": {str(i): v for i, v in enumerate(top.values.tolist())}}
         if self.trace_matvecs:
             out["trace"] = trace(H, num_matvecs=self.trace_matvecs, seed=self.seed).value
@@ -42,6 +41,9 @@ class HessianSpectrum(Probe):
             d = spectral_density(H, self.num_probes, self.lanczos_steps, seed=self.seed, progress=False)
             out["density_nodes"], out["density_weights"] = d.nodes, d.weights
         return out
+
+    def eigen_need(self):
+        return (self.k, self.tol, self.seed, False)
 
 
 class EdgeOfStability(Probe):
@@ -60,12 +62,11 @@ class EdgeOfStability(Probe):
         self.tol, self.group, self.seed = tol, group, seed
 
     def compute(self, ctx: StepContext) -> Mapping:
-        from ..curvature.lanczos import eigenvalues
         from ..quantities.sharpness import preconditioned_sharpness, stability_threshold
 
         H = ctx.hessian
         out = {
-            "sharpness": float(eigenvalues(H, k=1, tol=self.tol, seed=self.seed).values[0]),
+            "sharpness": float(ctx.top_eigen(1, self.tol, self.seed).values[0]),
             "threshold": stability_threshold(ctx.optimizer, group=self.group),
             "loss": ctx.probe_loss,
         }
@@ -74,6 +75,9 @@ class EdgeOfStability(Probe):
                 H, ctx.optimizer, gradient=ctx.gradients, group=self.group, tol=self.tol, seed=self.seed
             )
         return out
+
+    def eigen_need(self):
+        return (1, self.tol, self.seed, False)
 
 
 class SubspaceOverlap(Probe):
@@ -91,4 +95,8 @@ class SubspaceOverlap(Probe):
     def compute(self, ctx: StepContext) -> Mapping:
         from ..quantities.sharpness import subspace_overlap
 
-        return {"overlap": subspace_overlap(ctx.hessian, ctx.gradients, self.k, tol=self.tol, seed=self.seed)}
+        eigen = ctx.top_eigen(self.k, self.tol, self.seed, vectors=True)
+        return {"overlap": subspace_overlap(ctx.hessian, ctx.gradients, self.k, eigen=eigen)}
+
+    def eigen_need(self):
+        return (self.k, self.tol, self.seed, True)

@@ -18,6 +18,7 @@ from ..curvature._random import check_int, check_operator, multiply
 from ..curvature.base import CurvatureOperator
 from ..curvature.lanczos import eigenvalues
 from ..curvature.preconditioned import PreconditionedOperator
+from ..curvature.results import EigenResult
 from ._common import to_float
 
 __all__ = ["directional_sharpness", "preconditioned_sharpness", "stability_threshold", "subspace_overlap"]
@@ -332,7 +333,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer, *, group: int | None =
 
 
 def subspace_overlap(
-    op: object, vector: torch.Tensor, k: int, *, tol: float = 1e-6, seed: int = 0
+    op: object, vector: torch.Tensor, k: int, *, tol: float = 1e-6, seed: int = 0, eigen: EigenResult | None = None
 ) -> float:
     """Fraction of a vector in the top-``k`` eigenspace: ``||P_k v||^2 / ||v||^2``.
 
@@ -354,6 +355,10 @@ def subspace_overlap(
         depends on which copy Lanczos returns.
     tol, seed
         Passed to :func:`dyndiag.eigenvalues`.
+    eigen
+        An :class:`~dyndiag.EigenResult` of ``op`` with at least ``k`` eigenvectors
+        (``return_vectors=True``) to use instead of running Lanczos here (``tol``
+        and ``seed`` are then unused).
 
     Returns
     -------
@@ -365,7 +370,10 @@ def subspace_overlap(
     if not 1 <= k < dim:
         raise ValueError(f"k must satisfy 1 <= k < op.dim = {dim}, got {k}")
     u = _unit(_check_vector(vector, "vector", dim, dtype, device), "vector")
-    res = eigenvalues(op, k=k, which="LA", tol=tol, seed=seed, return_vectors=True)
-    Q = torch.linalg.qr(res.vectors.to(device)).Q
+    if eigen is None:
+        eigen = eigenvalues(op, k=k, which="LA", tol=tol, seed=seed, return_vectors=True)
+    elif eigen.vectors is None or eigen.vectors.dim() != 2 or eigen.vectors.shape[0] != dim or eigen.vectors.shape[1] < k:
+        raise ValueError(f"eigen must hold at least k = {k} eigenvectors of the operator (return_vectors=True)")
+    Q = torch.linalg.qr(eigen.vectors[:, :k].to(device)).Q
     proj = Q.T @ u
     return float(min(max(float(proj @ proj), 0.0), 1.0))

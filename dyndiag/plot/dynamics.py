@@ -61,6 +61,21 @@ def _key_order(keys) -> list[str]:
 SPARSE_POINTS = 20
 
 
+def _panels(ax: Axes | None, second: bool, figsize) -> tuple[Figure, Axes, Axes | None]:
+    """(figure, main axes, lower axes or None): the given ``ax`` alone; else a new
+    figure with a second, shorter panel sharing the step axis when ``second``."""
+    if ax is not None:
+        fig, top = figure_and_axes(ax, (0, 0))
+        return fig, top, None
+    w = _width()
+    if second:
+        fig = Figure(figsize=figsize or (w, 0.9 * w), layout="constrained")
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+        return fig, top, bottom
+    fig, top = figure_and_axes(None, figsize or (w, 0.6 * w))
+    return fig, top, None
+
+
 def _auto_log(values: np.ndarray) -> bool:
     v = values[np.isfinite(values)]
     return v.size > 1 and bool(np.all(v > 0)) and v.max() / v.min() > 100
@@ -150,16 +165,7 @@ def edge_of_stability(
     p_steps, psharp = _series(df, "preconditioned_sharpness", probe)
     l_steps, loss = _series(df, "loss", probe)
 
-    if ax is not None:
-        fig, top = figure_and_axes(ax, (0, 0))
-        bottom = None
-    elif loss.size:
-        w = _width()
-        fig = Figure(figsize=figsize or (w, 0.9 * w), layout="constrained")
-        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    else:
-        fig, top = figure_and_axes(None, figsize or (_width(), 0.6 * _width()))
-        bottom = None
+    fig, top, bottom = _panels(ax, bool(loss.size), figsize)
 
     top.plot(steps, sharp, "o-", color="C0", ms=2.5, label="$\\lambda_{\\max}$ of the loss Hessian")
     if psharp.size:
@@ -331,16 +337,7 @@ def coherence(
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise ValueError(f"m must be a positive int (the number of examples), got {m!r}")
     gsnr = df.loc[(df["metric"] == "gsnr") & df["probe"].isin(names)]
-    w = _width()
-    if ax is not None:
-        fig, top = figure_and_axes(ax, (0, 0))
-        bottom = None
-    elif not gsnr.empty:
-        fig = Figure(figsize=figsize or (w, 0.9 * w), layout="constrained")
-        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    else:
-        fig, top = figure_and_axes(None, figsize or (w, 0.6 * w))
-        bottom = None
+    fig, top, bottom = _panels(ax, not gsnr.empty, figsize)
     several = len(names) > 1
     for i, name in enumerate(names):
         steps, values = _series(df, "coherence", name)

@@ -7,7 +7,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ._axes import figure_and_axes
+from ._axes import figure_and_axes, style_width
 
 __all__ = ["scores"]
 
@@ -63,7 +63,8 @@ def scores(
     if not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive int, got {bins!r}")
     names = names or {}
-    fig, ax = figure_and_axes(ax, (4.0, 2.8))
+    w = style_width()
+    fig, ax = figure_and_axes(ax, (w, 0.7 * w))
     edges = np.histogram_bin_edges(v, bins=bins)
     keys = list(np.unique(groups))
     # Largest group first, so the small interesting one is drawn on top.

@@ -15,7 +15,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from ._axes import figure_and_axes
+from ._axes import figure_and_axes, style_width
 
 __all__ = ["edge_of_stability", "metrics", "layer_rotation"]
 
@@ -33,9 +33,7 @@ def _check_frame(df) -> None:
         )
 
 
-def _width() -> float:
-    """The current style's figure width (dd.plot.style sets it), never below 3.25 in."""
-    return max(float(mpl.rcParams["figure.figsize"][0]), 3.25)
+_width = style_width
 
 
 def _series(df, metric: str, probe: str | None = None, key: str | None = ""):

@@ -8,7 +8,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..landscape.grid import Surface
-from ._axes import figure_and_axes
+from ._axes import figure_and_axes, style_width
 
 __all__ = ["landscape"]
 
@@ -77,7 +77,8 @@ def landscape(
 
     if kind == "surface":
         return _surface3d(surf, values, ax, log, cmap, labels)
-    fig, ax = figure_and_axes(ax, (4.0, 3.4) if kind != "line" else (4.0, 2.8))
+    w = style_width()
+    fig, ax = figure_and_axes(ax, (w, 0.85 * w) if kind != "line" else (w, 0.7 * w))
     if kind == "line":
         # Without a colour the Axes' cycle picks one: several lines on one ax differ.
         ax.plot(surf.coords[0], values, color=color, lw=1.5, label=label)

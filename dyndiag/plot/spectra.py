@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from ..curvature.density import SpectralDensity
 from ..curvature.results import EigenResult
-from ._axes import figure_and_axes
+from ._axes import figure_and_axes, style_width
 
 __all__ = ["spectrum"]
 
@@ -52,7 +52,8 @@ def spectrum(
     logy:
         Density on a log axis (the bulk and the outliers differ by orders of magnitude).
     """
-    fig, ax = figure_and_axes(ax, (4.8, 3.2))
+    w = style_width()  # the style's column width, so the figure drops into a paper unscaled
+    fig, ax = figure_and_axes(ax, (w, 0.68 * w))
     if isinstance(spec, EigenResult):
         vals = _as_array(spec)
         ax.vlines(vals, 0, 1, color=color or "C0", lw=1.5, label=label)

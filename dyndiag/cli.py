@@ -56,7 +56,8 @@ def demo(out: str, steps: int, seed: int) -> None:
     the top-5 eigenvalues (Lanczos), the trace (Hutch++) and the spectral
     density's trace estimate (SLQ) with Hessian-vector-product counts and times,
     and writes curvature.json and figures (spectrum, 2-D landscape,
-    edge_of_stability, layer_rotation, gradients, scores; PNG and PDF) to OUT.
+    edge_of_stability, layer_rotation, coherence, gradients, dynamics, scores;
+    PNG and PDF) to OUT.
     """
     from .demo import run_demo
 

@@ -20,7 +20,8 @@ def test_demo_writes_summary_and_figures(tmp_path):
     top = summary["top_eigenvalues"]
     assert len(top) == 5 and top == sorted(top, reverse=True) and top[0] > 0
     assert summary["trace_hvps"] == 99 and summary["trace"] > top[0]
-    for stem in ("spectrum", "landscape", "edge_of_stability", "layer_rotation", "gradients", "scores"):
+    for stem in ("spectrum", "landscape", "edge_of_stability", "layer_rotation", "coherence", "gradients",
+                 "dynamics", "scores"):
         for ext in ("png", "pdf"):
             assert (tmp_path / f"{stem}.{ext}").stat().st_size > 1000
     assert "top-5 eigenvalues" in result.output and "HVPs" in result.output

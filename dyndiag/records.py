@@ -232,8 +232,10 @@ class RecordWriter:
         if self.enabled:
             if self._pending is None:
                 self._pending = (step, rows, blobs)
-            else:
-                self._pending = (step, self._pending[1] + rows, self._pending[2] + blobs)
+            else:  # extended in place: concatenating would copy the whole buffer every step
+                self._pending[1].extend(rows)
+                self._pending[2].extend(blobs)
+                self._pending = (step, self._pending[1], self._pending[2])
             self._pending_steps += 1
             if self._pending_steps >= self.commit_every:
                 self.flush()

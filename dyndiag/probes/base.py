@@ -132,10 +132,17 @@ class StepContext:
     @cached_property
     def gradients(self) -> torch.Tensor:
         """Flat ``(dim,)`` copy of the current ``.grad`` (zeros where a grad is None)."""
-        # torch.cat allocates a new tensor: it is already a copy.
-        return torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in self.params]
-        )
+        # torch.cat allocates a new tensor: it is already a copy. Gradients rarely carry a
+        # graph (only after backward(create_graph=True)); detach just those.
+        parts = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                g = torch.zeros_like(p)
+            elif g.requires_grad:
+                g = g.detach()
+            parts.append(g.reshape(-1))
+        return torch.cat(parts)
 
     @property
     def logits(self) -> torch.Tensor:

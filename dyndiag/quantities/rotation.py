@@ -106,11 +106,19 @@ class RotationMeter:
         # on the 4-tensor digits MLP), and never hold a float64 copy of the model.
         parts = []
         for p, u0 in zip(self.params, self.u0):
-            w = p.detach().reshape(-1).to(torch.float64, copy=True)
+            w = p.detach().reshape(-1)
+            # A float64 copy to work on in place (.double() alone would alias a float64
+            # parameter; .to(copy=True) measured 20 us slower per call on the digits MLP).
+            w = w.double() if w.dtype != torch.float64 else w.clone()
             nw = torch.linalg.vector_norm(w)
             d = w.div_(nw).sub_(u0)
             parts += [nw, torch.dot(d, d)]
-        values = torch.stack(parts).tolist() if parts else []
+        if not parts:
+            values = []
+        elif parts[0].device.type == "cpu":  # no transfer to save: float() is cheaper than a stack
+            values = [float(t) for t in parts]
+        else:  # one device-to-host copy instead of one synchronisation per tensor
+            values = torch.stack(parts).tolist()
         out = {}
         for i, (name, zero0) in enumerate(zip(self.names, self.zero0)):
             nw, sq = values[2 * i], values[2 * i + 1]

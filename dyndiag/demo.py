@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "digits_mlp"]
 
 
 def digits_mlp(hidden: int = 48, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:

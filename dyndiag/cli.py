@@ -264,8 +264,8 @@ def plot(run_dir, out, formats, style_name, dpi) -> None:
 
     RUN_DIR is a record folder (holding records.sqlite) or a run folder holding
     records/ (what `dyndiag demo` and `dyndiag analyze` write). Figures:
-    edge_of_stability, spectrum, layer_rotation, metrics, scores — those the
-    records hold.
+    edge_of_stability, spectrum, layer_rotation, coherence, gradients,
+    dynamics, scores — those the records hold.
     """
     from . import plot as dplot
     from .plot.runs import run_figures

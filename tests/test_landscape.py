@@ -360,3 +360,10 @@ def test_exports_resolve_and_do_not_shadow():
     import dyndiag.landscape.grid  # noqa: F401
 
     assert callable(L.surface) and callable(L.random_directions)
+
+
+def test_resume_path_in_a_folder_that_does_not_exist_yet(tmp_path):
+    model, data = tanh_mlp(), classification_data()
+    path = tmp_path / "runs" / "exp1" / "landscape.jsonl"
+    s = surf(model, data, resolution=3, path=path)
+    assert path.exists() and np.isfinite(s.values).all()

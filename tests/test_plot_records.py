@@ -171,3 +171,24 @@ def test_style_is_scoped_and_sizes_figures():
         with dd.plot.style("poster"):
             pass
     assert dd.plot.DOUBLE_COLUMN == 6.75
+
+
+def test_run_figures_leaves_out_what_was_not_recorded(tmp_path):
+    """A spectrum without its density, and no scores: the eigenvalues are drawn, nothing crashes."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = [dd.probes.HessianSpectrum(every=2, k=3, trace_matvecs=0), dd.probes.GradientNorm()]
+    with dd.Monitor(model, opt, probes, loss_fn=nn.CrossEntropyLoss(), probe_data=(x, y), log_dir=tmp_path):
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    figures = dd.plot.run_figures(tmp_path)
+    assert set(figures) == {"spectrum", "gradients"}
+    stems = [c for c in figures["spectrum"].axes[0].collections if c.get_segments()]
+    assert len(stems[0].get_segments()) == 3  # the three top eigenvalues as stems

@@ -102,7 +102,8 @@ def surface(
     Parameters
     ----------
     model:
-        The network; evaluated functionally and returned bit-identical.
+        The network; each grid point is written into its parameters under the
+        state guard, and it is returned bit-identical.
     loss_fn:
         Criterion ``loss_fn(outputs, targets)`` with mean reduction (or None with
         ``closure``).
@@ -309,6 +310,7 @@ def _load(path: str, key: str, shape: tuple[int, ...]) -> dict:
     """Finished points of ``path`` (creating it with a header if absent)."""
     header = {"format": _FORMAT, "key": key, "shape": list(shape)}
     if not os.path.exists(path) or os.path.getsize(path) == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(header) + "\n")
             f.flush()

@@ -38,7 +38,7 @@ def run_figures(log_dir: str | os.PathLike) -> dict[str, Figure]:
     """
     from ..curvature.density import SpectralDensity
     from ..curvature.results import EigenResult
-    from ..records import load_arrays, load_records
+    from ..records import load_records
     from .distributions import scores
     from .dynamics import coherence, edge_of_stability, layer_rotation, metrics
     from .spectra import spectrum
@@ -60,9 +60,9 @@ def run_figures(log_dir: str | os.PathLike) -> dict[str, Figure]:
         values = torch.tensor(rows.value.to_numpy(float))
         top = EigenResult(values=values, vectors=None, num_matvecs=0, converged=True,
                           error_bounds=torch.zeros_like(values))
-        nodes = load_arrays(log_dir, probe, "density_nodes", step=last)
+        nodes = _arrays(log_dir, probe, "density_nodes", step=last)
         if nodes:
-            weights = load_arrays(log_dir, probe, "density_weights", step=last)
+            weights = _arrays(log_dir, probe, "density_weights", step=last)
             density = SpectralDensity(nodes=np.asarray(nodes[last], float), weights=np.asarray(weights[last], float),
                                       num_matvecs=0, dim=0)
             fig = spectrum(density, top=top)
@@ -80,11 +80,24 @@ def run_figures(log_dir: str | os.PathLike) -> dict[str, Figure]:
             figures[name] = metrics(df, timeline)
     if "el2n" in present:
         probe = _probe_of(df, "el2n")
-        el2n = load_arrays(log_dir, probe, "el2n_scores")
+        el2n = _arrays(log_dir, probe, "el2n_scores")
         if el2n:
             last = max(el2n)
             figures["scores"] = scores(el2n[last], xlabel=f"EL2N score at step {last} ({len(el2n[last])} examples)")
     return figures
+
+
+def _arrays(log_dir, probe: str, metric: str, step: int | None = None) -> dict:
+    """``load_arrays``, or ``{}`` when the run stored no such arrays (a spectrum
+    recorded without its density, say): a figure that needs them is then left out."""
+    from ..records import load_arrays
+
+    try:
+        return load_arrays(log_dir, probe, metric, step=step)
+    except ValueError as err:
+        if "no arrays" not in str(err):
+            raise
+        return {}
 
 
 def _probe_of(df, metric: str) -> str:

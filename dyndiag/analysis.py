@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .checkpoints import load_checkpoint, match_state_dict, sort_checkpoints
-from .data import default_batch_size, iter_batches, make_loss_closure, model_outputs
+from .data import iter_batches, make_loss_closure, model_outputs
 from .evaluation import math_attention, operator_mode
 from .probes.base import Probe, StepContext, flatten_result
 from .state import preserve_state
@@ -77,18 +77,10 @@ class _OfflineContext(StepContext):
 
 
 def _mean_gradient(m: _Session) -> torch.Tensor:
-    fn = make_loss_closure(m.loss_fn, m.closure)
-    total = None
-    count = 0
-    with operator_mode(m.model), math_attention():
-        for batch in iter_batches(m.probe_data, "probe_data"):
-            n = default_batch_size(batch)
-            grads = torch.autograd.grad(fn(m.model, batch), m.params, allow_unused=True)
-            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) * n
-                              for g, p in zip(grads, m.params)])
-            total = flat if total is None else total + flat
-            count += n
-    return total / count
+    from .quantities._common import mean_gradient
+
+    g = mean_gradient(m.model, m.loss_fn, m.probe_data, m.params, closure=m.closure)
+    return g.to(m.params[0].dtype)
 
 
 def analyze(

@@ -14,10 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from ..data import check_scalar_loss, default_batch_size, iter_batches, make_loss_closure, to_device
-from ._common import Evaluate, all_reduce_sum, buffer_copies, check_model, operator_mode, select_params
+from ._common import check_model, mean_gradient, select_params
 
 __all__ = ["softmax_collapse", "gradient_weight_cosine"]
 
@@ -94,32 +92,8 @@ def gradient_weight_cosine(
         union of the ranks' shards.
     """
     check_model(model)
-    fn = make_loss_closure(loss_fn, closure)
-    names, chosen = select_params(model, params)
-    device = chosen[0].device
-    evaluate = Evaluate(model, fn)
-    dim = sum(p.numel() for p in chosen)
-    total = torch.zeros(dim + 1, dtype=torch.float64, device=device)  # weighted sum, then count
-    with operator_mode(model):
-        for batch in iter_batches(data):
-            n = default_batch_size(batch)
-            if n == 0:
-                continue
-            batch = to_device(batch, device)
-            leaves = [p.detach().requires_grad_(True) for p in chosen]
-            mapping = {"model." + name: leaf for name, leaf in zip(names, leaves)}
-            mapping.update(buffer_copies(model))
-            loss = check_scalar_loss(functional_call(evaluate, mapping, (batch,)), "loss_fn/closure")
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            flat = torch.cat(
-                [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, chosen)]
-            )
-            total[:dim] += n * flat.double()
-            total[dim] += n
-    total = all_reduce_sum(total)
-    if float(total[dim]) == 0:
-        raise ValueError("data yielded no samples")
-    g = total[:dim] / total[dim]
+    _, chosen = select_params(model, params)
+    g = mean_gradient(model, loss_fn, data, params, closure=closure)
     theta = torch.cat([p.detach().reshape(-1) for p in chosen]).double()
     denom = torch.linalg.vector_norm(g) * torch.linalg.vector_norm(theta)
     if float(denom) == 0:

@@ -15,8 +15,10 @@ The model is evaluated in eval mode by default (dropout off, BatchNorm with the
 running statistics stored in the checkpoint); ``train_mode=True`` uses batch
 statistics as training saw them. Layer rotation is measured against the first
 checkpoint analysed unless the probe is given a ``reference``. The edge-of-stability
-threshold needs the learning rate: pass an ``optimizer`` built over the model's
-parameters (the CLI builds SGD from ``--lr``/``--momentum``).
+threshold and Adam's preconditioned sharpness read an optimizer: the checkpoint's
+own optimizer state when it carries one (Lightning, training dicts, Hugging Face's
+``optimizer.pt``), else the hyper-parameters of the ``optimizer`` given (the CLI
+builds it from ``--optimizer``/``--lr``/``--momentum``).
 
 Records are written like a Monitor's, under each checkpoint's step. A re-run skips
 the steps already recorded; if a checkpoint is new at a step before the last
@@ -121,9 +123,15 @@ def analyze(
     loss_fn, closure:
         The criterion ``loss_fn(outputs, targets)``, or ``closure(model, batch)``.
     optimizer:
-        An optimizer over the model's parameters, or a callable ``params ->
-        optimizer``; read by probes that need hyper-parameters (the
-        edge-of-stability threshold). Never stepped.
+        What probes that need the optimizer read (the edge-of-stability threshold,
+        Adam's preconditioned sharpness); never stepped. An optimizer over the
+        model's parameters or a callable ``params -> optimizer``: its
+        hyper-parameters serve checkpoints that carry no optimizer state. An
+        optimizer class (``torch.optim.Adam``): built over the parameters, every
+        checkpoint must carry its state. Either way, a checkpoint's own optimizer
+        state (:attr:`~dyndiag.checkpoints.Checkpoint.optimizer_state`) is loaded
+        before its probes run, so learning-rate schedules and Adam's second
+        moments are the run's.
     train_mode:
         Evaluate in train mode (BatchNorm batch statistics) instead of eval mode.
     trust:
@@ -165,7 +173,10 @@ def analyze(
             raise TypeError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+    opt_class = None
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        opt_class, optimizer = optimizer, None  # built at the first checkpoint that carries a state
+    elif optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(params)
     ordered = sort_checkpoints(checkpoints)
 
@@ -199,8 +210,17 @@ def analyze(
         for i, (step, path) in enumerate(bar):
             bar.set_postfix_str(f"step {step}")
             try:
-                sd = match_state_dict(load_checkpoint(path, trust=trust).state_dict, model)
-                _load(model, sd)
+                ck = load_checkpoint(path, trust=trust)
+                _load(model, match_state_dict(ck.state_dict, model))
+                if ck.optimizer_state is not None and (optimizer is not None or opt_class is not None):
+                    if optimizer is None:
+                        optimizer = opt_class(params)
+                    _load_optimizer(optimizer, ck.optimizer_state)
+                elif opt_class is not None:
+                    raise ValueError(
+                        f"it carries no optimizer state, and the optimizer was given as the class "
+                        f"{opt_class.__name__} without hyper-parameters (pass an optimizer instance or --lr)"
+                    )
                 session = _Session(model, optimizer, probe_data, loss_fn, closure, params, [n for n, _ in named])
                 if first:
                     for p in probes:
@@ -232,6 +252,17 @@ def _show(progress: bool | None) -> bool:
 
         return sys.stderr.isatty()
     return bool(progress)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The checkpoint's optimizer state (hyper-parameters of every group included)."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(
+            f"its optimizer state does not fit a {type(optimizer).__name__} over the model's trainable "
+            f"parameters in one group ({err})"
+        ) from err
 
 
 def _load(model: nn.Module, state_dict: dict) -> None:

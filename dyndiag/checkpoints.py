@@ -26,6 +26,9 @@ __all__ = ["Checkpoint", "load_checkpoint", "checkpoint_step", "match_state_dict
 
 #: Keys under which training checkpoints keep the model's weights, in the order tried.
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
+#: Keys under which training checkpoints keep the optimizer's state_dict (Lightning:
+#: a list, one per optimizer), in the order tried.
+OPTIMIZER_KEYS = ("optimizer_states", "optimizer_state_dict", "optimizer")
 #: Wrapper prefixes stripped when a state_dict's keys do not match the model's.
 PREFIXES = ("model.", "net.", "module.", "_orig_mod.")
 #: Weight files of a Hugging Face checkpoint directory, in the order tried.
@@ -45,11 +48,16 @@ class Checkpoint:
     step:
         The training step it was taken at, or ``None`` when neither its name nor its
         contents say (see :func:`checkpoint_step`).
+    optimizer_state:
+        The optimizer's ``state_dict`` when the checkpoint carries one (under
+        ``optimizer_states[0]`` — Lightning —, ``optimizer_state_dict`` or
+        ``optimizer``; a Hugging Face directory's ``optimizer.pt``), else ``None``.
     """
 
     path: Path
     state_dict: dict[str, torch.Tensor]
     step: int | None
+    optimizer_state: dict | None = None
 
 
 def checkpoint_step(path: str | os.PathLike, contents: Mapping | None = None) -> int | None:
@@ -98,7 +106,18 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     if path.is_dir():
         return _load_hf_dir(path, trust=trust, map_location=map_location)
     contents = _torch_load(path, trust=trust, map_location=map_location)
-    return Checkpoint(path, _weights(contents, path), checkpoint_step(path, contents if isinstance(contents, Mapping) else None))
+    mapping = contents if isinstance(contents, Mapping) else None
+    return Checkpoint(path, _weights(contents, path), checkpoint_step(path, mapping), _optimizer_state(mapping))
+
+
+def _optimizer_state(contents: Mapping | None) -> dict | None:
+    for key in OPTIMIZER_KEYS:
+        value = (contents or {}).get(key)
+        if key == "optimizer_states" and isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if isinstance(value, Mapping) and "state" in value and "param_groups" in value:
+            return dict(value)
+    return None
 
 
 def _torch_load(path: Path, *, trust: bool, map_location: str):
@@ -142,6 +161,10 @@ def _load_hf_dir(path: Path, *, trust: bool, map_location: str) -> Checkpoint:
     state = path / "trainer_state.json"
     contents = json.loads(state.read_text()) if state.is_file() else None
     step = checkpoint_step(path, contents)
+    opt_file = path / "optimizer.pt"
+    optimizer = None
+    if opt_file.is_file():
+        optimizer = _optimizer_state({"optimizer": _torch_load(opt_file, trust=trust, map_location=map_location)})
     for name in HF_FILES:
         f = path / name
         if not f.is_file():
@@ -151,8 +174,8 @@ def _load_hf_dir(path: Path, *, trust: bool, map_location: str) -> Checkpoint:
             sd: dict[str, torch.Tensor] = {}
             for shard in shards:
                 sd.update(_hf_file(path / shard, trust=trust, map_location=map_location))
-            return Checkpoint(path, sd, step)
-        return Checkpoint(path, _hf_file(f, trust=trust, map_location=map_location), step)
+            return Checkpoint(path, sd, step, optimizer)
+        return Checkpoint(path, _hf_file(f, trust=trust, map_location=map_location), step, optimizer)
     raise ValueError(f"checkpoint directory {str(path)!r} holds none of {list(HF_FILES)}")
 
 

@@ -179,25 +179,33 @@ def _with(options):
               help=f"Comma-separated probe names (record names): {', '.join(PROBE_NAMES)}.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder: records go to OUT/records (dyndiag.load_records), re-runs skip analysed steps.")
+@click.option("--optimizer", "opt_name", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
+              show_default=True,
+              help="The run's optimizer, for edge_of_stability's threshold (and Adam's preconditioned "
+                   "sharpness). A checkpoint's own optimizer state is used when it carries one.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Learning rate of the run (needed by edge_of_stability for its 2/lr threshold).")
+              help="Learning rate of the run, for checkpoints without optimizer state.")
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Heavy-ball momentum of the run (threshold (2+2*momentum)/lr).")
+              help="SGD's heavy-ball momentum, for checkpoints without optimizer state "
+                   "(threshold (2+2*momentum)/lr).")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Eigenvalues for hessian_spectrum; eigenspace size for subspace_overlap.")
 @click.option("--density", is_flag=True, help="hessian_spectrum also records its SLQ spectral density.")
 @click.option("--train-mode", is_flag=True,
               help="Evaluate in train mode (BatchNorm batch statistics) instead of eval mode.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
-def analyze(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, probe_spec, out, lr, momentum,
-            top_k, density, train_mode, progress) -> None:
+def analyze(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, probe_spec, out, opt_name, lr,
+            momentum, top_k, density, train_mode, progress) -> None:
     """Run probes on saved checkpoints and write their records.
 
     CHECKPOINT is a state_dict file, a training checkpoint holding one under
     state_dict / model_state_dict / model (Lightning's .ckpt included; wrapper
     prefixes such as model. or module. are stripped), or a Hugging Face
     checkpoint-N/ directory. Its step is the last integer in its name
-    (model_step_120.pt -> 120), else its position. Update probes
+    (model_step_120.pt -> 120), else its position. A checkpoint's optimizer
+    state (Lightning's, a training dict's, a Hugging Face optimizer.pt) gives
+    edge_of_stability the run's learning rate and Adam's moments; without one,
+    --lr (and --optimizer, --momentum) must say them. Update probes
     (directional_sharpness, safe_step_radius) use the displacement to the next
     checkpoint. A checkpoint that fails is reported and the others go on (exit
     status 1 at the end).
@@ -212,16 +220,19 @@ def analyze(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, pro
     if unknown or not names:
         raise click.BadParameter(f"unknown probe {unknown[0] if unknown else probe_spec!r}; choose from "
                                  f"{', '.join(PROBE_NAMES)}", param_hint="'--probes'")
-    if "edge_of_stability" in names and lr is None:
-        raise click.BadParameter("edge_of_stability needs the run's learning rate: pass --lr", param_hint="'--lr'")
     build = _model_factory(model_spec)
     data = _data(data_spec)
     loss_fn = _loss(loss_spec)
     table = _probe_table(data, top_k, density)
     probes = [table[n]() for n in names]
-    optimizer = None
-    if lr is not None:
-        optimizer = lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)  # noqa: E731 - read, never stepped
+    opt_class = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[opt_name]
+    if lr is not None:  # read, never stepped; a checkpoint's own state replaces it
+        extra = {"momentum": momentum} if opt_name == "sgd" else {}
+        optimizer = lambda params: opt_class(params, lr=lr, **extra)  # noqa: E731
+    elif "edge_of_stability" in names:  # the one probe that reads it: each checkpoint must carry its state
+        optimizer = opt_class
+    else:
+        optimizer = None
     failures = []
 
     def report(path, err):

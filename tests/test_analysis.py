@@ -187,3 +187,54 @@ def test_analyze_rejects_bad_arguments(tmp_path):
         dd.analyze(["a_1.pt"], 3, [dd.probes.GradientNorm()], **kw)
     with pytest.raises(ValueError, match="probe_data"):
         dd.analyze(["a_1.pt"], tanh_mlp, [dd.probes.GradientNorm()], None, tmp_path, nn.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize("layout", ["lightning", "training_dict", "hf_dir"])
+def test_a_checkpoints_optimizer_state_gives_the_threshold_and_adams_preconditioned_sharpness(tmp_path, layout):
+    model = tanh_mlp()
+    x, y = classification_data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02, betas=(0.8, 0.99))
+    for _ in range(6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for group in opt.param_groups:
+        group["lr"] = 0.01  # as a schedule would have left it
+    if layout == "lightning":
+        path = tmp_path / "epoch=0-step=6.ckpt"
+        torch.save({"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
+                    "optimizer_states": [opt.state_dict()], "global_step": 6}, path)
+    elif layout == "training_dict":
+        path = tmp_path / "ckpt_6.pt"
+        torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict()}, path)
+    else:
+        from safetensors.torch import save_file
+
+        path = tmp_path / "checkpoint-6"
+        path.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+        torch.save(opt.state_dict(), path / "optimizer.pt")
+    assert load_checkpoint(path).optimizer_state is not None
+    dd.analyze([path], tanh_mlp, [dd.probes.EdgeOfStability(tol=1e-10)], (x, y), tmp_path / "run",
+               nn.CrossEntropyLoss(), optimizer=torch.optim.Adam, progress=False)
+    rows = dd.load_records(tmp_path / "run").set_index("metric").value
+    assert rows["threshold"] == pytest.approx((2 + 2 * 0.8) / ((1 - 0.8) * 0.01))  # the checkpoint's lr and beta1
+    # the same number as the live model and optimizer give, with the probe data's gradient
+    H = dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    g = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    expected = dd.preconditioned_sharpness(H, opt, gradient=torch.cat([t.reshape(-1) for t in g]), tol=1e-10)
+    assert rows["preconditioned_sharpness"] == pytest.approx(expected, rel=1e-8)
+
+
+def test_an_optimizer_class_needs_the_checkpoints_state(tmp_path):
+    _train_checkpoints(tmp_path, steps=(0,))
+    seen = []
+    result = dd.analyze([tmp_path / "model_step_0.pt"], tanh_mlp, [dd.probes.EdgeOfStability()],
+                        classification_data(), tmp_path / "run", nn.CrossEntropyLoss(),
+                        optimizer=torch.optim.SGD, progress=False, on_error=lambda p, e: seen.append(str(e)))
+    assert result["failed"] and "carries no optimizer state" in seen[0]
+    ok = dd.analyze([tmp_path / "model_step_0.pt"], tanh_mlp, [dd.probes.EdgeOfStability()],
+                    classification_data(), tmp_path / "run2", nn.CrossEntropyLoss(),
+                    optimizer=lambda params: torch.optim.SGD(params, lr=0.5), progress=False)
+    assert ok["analysed"] == [0]
+    assert dd.load_records(tmp_path / "run2").set_index("metric").value["threshold"] == pytest.approx(4.0)

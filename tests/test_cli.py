@@ -158,7 +158,7 @@ def test_landscape_end_to_end_and_resumes(project, kind, dims):
         (["analyze", "model_step_0.pt", "--model", "no_such_module:f"], "--model: cannot import module 'no_such_module'"),
         (["analyze", "model_step_0.pt", "--model", "make_model"], "--model must be MODULE:NAME"),
         (["analyze", "model_step_0.pt", "--probes", "hessian"], "unknown probe 'hessian'"),
-        (["analyze", "model_step_0.pt", "--probes", "edge_of_stability"], "pass --lr"),
+        (["analyze", "model_step_0.pt", "--probes", "edge_of_stability"], "carries no optimizer state"),
         (["analyze", "model_step_0.pt", "--loss", "hinge"], "--loss must be one of"),
         (["analyze"], "give at least one CHECKPOINT"),
         (["landscape", "model_step_0.pt", "--directions", "trajectory"], "need at least 3 checkpoints"),

@@ -256,6 +256,16 @@ def _show(progress: bool | None) -> bool:
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """The checkpoint's optimizer state (hyper-parameters of every group included)."""
+    kinds = {key for group in state.get("param_groups", []) for key in group}
+    # Only the keys that tell the kinds apart: newer torch versions add other defaults
+    # that states saved by older ones lack.
+    defining = {"momentum", "dampening"} if isinstance(optimizer, torch.optim.SGD) else {"betas", "eps"}
+    lacking = sorted(defining & set(optimizer.defaults) - kinds)
+    if lacking:  # e.g. Adam's state offered to SGD: its groups have betas, no momentum
+        raise ValueError(
+            f"its optimizer state is not a {type(optimizer).__name__}'s (its groups lack {lacking}); "
+            "name the run's optimizer (--optimizer sgd|adam|adamw)"
+        )
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, RuntimeError) as err:

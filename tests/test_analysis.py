@@ -238,3 +238,18 @@ def test_an_optimizer_class_needs_the_checkpoints_state(tmp_path):
                     optimizer=lambda params: torch.optim.SGD(params, lr=0.5), progress=False)
     assert ok["analysed"] == [0]
     assert dd.load_records(tmp_path / "run2").set_index("metric").value["threshold"] == pytest.approx(4.0)
+
+
+def test_optimizer_state_of_another_kind_is_reported_by_name(tmp_path):
+    model = tanh_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = classification_data()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "adam_1.pt")
+    seen = []
+    dd.analyze([tmp_path / "adam_1.pt"], tanh_mlp, [dd.probes.EdgeOfStability()], (x, y), tmp_path / "run",
+               nn.CrossEntropyLoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), progress=False,
+               on_error=lambda path, err: seen.append(str(err)))
+    assert len(seen) == 1 and "not a SGD's" in seen[0] and "momentum" in seen[0]

@@ -28,7 +28,8 @@ def _run(tmp, opt_name):
            else torch.optim.Adam(model.parameters(), lr=1e-2))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     P = dd.probes
-    probes = [P.EdgeOfStability(every=2), P.GradientNorm(per_layer=True), P.LayerRotation()]
+    probes = [P.EdgeOfStability(every=2), P.GradientNorm(per_layer=True), P.LayerRotation(),
+              P.GradientCoherence(every=3)]
     with dd.Monitor(model, opt, probes, loss_fn=CE, probe_data=(x[:32], y[:32]), log_dir=tmp):
         for i in range(10):
             idx = torch.arange(16) + 16 * (i % 4)
@@ -192,3 +193,14 @@ def test_run_figures_leaves_out_what_was_not_recorded(tmp_path):
     assert set(figures) == {"spectrum", "gradients"}
     stems = [c for c in figures["spectrum"].axes[0].collections if c.get_segments()]
     assert len(stems[0].get_segments()) == 3  # the three top eigenvalues as stems
+
+
+def test_coherence_on_real_records_matches_the_recorded_values(sgd_records):
+    df = sgd_records
+    fig = dd.plot.coherence(df, m=32)
+    top, bottom = fig.axes
+    line = top.lines[0]
+    steps, values = _values(df, "coherence")
+    assert list(steps) == [0, 3, 6, 9] and np.allclose(line.get_ydata(), values)
+    assert np.allclose(bottom.lines[0].get_ydata(), _values(df, "gsnr")[1])
+    assert any(l.get_label() == "32: identical gradients" for l in top.lines)

@@ -453,3 +453,19 @@ def test_density_basis_on_another_device_gives_the_same_density():
     a = dd.spectral_density(H, num_probes=3, lanczos_steps=12, progress=False)
     b = dd.spectral_density(H, num_probes=3, lanczos_steps=12, progress=False, basis_device="cpu")
     assert np.array_equal(a.nodes, b.nodes) and np.array_equal(a.weights, b.weights)
+
+
+def test_auto_chunk_on_cuda_measures_one_column_then_fills_half_the_free_memory(monkeypatch):
+    """The CUDA branch with the device's memory queries replaced by a fake (no GPU here)."""
+    model, (x, y) = tanh_mlp(), classification_data()
+    readings = iter([(1000, 1500), (1000, 1800)])  # (allocated, peak) before and after the first column
+    monkeypatch.setattr(operators, "_is_cuda", lambda device: True)
+    monkeypatch.setattr(operators, "_cuda_memory", lambda device: next(readings))
+    monkeypatch.setattr(operators, "_cuda_free", lambda device: 8000)
+    op = dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), backend="vmap")
+    V = torch.randn(op.dim, 12, dtype=op.dtype, generator=torch.Generator().manual_seed(0))
+    got = op @ V
+    assert op.max_batch_vectors == 5  # (1800 - 1000) bytes a column, half of 8000 free
+    ref = dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), backend="loop") @ V
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)  # 1 + 5 + 5 + 1 columns, all multiplied
+    assert op.num_matvecs == 12

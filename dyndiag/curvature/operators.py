@@ -248,20 +248,18 @@ class _ModelOperator(CurvatureOperator):
         (double backward), so the chunk only bounds the output block: 32.
         """
         backend = self.backend if self.backend != "auto" else _preferred_backend(self.device)
-        if self.device.type != "cuda" or backend != "vmap":
+        if not _is_cuda(self.device) or backend != "vmap":
             self.max_batch_vectors = AUTO_CPU_CHUNK
             return 0
-        torch.cuda.synchronize(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        peak_before = torch.cuda.max_memory_allocated(self.device)
+        if V.shape[1] == 0:  # nothing to measure with: decide on the next product
+            return 0
+        base, peak_before = _cuda_memory(self.device)
         out[:, :1] = self._chunk(batch, V[:, :1])
-        torch.cuda.synchronize(self.device)
+        _, peak_after = _cuda_memory(self.device)
         # Without resetting the user's peak statistics: a new peak measures the column;
         # an older, higher peak bounds it from above (a conservative estimate).
-        per_column = max(torch.cuda.max_memory_allocated(self.device), peak_before) - base
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        self.max_batch_vectors = auto_chunk(per_column, free)
+        per_column = max(peak_after, peak_before) - base
+        self.max_batch_vectors = auto_chunk(per_column, _cuda_free(self.device))
         return 1
 
     def _chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
@@ -297,6 +295,23 @@ def auto_chunk(per_column_bytes: int, free_bytes: int, spare: float = 0.5) -> in
     if per_column_bytes <= 0:
         return AUTO_MAX_CHUNK
     return int(max(1, min(AUTO_MAX_CHUNK, (1 - spare) * free_bytes // per_column_bytes)))
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _cuda_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes allocated, peak bytes allocated) once the device's queued work is done."""
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+
+
+def _cuda_free(device: torch.device) -> int:
+    """Bytes a new allocation could use: the driver's free memory plus what torch's
+    caching allocator holds without using it."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _compute_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:

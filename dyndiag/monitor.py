@@ -72,6 +72,10 @@ class Monitor:
         steps together, cutting the record store's cost per step about ``n``-fold,
         at the risk of losing the last ``n - 1`` steps' records to a SIGKILL;
         :meth:`records` and :meth:`close` commit what is pending.
+    batch_size_fn:
+        ``(batch) -> int``: how curvature probes weight the batches of
+        ``probe_data`` (default: dim 0 of a batch's first tensor), e.g. the number
+        of non-padding tokens of a dict batch.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class Monitor:
         start_step: int | None = None,
         step_hooks: bool = True,
         commit_every: int = 1,
+        batch_size_fn: Callable | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -120,6 +125,9 @@ class Monitor:
         self.probes = probes
         self.loss_fn = loss_fn
         self.closure = closure
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(f"batch_size_fn must be callable (batch) -> int, got {type(batch_size_fn).__name__}")
+        self.batch_size_fn = batch_size_fn
         self.probe_data = probe_data
         self.log_dir = log_dir
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

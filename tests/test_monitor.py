@@ -310,3 +310,24 @@ def test_probes_due_together_share_one_lanczos_run(monkeypatch):
     exact = torch.linalg.eigvalsh(H.to_dense()).flip(0)
     last = df[df.step == 4].set_index(["metric", "key"]).value
     assert [last[("eigenvalue", str(i))] for i in range(3)] == pytest.approx(exact[:3].tolist(), rel=1e-4)
+
+
+def test_batch_size_fn_weights_the_probe_batches_of_curvature_probes():
+    model = _mlp("plain").double()
+    x, y = classification_data(n=32, dtype=torch.float64)
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    weight = lambda batch: 3 if len(batch[0]) == 8 else 1  # noqa: E731 - not the sample counts
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = dd.probes.HessianSpectrum(k=1, trace_matvecs=0, tol=1e-10)
+    with dd.Monitor(model, opt, [probe], loss_fn=CE, probe_data=batches, batch_size_fn=weight) as mon:
+        opt.zero_grad()
+        CE(model(x), y).backward()
+        at = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+    recorded = mon.records().value.iloc[0]
+    exact = dd.eigenvalues(dd.HessianOperator(model, CE, batches, batch_size_fn=weight, at=at), k=1, tol=1e-10)
+    plain = dd.eigenvalues(dd.HessianOperator(model, CE, batches, at=at), k=1, tol=1e-10)
+    assert recorded == pytest.approx(float(exact.values[0]), rel=1e-9)
+    assert abs(recorded - float(plain.values[0])) > 1e-6 * recorded  # the weights made a difference
+    with pytest.raises(TypeError, match="batch_size_fn"):
+        dd.Monitor(model, opt, [], batch_size_fn=3)

@@ -79,6 +79,9 @@ class DiagnosticsCallback(pl.Callback):
     log_filter:
         ``(probe, metric, key) -> bool``: which rows go to the loggers (records
         keep every row). Useful to keep per-layer rows out of a metrics dashboard.
+    batch_size_fn:
+        ``(batch) -> int`` weighting the probe batches in curvature probes (default:
+        dim 0 of a batch's first tensor; e.g. count non-padding tokens instead).
 
     Attributes
     ----------
@@ -97,6 +100,7 @@ class DiagnosticsCallback(pl.Callback):
         *,
         log_to_loggers: bool = True,
         log_filter: Callable[[str, str, str], bool] | None = None,
+        batch_size_fn: Callable | None = None,
     ) -> None:
         super().__init__()
         self.probes = check_callback_args(probes, loss_fn, closure, log_filter)
@@ -108,6 +112,7 @@ class DiagnosticsCallback(pl.Callback):
         self.log_dir = log_dir
         self.log_to_loggers = log_to_loggers
         self.log_filter = log_filter
+        self.batch_size_fn = batch_size_fn
         self.monitor: Monitor | None = None
         self._active = False
         self._hook = None
@@ -137,6 +142,7 @@ class DiagnosticsCallback(pl.Callback):
         self.monitor = Monitor(
             pl_module, optimizer, self.probes, loss_fn=self.loss_fn, probe_data=probe_data,
             log_dir=self.log_dir, closure=closure, start_step=trainer.global_step, step_hooks=False,
+            batch_size_fn=self.batch_size_fn,
         )
         self._hook = optimizer.register_step_post_hook(self._after_update)
         self._trainer, self._module, self._active = trainer, pl_module, True

@@ -91,6 +91,9 @@ class DiagnosticsCallback(transformers.TrainerCallback):
     log_filter:
         ``(probe, metric, key) -> bool``: which rows are logged through the Trainer
         (records keep every row).
+    batch_size_fn:
+        ``(batch) -> int`` weighting the probe batches in curvature probes (default:
+        dim 0 of a batch's first tensor; e.g. count non-padding tokens instead).
 
     Attributes
     ----------
@@ -110,6 +113,7 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         trainer: transformers.Trainer | None = None,
         log_to_trainer: bool = True,
         log_filter: Callable[[str, str, str], bool] | None = None,
+        batch_size_fn: Callable | None = None,
     ) -> None:
         self.probes = check_callback_args(probes, loss_fn, closure, log_filter)
         if trainer is not None and not isinstance(trainer, transformers.Trainer):
@@ -123,6 +127,7 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         self.trainer = trainer
         self.log_to_trainer = log_to_trainer
         self.log_filter = log_filter
+        self.batch_size_fn = batch_size_fn
         self.monitor: Monitor | None = None
         self._hook = None
         self._state = None
@@ -143,7 +148,7 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         inner = torch_optimizer(optimizer, "the Trainer's optimizer")
         self.monitor = Monitor(
             model, inner, self.probes, loss_fn=self.loss_fn, probe_data=probe_data, log_dir=self.log_dir,
-            closure=closure, start_step=state.global_step, step_hooks=False,
+            closure=closure, start_step=state.global_step, step_hooks=False, batch_size_fn=self.batch_size_fn,
         )
         self._hook = inner.register_step_post_hook(self._after_update)
         self._state = state

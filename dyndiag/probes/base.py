@@ -163,7 +163,10 @@ class StepContext:
         from ..curvature.operators import HessianOperator
 
         m = self.monitor
-        return HessianOperator(m.model, m.loss_fn, m.probe_data, params=self.params, closure=m.closure)
+        return HessianOperator(
+            m.model, m.loss_fn, m.probe_data, params=self.params, closure=m.closure,
+            batch_size_fn=getattr(m, "batch_size_fn", None),
+        )
 
     @cached_property
     def hessian_before(self):
@@ -172,7 +175,8 @@ class StepContext:
 
         m = self.monitor
         return HessianOperator(
-            m.model, m.loss_fn, m.probe_data, params=self.params, closure=m.closure, at=self._need_before()
+            m.model, m.loss_fn, m.probe_data, params=self.params, closure=m.closure, at=self._need_before(),
+            batch_size_fn=getattr(m, "batch_size_fn", None),
         )
 
     @cached_property

@@ -202,6 +202,17 @@ def analyze(
     from tqdm.auto import tqdm
 
     bar = tqdm(todo, desc="checkpoints", unit="ckpt", disable=not _show(progress))
+    recent: dict = {}
+
+    def read(path):
+        # Update probes read the next checkpoint, which is then the current one: read
+        # each file once (at most two held).
+        if path not in recent:
+            if len(recent) >= 2:
+                recent.pop(next(iter(recent)))
+            recent[path] = load_checkpoint(path, trust=trust)
+        return recent[path]
+
     with writer, preserve_state(model, optimizer, params=True), torch.enable_grad():
         model.train(train_mode)
         for p in probes:
@@ -210,7 +221,7 @@ def analyze(
         for i, (step, path) in enumerate(bar):
             bar.set_postfix_str(f"step {step}")
             try:
-                ck = load_checkpoint(path, trust=trust)
+                ck = read(path)
                 _load(model, match_state_dict(ck.state_dict, model))
                 if ck.optimizer_state is not None and (optimizer is not None or opt_class is not None):
                     if optimizer is None:
@@ -231,7 +242,8 @@ def analyze(
                 pre = [p for p in probes if p.phase == "pre"]
                 post = [p for p in probes if p.phase == "post"]
                 scalars, arrays = _run(pre, ctx)
-                nxt = _next_weights(ordered, step, model, trust) if post else None
+                later = [p for s, p in ordered if s > step]
+                nxt = match_state_dict(read(later[0]).state_dict, model) if post and later else None
                 if nxt is not None:
                     ctx.theta_before = [p.detach().clone() for p in params]
                     _load(model, nxt)
@@ -280,11 +292,6 @@ def _load(model: nn.Module, state_dict: dict) -> None:
         model.load_state_dict(state_dict, strict=True)
 
 
-def _next_weights(ordered, step: int, model: nn.Module, trust: bool) -> dict | None:
-    later = [p for s, p in ordered if s > step]
-    if not later:
-        return None
-    return match_state_dict(load_checkpoint(later[0], trust=trust).state_dict, model)
 
 
 def _run(probes: list[Probe], ctx: StepContext) -> tuple[list, list]:

@@ -282,15 +282,21 @@ def plot(run_dir, out, formats, style_name, dpi) -> None:
     from .plot.runs import run_figures
 
     records = _records_dir(Path(run_dir))
-    fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
-    if not fmts:
-        raise click.BadParameter("give at least one format", param_hint="'--format'")
+    fmts = _formats(formats)
     with dplot.style(style_name):
         figures = run_figures(records)
         if not figures:
             raise click.ClickException(f"{records} holds no records to draw")
         paths = [p for name, fig in figures.items() for p in dplot.save(fig, Path(out) / name, formats=fmts, dpi=dpi)]
     click.echo(f"wrote {len(paths)} file(s): {', '.join(str(p) for p in paths)}")
+
+
+def _formats(formats: str) -> tuple[str, ...]:
+    """``--format pdf,png`` as a tuple; at least one."""
+    fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
+    if not fmts:
+        raise click.BadParameter("give at least one format", param_hint="'--format'")
+    return fmts
 
 
 def _records_dir(run_dir: Path) -> Path:
@@ -353,7 +359,7 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
     if kind == "trajectory" and len(paths) < dims + 1:
         raise click.BadParameter(f"trajectory directions in {dims}-D need at least {dims + 1} checkpoints, "
                                  f"got {len(paths)}", param_hint="'--directions'")
-    fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
+    fmts = _formats(formats)
     build = _model_factory(model_spec)
     data = _data(data_spec)
     loss_fn = _loss(loss_spec)

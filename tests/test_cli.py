@@ -202,3 +202,11 @@ def test_every_command_documents_its_options():
             if isinstance(p, click.Option):
                 assert p.help, f"{command} {p.opts} has no help"
                 assert p.opts[0] in result.output
+
+
+def test_probe_names_listed_in_help_are_exactly_the_probes_analyze_builds():
+    from dyndiag.cli import PROBE_NAMES, _probe_table
+
+    table = _probe_table(None, 3, False)
+    assert PROBE_NAMES == tuple(table)
+    assert [table[n]().name for n in PROBE_NAMES] == list(PROBE_NAMES)  # the record names

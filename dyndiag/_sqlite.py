@@ -1,21 +1,36 @@
-"""SQLite plumbing of the record store (:mod:`dyndiag.records`): schema, connections, checkpoints.
+"""SQLite plumbing of the record store (:mod:`dyndiag.records`): schema, connections,
+checkpoints, and the ingest that moves the spool (:mod:`dyndiag._spool`) into the database.
 
-Private: :mod:`dyndiag.records` documents what is stored and is the only user.
+Private: :mod:`dyndiag.records` documents what is stored and is the only user. Standard
+library only: ``python -S _sqlite.py LOG_DIR BATCH`` is the writer's ingest process
+(:func:`main`), started without importing the package (or torch).
 """
 
 from __future__ import annotations
 
 import os
+import select
 import sqlite3
+import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+try:
+    from . import _spool
+except ImportError:  # run as the ingest process's script: this file's folder is sys.path[0]
+    import _spool  # type: ignore[no-redef]
 
 DB_NAME = "records.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the spool (meta 'spool_pos'); a version-1 store is upgraded on open
 TIMEOUT = 10.0  # seconds a connection waits for a lock before raising
+#: Offset of a spool position that means "closed": SQLite holds everything of that
+#: segment and its files are gone.
+CLOSED = (1 << _spool.OFFSET_BITS) - 1
+T = TypeVar("T")
 
 # `value` has no declared type on purpose: a REAL column stores integral floats as
 # integers on disk and loses the sign of -0.0. Only floats (and NULL for NaN, which
@@ -43,8 +58,8 @@ def check_dir(log_dir: object, name: str = "log_dir") -> Path:
     return path
 
 
-def open_writer(log_dir: Path) -> tuple[sqlite3.Connection, int]:
-    """Create (or open) the store in ``log_dir``; returns the connection and the stored counter."""
+def open_writer(log_dir: Path) -> tuple[sqlite3.Connection, int, int]:
+    """Create (or open) the store in ``log_dir``: the connection, the stored counter and spool position."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / DB_NAME
     # isolation_level=None: no implicit transactions, the writer issues BEGIN/COMMIT.
@@ -72,8 +87,11 @@ def open_writer(log_dir: Path) -> tuple[sqlite3.Connection, int]:
                     conn.execute(statement)
                 conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
                 conn.execute("INSERT OR IGNORE INTO meta VALUES ('next_step', 0)")
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('spool_pos', 0)")
                 meta = dict(conn.execute("SELECT name, value FROM meta"))
                 _check_version(meta, path)
+                if meta["schema_version"] < SCHEMA_VERSION:  # readers before version 2 would miss the spool
+                    conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (SCHEMA_VERSION,))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -83,7 +101,7 @@ def open_writer(log_dir: Path) -> tuple[sqlite3.Connection, int]:
     except BaseException:
         conn.close()
         raise
-    return conn, int(meta["next_step"])
+    return conn, int(meta["next_step"]), int(meta["spool_pos"])
 
 
 @contextmanager
@@ -96,7 +114,7 @@ def open_reader(log_dir: object) -> Iterator[sqlite3.Connection | None]:
                          f"(is it the directory a Monitor or RecordWriter wrote?)")
     # mode=ro: a reader never writes the store nor checkpoints its WAL, so it
     # neither blocks nor changes what the writer does.
-    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=TIMEOUT)
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=TIMEOUT, isolation_level=None)
     try:
         try:
             _check_foreign(conn, path)
@@ -108,6 +126,36 @@ def open_reader(log_dir: object) -> Iterator[sqlite3.Connection | None]:
         yield conn if ready else None
     finally:
         conn.close()
+
+
+def read(log_dir: object, query: Callable[[sqlite3.Connection], T]) -> tuple[T | None, list[_spool.Step]]:
+    """``query(conn)`` in one read snapshot of the database, and the spooled steps it lacked.
+
+    The spool tail is what the writer has written (and a SIGKILL would keep) but its
+    ingest had not committed when the snapshot was taken; each step in it is whole.
+    ``(None, [])`` while the store's schema is uncommitted.
+    """
+    log_dir = check_dir(log_dir)
+    last = None
+    for _ in range(100):
+        with open_reader(log_dir) as conn:
+            if conn is None:
+                return None, []
+            conn.execute("BEGIN")
+            try:
+                pos = conn.execute("SELECT value FROM meta WHERE name = 'spool_pos'").fetchone()
+                result = query(conn)
+            finally:
+                conn.execute("COMMIT")
+        if pos is None or _spool.unpack_pos(pos[0])[1] == CLOSED:
+            return result, []
+        tail = _spool.read_tail(log_dir, pos[0])
+        # A missing segment: an ingest moved on since the snapshot (read again), or
+        # the files were removed by hand (the position stays; nothing to add).
+        if tail is not None or pos[0] == last:
+            return result, tail or []
+        last = pos[0]
+    raise RuntimeError(f"{log_dir}: the record spool kept moving; could not take a consistent snapshot")
 
 
 def _check_foreign(conn: sqlite3.Connection, path: Path) -> None:
@@ -175,3 +223,190 @@ class Checkpointer:
             self._wake.set()
             self._thread.join()
             self._thread = None
+
+
+class Ingestor:
+    """Moves spooled steps into the database, ``batch`` step frames per transaction.
+
+    Several may run on one store (the writer's ingest process, and the writer itself
+    at close or after a crash): each transaction moves the stored spool position only
+    from the value this ingestor read (``UPDATE ... WHERE value = ?``), so every frame
+    is applied once, whoever gets there first.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, log_dir: Path, batch: int = 1) -> None:
+        self.conn, self.log_dir, self.batch = conn, log_dir, batch
+        self.pos = self._stored_pos()
+        self._open(self.pos)
+
+    def _stored_pos(self) -> int:
+        return int(self.conn.execute("SELECT value FROM meta WHERE name = 'spool_pos'").fetchone()[0])
+
+    def _open(self, pos: int) -> None:
+        self.close()
+        self.seg = _spool.unpack_pos(pos)[0]
+        self._buf = b""
+        self._base = 0  # file offset of _buf[0]
+        self._names: dict = {}
+
+    def _read(self) -> bool:
+        """Read what was appended to the segment since; False if it does not exist (yet, or any more)."""
+        if self._file is None:
+            try:
+                self._file = open(_spool.segment_path(self.log_dir, self.seg), "rb")
+            except FileNotFoundError:
+                return False
+        self._file.seek(self._base + len(self._buf))
+        self._buf += self._file.read()
+        return True
+
+    def close(self) -> None:
+        """Close the segment file it follows."""
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+        self._file = None
+
+    def advance(self) -> tuple[int, bool]:
+        """Apply every complete step spooled so far; returns (steps applied, whether the writer closed)."""
+        applied = 0
+        while True:
+            seg, offset = _spool.unpack_pos(self.pos)
+            if offset == CLOSED:
+                return applied, True
+            if seg != self.seg:
+                self._open(self.pos)
+            if not self._read():  # not created yet, or ingested and removed by another
+                return applied, False
+            batch: list = []
+            end = self._base
+            lost = False  # another ingestor moved the position: re-read from where it is
+            for kind, item, end in _spool.parse(self._buf, offset, self._names, self._base):
+                if kind == b"S" and item is not None:
+                    batch.append(item)
+                    if len(batch) < self.batch:
+                        continue
+                elif kind == b"N":
+                    continue
+                done = self._apply(batch)
+                lost, applied, batch = done < 0, applied + max(done, 0), []
+                if lost:
+                    break
+                if kind == b"E":
+                    return applied, True
+                if kind == b"R":  # on to the next segment, then drop this one
+                    if self._move(_spool.pack_pos(self.seg + 1, 0)):
+                        self.close()
+                        _spool.segment_path(self.log_dir, self.seg).unlink(missing_ok=True)
+                    else:
+                        lost = True
+                    break
+            else:
+                done = self._apply(batch)
+                if done >= 0:
+                    self._buf = self._buf[end - self._base:]
+                    self._base = end
+                    return applied + done, False
+                lost = True
+            if lost:
+                self._open(self.pos)
+
+    def _apply(self, steps: list) -> int:
+        """Commit ``steps`` in one transaction: how many, or -1 if another ingestor got there first."""
+        if not steps:
+            return 0
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._moved(c, _spool.pack_pos(self.seg, steps[-1].end)):
+                c.execute("ROLLBACK")
+                return -1
+            c.execute("UPDATE meta SET value = ? WHERE name = 'next_step'", (steps[-1].step + 1,))
+            rows: list = []
+            blobs: list = []
+            for s in steps:
+                if s.rewind is not None:
+                    insert_rows(c, rows, blobs)
+                    rows, blobs = [], []
+                    c.execute("DELETE FROM records WHERE step >= ?", (s.rewind,))
+                    c.execute("DELETE FROM arrays WHERE step >= ?", (s.rewind,))
+                rows += [(s.step, p, m, k, v, s.wall_time) for p, m, k, v in s.scalars]
+                blobs += [(s.step, p, m, k, s.wall_time, b) for p, m, k, b in s.arrays]
+            insert_rows(c, rows, blobs)
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        return len(steps)
+
+    def _move(self, pos: int) -> bool:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            ok = self._moved(c, pos)
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        return ok
+
+    def _moved(self, c: sqlite3.Connection, pos: int) -> bool:
+        """Move the stored position from ``self.pos`` to ``pos`` (inside a transaction).
+
+        False if another ingestor moved it first: then ``self.pos`` follows it.
+        """
+        if c.execute("UPDATE meta SET value = ? WHERE name = 'spool_pos' AND value = ?", (pos, self.pos)).rowcount:
+            self.pos = pos
+            return True
+        self.pos = self._stored_pos()
+        return False
+
+
+#: Rows per INSERT statement: 6 columns each stay under SQLite's oldest variable
+#: limit (999); one multi-row statement is ~2x cheaper than executemany for a step.
+INSERT_ROWS = 150
+
+
+def insert_rows(c: sqlite3.Connection, rows: list, blobs: list) -> None:
+    for table, items in (("records", rows), ("arrays", blobs)):
+        for start in range(0, len(items), INSERT_ROWS):
+            part = items[start : start + INSERT_ROWS]
+            values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(part))
+            c.execute(f"INSERT INTO {table} VALUES {values}", [x for row in part for x in row])
+
+
+def main(argv: list[str]) -> int:
+    """The ingest process: ``LOG_DIR BATCH``; follows the spool until the writer closes or dies.
+
+    Its standard input is a pipe from the writer, used only as a bell: a byte wakes
+    it, end-of-file (the writer closed it, or died) makes it ingest what is left and
+    exit. While idle it polls the spool, backing off to 50 ms.
+    """
+    log_dir, batch = Path(argv[0]), int(argv[1])
+    parent = os.getppid()
+    conn = sqlite3.connect(log_dir / DB_NAME, timeout=TIMEOUT, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous = NORMAL")
+        ingestor = Ingestor(conn, log_dir, batch)
+        wait = 0.001
+        while True:
+            applied, closed = ingestor.advance()
+            if closed:
+                ingestor.close()
+                return 0
+            if applied:
+                wait = 0.001
+                continue
+            ready, _, _ = select.select([sys.stdin.fileno()], [], [], wait)
+            wait = min(2 * wait, 0.05)
+            if (ready and not os.read(sys.stdin.fileno(), 4096)) or os.getppid() != parent:
+                ingestor.advance()  # the writer is gone: what it spooled, then stop
+                ingestor.close()
+                return 0
+    finally:
+        conn.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -67,11 +67,10 @@ class Monitor:
         optimizer hook is registered; call :meth:`before_step` after backward and
         :meth:`after_step` after the update (the forward hook stays).
     commit_every:
-        Steps per record transaction (default 1: each completed step is on disk
-        when the step returns and survives a SIGKILL). ``n > 1`` commits ``n``
-        steps together, cutting the record store's cost per step about ``n``-fold,
-        at the risk of losing the last ``n - 1`` steps' records to a SIGKILL;
-        :meth:`records` and :meth:`close` commit what is pending.
+        Spooled steps per SQLite transaction of the record store's ingest
+        (default 1). Whatever it is, each step's records are spooled when the
+        step returns: readable, and safe from a SIGKILL (see
+        :class:`dyndiag.records.RecordWriter`).
     batch_size_fn:
         ``(batch) -> int``: how curvature probes weight the batches of
         ``probe_data`` (default: dim 0 of a batch's first tensor), e.g. the number
@@ -337,9 +336,7 @@ class Monitor:
         if self.log_dir is not None:
             from .records import load_records
 
-            if self._writer is not None:
-                self._writer.flush()
-            return load_records(self.log_dir)
+            return load_records(self.log_dir)  # the database and the spool: every step written
         import pandas as pd
 
         return pd.DataFrame(self._memory, columns=["step", "probe", "metric", "key", "value", "wall_time"])

@@ -199,12 +199,14 @@ def test_start_step_overrides_and_rewinds_on_first_write(tmp_path):
 
 
 def test_a_second_writer_on_the_same_dir_is_refused(tmp_path):
-    a, b = RecordWriter(tmp_path), RecordWriter(tmp_path)
+    a = RecordWriter(tmp_path)
     a.write_step(0, [("p", "m", "", 1.0)])
     with pytest.raises(RuntimeError, match="another writer"):
-        b.write_step(0, [("p", "m", "", 2.0)])
+        RecordWriter(tmp_path)
     a.write_step(1)
-    a.close(), b.close()
+    a.close()
+    with RecordWriter(tmp_path) as b:  # the lock goes with the first writer
+        assert b.next_step == 2
     assert list(load_records(tmp_path)["value"]) == [1.0]
 
 
@@ -291,7 +293,7 @@ def test_newer_schema_is_refused_by_writer_and_readers(tmp_path):
     con.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (_sqlite.SCHEMA_VERSION + 1,))
     con.commit(), con.close()
     for call in (RecordWriter, load_records, lambda d: load_arrays(d, "p", "m")):
-        with pytest.raises(ValueError, match="schema version 2.*newer dyndiag"):
+        with pytest.raises(ValueError, match=f"schema version {_sqlite.SCHEMA_VERSION + 1}.*newer dyndiag"):
             call(tmp_path)
 
 
@@ -357,18 +359,19 @@ def test_writer_hot_path_does_not_import_pandas_or_torch(tmp_path):
 
 
 def test_wal_mode_and_background_checkpoints(tmp_path):
-    w = RecordWriter(tmp_path)
-    assert w._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    w = RecordWriter(tmp_path, ingest="inline")
+    conn, checkpointer = w._session.conn, w._session.checkpointer
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     c = sqlite3.connect(tmp_path / DB_NAME)
     assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     c.close()
-    w._checkpointer.every_bytes = 20_000
+    checkpointer.every_bytes = 20_000
     for s in range(100):
         w.write_step(s, [("p", "m", str(j), float(j)) for j in range(20)])
     deadline = time.monotonic() + 10
-    while w._checkpointer.count == 0 and time.monotonic() < deadline:
+    while checkpointer.count == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert w._checkpointer.count >= 1
+    assert checkpointer.count >= 1
     assert (tmp_path / DB_NAME).stat().st_size > 8192  # rows reached the database file before close
     closer = threading.Thread(target=w.close)  # closing from another thread is fine
     closer.start(), closer.join()
@@ -420,15 +423,23 @@ def test_only_rank_0_writes_and_every_rank_gets_its_counter(tmp_path):
 def test_a_forgotten_writer_is_released_when_collected(tmp_path):
     import gc
 
-    w = RecordWriter(tmp_path)
-    w._checkpointer.every_bytes = 1
+    w = RecordWriter(tmp_path / "inline", ingest="inline")
+    w._session.checkpointer.every_bytes = 1
     w.write_step(0, [("p", "m", "", 1.0)])
-    thread = w._checkpointer._thread
+    thread = w._session.checkpointer._thread
     assert thread is not None and thread.is_alive()
-    del w
+    p = RecordWriter(tmp_path / "process", ingest="process")
+    p.write_step(0, [("p", "m", "", 1.0)])
+    proc = p._session.proc
+    assert proc is not None and proc.poll() is None
+    del w, p
     gc.collect()
-    assert not thread.is_alive() and not (tmp_path / f"{DB_NAME}-wal").exists()
-    assert RecordWriter(tmp_path).next_step == 1
+    assert not thread.is_alive() and not (tmp_path / "inline" / f"{DB_NAME}-wal").exists()
+    assert proc.poll() == 0  # the ingest process finished and exited
+    for d in ("inline", "process"):
+        assert not _spool_files(tmp_path / d)
+        assert _stored(tmp_path / d) == [(0, 1.0)]
+        assert RecordWriter(tmp_path / d).next_step == 1
 
 
 def test_load_records_sorts_by_step_whatever_the_file_order(tmp_path):
@@ -443,22 +454,210 @@ def test_load_records_sorts_by_step_whatever_the_file_order(tmp_path):
     assert list(df.index) == [0, 1, 2, 3]
 
 
-def test_commit_every_keeps_steps_in_memory_until_n_then_commits_them_together(tmp_path):
-    w = RecordWriter(tmp_path, commit_every=3)
+def test_commit_every_batches_the_database_while_every_step_is_readable_at_once(tmp_path):
+    w = RecordWriter(tmp_path, commit_every=3, ingest="inline")
     for step in range(2):
         w.write_step(step, [("p", "m", "", float(step))], [("p", "a", "", np.arange(step + 1))])
-    assert not (tmp_path / "records.sqlite").exists() or load_records(tmp_path).empty
-    assert w.next_step == 2
+    assert _stored(tmp_path) == []  # not in the database yet ...
+    assert load_records(tmp_path).value.tolist() == [0.0, 1.0]  # ... but read from the spool
+    assert list(load_arrays(tmp_path, "p", "a")) == [0, 1]
     w.write_step(2, [("p", "m", "", 2.0)])
-    assert load_records(tmp_path).value.tolist() == [0.0, 1.0, 2.0]  # committed at the third step
+    assert _stored(tmp_path) == [(0, 0.0), (1, 1.0), (2, 2.0)]  # one transaction at the third step
     w.write_step(3, [("p", "m", "", 3.0)])
     w.flush()
-    assert load_records(tmp_path).step.tolist() == [0, 1, 2, 3]
+    assert [s for s, _ in _stored(tmp_path)] == [0, 1, 2, 3]
     w.write_step(4, [("p", "m", "", 4.0)])
-    w.close()  # close commits what is pending
-    assert load_records(tmp_path).step.tolist() == [0, 1, 2, 3, 4]
+    w.close()  # close ingests what is pending and removes the spool
+    assert [s for s, _ in _stored(tmp_path)] == [0, 1, 2, 3, 4] and not _spool_files(tmp_path)
     assert list(load_arrays(tmp_path, "p", "a")) == [0, 1]
     assert RecordWriter(tmp_path).next_step == 5
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="commit_every"):
             RecordWriter(tmp_path, commit_every=bad)
+    with pytest.raises(ValueError, match="ingest"):
+        RecordWriter(tmp_path, ingest="thread")
+
+
+def _stored(log_dir) -> list[tuple[int, float]]:
+    """(step, value) rows of the database alone, without the spool."""
+    c = sqlite3.connect(log_dir / DB_NAME)
+    try:
+        return c.execute("SELECT step, value FROM records ORDER BY rowid").fetchall()
+    finally:
+        c.close()
+
+
+def _spool_files(log_dir) -> list[str]:
+    return sorted(p.name for p in log_dir.glob("records.spool.*"))
+
+
+# ---------------------------------------------------------------- the spool and its ingest
+
+KILL_BOTH_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from dyndiag.records import RecordWriter
+    w = RecordWriter(sys.argv[1], ingest="process")
+    for s in range(100_000):
+        w.write_step(s, [("train", f"m{j}", "", s * 100.0 + j) for j in range(int(sys.argv[2]))])
+        if s == 0:
+            print("ingest", w._session.proc.pid, flush=True)
+        print(s, flush=True)
+        time.sleep(0.002)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _run_and_kill(tmp_path, kill_ingest: bool):
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_BOTH_SCRIPT)
+    log_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(script), str(log_dir), str(ROWS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reported, child = [], None
+    try:
+        while len(reported) < 30:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            if line.startswith("ingest"):
+                child = int(line.split()[1])
+            else:
+                reported.append(int(line))
+    finally:
+        if kill_ingest and child is not None:
+            os.kill(child, signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=30)
+    reported += [int(x) for x in rest.split()]
+    return log_dir, reported, child
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_ingest_process_finishes_the_spool_after_the_writer_is_killed(tmp_path):
+    log_dir, reported, child = _run_and_kill(tmp_path, kill_ingest=False)
+    deadline = time.monotonic() + 30
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(child)  # it noticed the writer was gone and exited
+    stored = sorted({s for s, _ in _stored(log_dir)})
+    assert set(reported) <= set(stored) and stored == list(range(len(stored)))  # the database alone
+    assert _check_complete(load_records(log_dir)) == stored
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_writer_and_ingest_together_loses_no_completed_step(tmp_path):
+    log_dir, reported, _ = _run_and_kill(tmp_path, kill_ingest=True)
+    assert _spool_files(log_dir)  # what the database lacks is still spooled ...
+    steps = _check_complete(load_records(log_dir))  # ... and readers read it
+    assert set(reported) <= set(steps) and steps[-1] <= reported[-1] + 1
+    with RecordWriter(log_dir, ingest="inline") as w:  # the next writer ingests it first
+        assert w.next_step == steps[-1] + 1
+        assert sorted({s for s, _ in _stored(log_dir)}) == steps
+        assert _spool_files(log_dir) == [f"records.spool.{w._session.seg:06d}"]  # only its own
+    assert not _spool_files(log_dir)
+
+
+def test_a_torn_last_frame_is_ignored_by_readers_and_the_next_writer(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import os
+        from dyndiag.records import RecordWriter
+        w = RecordWriter({str(tmp_path)!r}, ingest="inline", commit_every=100)
+        for s in range(3):
+            w.write_step(s, [("p", "m", "", float(s))])
+        os.write(w._session.fd, b"dS" + b"S" + (500).to_bytes(4, "little") + b"half a frame")
+        os._exit(0)  # a crash: no close, nothing ingested
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert _stored(tmp_path) == []
+    assert load_records(tmp_path)["value"].tolist() == [0.0, 1.0, 2.0]
+    with RecordWriter(tmp_path) as w:
+        assert w.next_step == 3
+        w.write_step(3, [("p", "m", "", 3.0)])
+    assert _stored(tmp_path) == [(s, float(s)) for s in range(4)]
+
+
+@pytest.mark.parametrize("ingest", ["inline", "process"])
+def test_spool_segments_rotate_and_are_removed_once_ingested(tmp_path, monkeypatch, ingest):
+    from dyndiag import _spool
+
+    monkeypatch.setattr(_spool, "SEGMENT_BYTES", 2000)
+    w = RecordWriter(tmp_path, ingest=ingest, commit_every=1000 if ingest == "inline" else 1)
+    for s in range(100):
+        w.write_step(s, [("p", "m", str(j), s + j / 10) for j in range(5)],
+                     [("p", "a", "", np.full(3, s))] if s % 10 == 0 else [])
+    if ingest == "inline":
+        assert len(_spool_files(tmp_path)) > 5 and _stored(tmp_path) == []
+    df = load_records(tmp_path)  # across every segment
+    assert df["step"].tolist() == [s for s in range(100) for _ in range(5)]
+    assert np.array_equal(df["value"], [s + j / 10 for s in range(100) for j in range(5)])
+    assert sorted(load_arrays(tmp_path, "p", "a")) == list(range(0, 100, 10))
+    w.flush()
+    assert len(_stored(tmp_path)) == 500 and len(_spool_files(tmp_path)) == 1  # the one being written
+    w.close()
+    assert not _spool_files(tmp_path) and len(_stored(tmp_path)) == 500
+    assert load_records(tmp_path).equals(df.assign(wall_time=load_records(tmp_path)["wall_time"]))
+
+
+def test_two_ingestors_apply_every_step_once(tmp_path):
+    w = RecordWriter(tmp_path, ingest="inline", commit_every=10_000)
+    conns = [sqlite3.connect(tmp_path / DB_NAME, isolation_level=None) for _ in range(2)]
+    ingestors = [_sqlite.Ingestor(c, tmp_path) for c in conns]
+    for s in range(60):
+        w.write_step(s, [("p", "m", "", float(s))])
+        if s % 7 == 0:
+            ingestors[s % 2].advance()  # each sometimes behind the other
+    for ing in ingestors:
+        ing.advance()
+        ing.close()
+    for c in conns:
+        c.close()
+    assert _stored(tmp_path) == [(s, float(s)) for s in range(60)]
+    w.close()
+    assert _stored(tmp_path) == [(s, float(s)) for s in range(60)]
+
+
+def test_a_version_1_store_is_read_and_upgraded_by_the_next_writer(tmp_path):
+    c = sqlite3.connect(tmp_path / DB_NAME)
+    c.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    c.execute("CREATE TABLE records (step INTEGER NOT NULL, probe TEXT NOT NULL, metric TEXT NOT NULL,"
+              " key TEXT NOT NULL, value, wall_time REAL NOT NULL)")
+    c.execute("CREATE TABLE arrays (step INTEGER NOT NULL, probe TEXT NOT NULL, metric TEXT NOT NULL,"
+              " key TEXT NOT NULL, wall_time REAL NOT NULL, npy BLOB NOT NULL, UNIQUE (probe, metric, key, step))")
+    c.executemany("INSERT INTO meta VALUES (?, ?)", [("schema_version", 1), ("next_step", 3)])
+    c.execute("INSERT INTO records VALUES (2, 'p', 'm', '', 2.0, 0.0)")
+    c.commit(), c.close()
+    assert load_records(tmp_path)["step"].tolist() == [2]
+    with RecordWriter(tmp_path) as w:
+        assert w.next_step == 3
+        w.write_step(3, [("p", "m", "", 3.0)])
+    assert load_records(tmp_path)["step"].tolist() == [2, 3]
+    c = sqlite3.connect(tmp_path / DB_NAME)
+    assert c.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == _sqlite.SCHEMA_VERSION
+    c.close()
+
+
+def test_a_dead_ingest_process_is_replaced_by_this_thread_with_a_warning(tmp_path):
+    from dyndiag.records import _Session
+
+    w = RecordWriter(tmp_path, ingest="process")
+    w.write_step(0, [("p", "m", "", 0.0)])
+    w._session.proc.kill()
+    w._session.proc.wait()
+    with pytest.warns(RuntimeWarning, match="ingest process exited"):
+        for s in range(1, _Session.CHECK_EVERY + 1):
+            w.write_step(s, [("p", "m", "", float(s))])
+    assert w._session.mode == "inline"
+    n = _Session.CHECK_EVERY + 1
+    assert _stored(tmp_path) == [(s, float(s)) for s in range(n)]
+    w.close()
+    assert load_records(tmp_path)["step"].tolist() == list(range(n))

@@ -68,14 +68,19 @@ def names_frame(entries: list) -> bytes:
     return frame(b"N", json.dumps([list(e) for e in entries], separators=(",", ":")).encode())
 
 
+_STEP_N: dict[int, struct.Struct] = {}  # the step header with n scalars, by n
+
+
 def step_frame(step: int, wall_time: float, rewind: int | None, ids: list, values: list, arrays: list) -> bytes:
     """``arrays``: ``[(id, npy bytes), ...]``."""
     n = len(ids)
-    parts = [STEP.pack(step, wall_time, -1 if rewind is None else rewind, n, len(arrays)),
-             struct.pack(f"<{n}I{n}d", *ids, *values)]
-    parts += [ARRAY.pack(i, len(blob)) for i, blob in arrays]
-    parts += [blob for _, blob in arrays]
-    return frame(b"S", b"".join(parts))
+    packer = _STEP_N.get(n)
+    if packer is None:
+        packer = _STEP_N[n] = struct.Struct(STEP.format + f"{n}I{n}d")
+    payload = packer.pack(step, wall_time, -1 if rewind is None else rewind, n, len(arrays), *ids, *values)
+    if arrays:
+        payload = b"".join([payload, *(ARRAY.pack(i, len(blob)) for i, blob in arrays), *(b for _, b in arrays)])
+    return HEADER.pack(MAGIC, b"S", len(payload), zlib.crc32(payload)) + payload
 
 
 END = frame(b"E")
@@ -175,9 +180,11 @@ def write_all(fd: int, data: bytes, size: int) -> int:
     torn one.
     """
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        written = os.write(fd, data)
+        if written != len(data):  # rare for a regular file; finish or fail
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(fd, view):]
     except BaseException:
         try:
             os.ftruncate(fd, size)

@@ -281,7 +281,9 @@ class Ingestor:
             end = self._base
             lost = False  # another ingestor moved the position: re-read from where it is
             for kind, item, end in _spool.parse(self._buf, offset, self._names, self._base):
-                if kind == b"S" and item is not None:
+                if kind == b"S":
+                    if item is None:  # applied before
+                        continue
                     batch.append(item)
                     if len(batch) < self.batch:
                         continue

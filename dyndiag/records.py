@@ -423,7 +423,16 @@ class _Session:
             try:
                 if self.fd is not None:
                     self.size = _spool.write_all(self.fd, _spool.END, self.size)
-                self._stop_process()
+                # Not waited for: this thread finishes the spool itself below (the two
+                # never apply a step twice), and the process exits when it sees the end
+                # mark (subprocess reaps it later).
+                proc, self.proc = self.proc, None
+                if proc is not None:
+                    for pipe in (proc.stdin, proc.stderr):
+                        try:
+                            pipe.close()
+                        except OSError:
+                            pass
                 if self.conn is not None and self.fd is not None:
                     if not self.ingestor.advance()[1]:
                         raise RuntimeError(f"{self.log_dir}: the record spool ends before the writer's "

@@ -435,7 +435,7 @@ def test_a_forgotten_writer_is_released_when_collected(tmp_path):
     del w, p
     gc.collect()
     assert not thread.is_alive() and not (tmp_path / "inline" / f"{DB_NAME}-wal").exists()
-    assert proc.poll() == 0  # the ingest process finished and exited
+    assert proc.wait(timeout=30) == 0  # the ingest process saw the end and exited
     for d in ("inline", "process"):
         assert not _spool_files(tmp_path / d)
         assert _stored(tmp_path / d) == [(0, 1.0)]

@@ -308,6 +308,7 @@ class _Session:
         self.fd: int | None = None
         self.proc: subprocess.Popen | None = None
         self.closed = False
+        self.pid = os.getpid()  # a forked child's copy must not finish (and remove) the parent's spool
         self.lock_fd: int | None = None
         self._lock = threading.Lock()
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -420,6 +421,8 @@ class _Session:
             if self.closed:
                 return
             self.closed = True
+            if os.getpid() != self.pid:
+                return
             try:
                 if self.fd is not None:
                     self.size = _spool.write_all(self.fd, _spool.END, self.size)

@@ -661,3 +661,20 @@ def test_a_dead_ingest_process_is_replaced_by_this_thread_with_a_warning(tmp_pat
     assert _stored(tmp_path) == [(s, float(s)) for s in range(n)]
     w.close()
     assert load_records(tmp_path)["step"].tolist() == list(range(n))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_close_the_parents_spool(tmp_path):
+    w = RecordWriter(tmp_path)
+    w.write_step(0, [("p", "m", "", 0.0)])
+    pid = os.fork()
+    if pid == 0:  # what a forked worker does at exit: its copy of the writer is collected
+        try:
+            w.close()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    w.write_step(1, [("p", "m", "", 1.0)])
+    assert _spool_files(tmp_path)  # still the parent's
+    w.close()
+    assert load_records(tmp_path)["value"].tolist() == [0.0, 1.0] and not _spool_files(tmp_path)

@@ -63,9 +63,9 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
     return HEADER.pack(MAGIC, kind, len(payload), zlib.crc32(payload)) + payload
 
 
-def names_frame(entries: list) -> bytes:
-    """``entries``: ``[(id, probe, metric, key), ...]``."""
-    return frame(b"N", json.dumps([list(e) for e in entries], separators=(",", ":")).encode())
+def names_frame(names: dict) -> bytes:
+    """``names``: ``{(probe, metric, key): id}``."""
+    return frame(b"N", json.dumps([[i, *k] for k, i in names.items()], separators=(",", ":")).encode())
 
 
 _STEP_N: dict[int, struct.Struct] = {}  # the step header with n scalars, by n

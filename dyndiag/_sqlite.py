@@ -58,8 +58,8 @@ def check_dir(log_dir: object, name: str = "log_dir") -> Path:
     return path
 
 
-def open_writer(log_dir: Path) -> tuple[sqlite3.Connection, int, int]:
-    """Create (or open) the store in ``log_dir``: the connection, the stored counter and spool position."""
+def open_writer(log_dir: Path) -> sqlite3.Connection:
+    """Create (or open) the store in ``log_dir``; returns the connection."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / DB_NAME
     # isolation_level=None: no implicit transactions, the writer issues BEGIN/COMMIT.
@@ -101,7 +101,7 @@ def open_writer(log_dir: Path) -> tuple[sqlite3.Connection, int, int]:
     except BaseException:
         conn.close()
         raise
-    return conn, int(meta["next_step"]), int(meta["spool_pos"])
+    return conn
 
 
 @contextmanager
@@ -388,6 +388,7 @@ def main(argv: list[str]) -> int:
     log_dir, batch = Path(argv[0]), int(argv[1])
     parent = os.getppid()
     conn = sqlite3.connect(log_dir / DB_NAME, timeout=TIMEOUT, isolation_level=None)
+    ingestor = None
     try:
         conn.execute("PRAGMA synchronous = NORMAL")
         ingestor = Ingestor(conn, log_dir, batch)
@@ -395,7 +396,6 @@ def main(argv: list[str]) -> int:
         while True:
             applied, closed = ingestor.advance()
             if closed:
-                ingestor.close()
                 return 0
             if applied:
                 wait = 0.001
@@ -404,9 +404,10 @@ def main(argv: list[str]) -> int:
             wait = min(2 * wait, 0.05)
             if (ready and not os.read(sys.stdin.fileno(), 4096)) or os.getppid() != parent:
                 ingestor.advance()  # the writer is gone: what it spooled, then stop
-                ingestor.close()
                 return 0
     finally:
+        if ingestor is not None:
+            ingestor.close()
         conn.close()
 
 

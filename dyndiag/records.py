@@ -50,7 +50,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -152,7 +152,6 @@ class RecordWriter:
         if ingest == "auto":
             ingest = "process" if os.name == "posix" and sys.executable else "inline"
         self.commit_every = commit_every
-        self.ingest = ingest
         self.log_dir = _sqlite.check_dir(log_dir, "log_dir")
         self.path = self.log_dir / DB_NAME
         if start_step is not None:
@@ -309,12 +308,11 @@ class _Session:
         self.proc: subprocess.Popen | None = None
         self.closed = False
         self.pid = os.getpid()  # a forked child's copy must not finish (and remove) the parent's spool
-        self.lock_fd: int | None = None
         self._lock = threading.Lock()
         log_dir.mkdir(parents=True, exist_ok=True)
         self.lock_fd = _lock(log_dir / LOCK_NAME)
         try:
-            self.conn, _, _ = _sqlite.open_writer(log_dir)
+            self.conn = _sqlite.open_writer(log_dir)
             self.ingestor = _sqlite.Ingestor(self.conn, log_dir, commit_every)
             # What a writer that died spooled: into the database, then a new segment.
             while True:
@@ -338,7 +336,7 @@ class _Session:
         fd = os.open(_spool.segment_path(self.log_dir, seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         size = os.fstat(fd).st_size
         if names:  # a segment can be read alone: it starts with every name so far
-            size = _spool.write_all(fd, _spool.names_frame([(i, *k) for k, i in names.items()]), size)
+            size = _spool.write_all(fd, _spool.names_frame(names), size)
         self.fd, self.seg, self.size = fd, seg, size
 
     def append(self, step, t, rewind, ids, values, array_ids, new, names) -> None:
@@ -347,7 +345,7 @@ class _Session:
                 raise ValueError(f"write_step on a closed RecordWriter ({self.log_dir / DB_NAME})")
             data = _spool.step_frame(step, t, rewind, ids, values, array_ids)
             if new:
-                data = _spool.names_frame([(i, *k) for k, i in new.items()]) + data
+                data = _spool.names_frame(new) + data
             self.size = _spool.write_all(self.fd, data, self.size)
             self._writes += 1
             if self.size >= _spool.SEGMENT_BYTES:
@@ -385,25 +383,23 @@ class _Session:
         err = self.proc.stderr.read().decode(errors="replace").strip().splitlines() if self.proc.stderr else []
         warnings.warn(f"records: the ingest process exited with code {self.proc.returncode}"
                       f"{': ' + err[-1] if err else ''}; ingesting on this thread", RuntimeWarning, stacklevel=4)
-        self._stop_process()
+        self._let_go()
         self.mode = "inline"
         self._ingest()
 
-    def _stop_process(self) -> None:
+    def _let_go(self) -> None:
+        """Close the ingest process's pipes (end-of-file: it ingests what is left and exits).
+
+        Not waited for: whoever lets go ingests the spool itself next (the two never
+        apply a step twice), and subprocess reaps the process later.
+        """
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            proc.stdin.close()  # end-of-file: ingest what is left and exit
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        if proc is not None:
+            for pipe in (proc.stdin, proc.stderr):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
     def _ingest(self) -> None:
         applied, _ = self.ingestor.advance()
@@ -426,16 +422,7 @@ class _Session:
             try:
                 if self.fd is not None:
                     self.size = _spool.write_all(self.fd, _spool.END, self.size)
-                # Not waited for: this thread finishes the spool itself below (the two
-                # never apply a step twice), and the process exits when it sees the end
-                # mark (subprocess reaps it later).
-                proc, self.proc = self.proc, None
-                if proc is not None:
-                    for pipe in (proc.stdin, proc.stderr):
-                        try:
-                            pipe.close()
-                        except OSError:
-                            pass
+                self._let_go()
                 if self.conn is not None and self.fd is not None:
                     if not self.ingestor.advance()[1]:
                         raise RuntimeError(f"{self.log_dir}: the record spool ends before the writer's "
@@ -492,11 +479,7 @@ def load_records(log_dir: str | os.PathLike) -> pd.DataFrame:
         # at or after its step before writing (checked below all the same).
         rows, tail = _sqlite.read(log_dir, lambda conn: conn.execute(
             "SELECT step, probe, metric, key, value, wall_time FROM records ORDER BY rowid").fetchall())
-        rows = rows or []
-        for s in tail:  # spooled, not yet in the database
-            if s.rewind is not None:
-                rows = [r for r in rows if r[0] < s.rewind]
-            rows += [(s.step, p, m, k, v, s.wall_time) for p, m, k, v in s.scalars]
+        rows = _with_tail(rows or [], tail, lambda s: [(s.step, p, m, k, v, s.wall_time) for p, m, k, v in s.scalars])
         cols = list(zip(*rows)) if rows else [()] * len(COLUMNS)
         del rows
     finally:
@@ -565,13 +548,8 @@ def load_arrays(
 
     result, tail = _sqlite.read(log_dir, query)
     stored, found = (set(result[0]), result[1]) if result is not None else (set(), [])
-    for s in tail:  # spooled, not yet in the database
-        if s.rewind is not None:
-            found = [r for r in found if r[0] < s.rewind]
-        for p, m, k, blob in s.arrays:
-            stored.add((p, m, k))
-            if p == probe and m == metric:
-                found.append((s.step, k, blob))
+    stored |= {(p, m, k) for s in tail for p, m, k, _ in s.arrays}
+    found = _with_tail(found, tail, lambda s: [(s.step, k, b) for p, m, k, b in s.arrays if (p, m) == (probe, metric)])
     keys = sorted({k for p, m, k in stored if p == probe and m == metric})
     if key is None and len(keys) > 1:
         raise ValueError(f"probe={probe!r}, metric={metric!r} has arrays under several keys {keys}; "
@@ -582,6 +560,19 @@ def load_arrays(
     chosen = keys[0] if key is None else key
     found = [(s, blob) for s, k, blob in found if k == chosen and (step is None or s == step)]
     return {s: np.load(io.BytesIO(blob), allow_pickle=False) for s, blob in found}
+
+
+def _with_tail(rows: list, tail: list, new_rows: Callable) -> list:
+    """Database ``rows`` (step first) followed by the spooled steps' ``new_rows(step)``.
+
+    A spooled step that rewinds drops every earlier row at or after its step first,
+    as its ingest transaction will.
+    """
+    for s in tail:
+        if s.rewind is not None:
+            rows = [r for r in rows if r[0] < s.rewind]
+        rows += new_rows(s)
+    return rows
 
 
 def _broadcast_counter(stored: int, error: Exception | None) -> int:

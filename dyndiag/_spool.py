@@ -16,12 +16,25 @@ Layout: ``<log_dir>/records.spool.NNNNNN`` segment files, each a sequence of fra
 ``E``  the writer closed.
 
 A frame is valid when it is complete and its CRC matches; reading stops at the first
-frame that is not (a write torn by a crash), so a reader sees whole steps only.
+frame that is not (a write torn by a crash, or the zeros after the last frame), so a
+reader sees whole steps only.
+
+How a segment is written (:class:`Segment`): where the system allows it (POSIX with
+``posix_fallocate``), the segment's ``SEGMENT_BYTES`` are reserved on disk up front
+and mapped into memory, and a frame is stored into the mapping: a step costs a
+``struct.pack_into`` and a CRC, no system call, and once it is stored the page cache
+holds it, so a SIGKILL of the writer cannot lose it. Reserving the blocks first
+means a full disk fails when a segment is created (an ``OSError`` before any byte of
+the step is stored), never as a ``SIGBUS`` in the middle of a store. Elsewhere a
+frame is appended with one ``write()``. Readers cannot tell the two apart: a
+mapped segment only has zeros after its last frame.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import struct
 import zlib
@@ -33,7 +46,10 @@ MAGIC = b"dS"
 HEADER = struct.Struct("<2scII")
 STEP = struct.Struct("<qdqII")
 ARRAY = struct.Struct("<IQ")
-SEGMENT_BYTES = 64 << 20  # a new segment after this many bytes (the ingested ones are deleted)
+SEGMENT_BYTES = 4 << 20  # bytes a segment holds (a frame larger than that gets a segment of its own size)
+#: Whether segments are written through a memory mapping where the system allows it
+#: (tests switch it off to cover the ``write()`` path other systems take).
+MAP = hasattr(os, "posix_fallocate") and hasattr(mmap, "MAP_SHARED")
 OFFSET_BITS = 40  # a spool position is segment << 40 | offset: one integer in the meta table
 
 
@@ -68,16 +84,20 @@ def names_frame(names: dict) -> bytes:
     return frame(b"N", json.dumps([[i, *k] for k, i in names.items()], separators=(",", ":")).encode())
 
 
-_STEP_N: dict[int, struct.Struct] = {}  # the step header with n scalars, by n
+_STEP_N: dict[int, struct.Struct] = {}  # the step payload with n scalars and no array, by n
+
+
+def step_packer(n: int) -> struct.Struct:
+    packer = _STEP_N.get(n)
+    if packer is None:
+        packer = _STEP_N[n] = struct.Struct(STEP.format + f"{n}I{n}d")
+    return packer
 
 
 def step_frame(step: int, wall_time: float, rewind: int | None, ids: list, values: list, arrays: list) -> bytes:
     """``arrays``: ``[(id, npy bytes), ...]``."""
     n = len(ids)
-    packer = _STEP_N.get(n)
-    if packer is None:
-        packer = _STEP_N[n] = struct.Struct(STEP.format + f"{n}I{n}d")
-    payload = packer.pack(step, wall_time, -1 if rewind is None else rewind, n, len(arrays), *ids, *values)
+    payload = step_packer(n).pack(step, wall_time, -1 if rewind is None else rewind, n, len(arrays), *ids, *values)
     if arrays:
         payload = b"".join([payload, *(ARRAY.pack(i, len(blob)) for i, blob in arrays), *(b for _, b in arrays)])
     return HEADER.pack(MAGIC, b"S", len(payload), zlib.crc32(payload)) + payload
@@ -85,6 +105,7 @@ def step_frame(step: int, wall_time: float, rewind: int | None, ids: list, value
 
 END = frame(b"E")
 ROTATE = frame(b"R")
+ROTATE_BYTES = len(ROTATE)
 
 
 @dataclass
@@ -99,38 +120,43 @@ class Step:
     end: int = 0
 
 
-def parse(data: bytes | memoryview, start: int, names: dict, base: int = 0):
-    """Frames of ``data`` (the bytes of a segment from file offset ``base``).
+def parse(data, start: int, names: dict, at: int = 0):
+    """Frames of ``data`` (a whole segment: bytes or a read-only mapping), from file offset ``at``.
 
-    Yields ``(kind, item, end)``: ``N`` frames update ``names`` (id -> (probe,
-    metric, key)) and yield ``None``; ``S`` frames at file offsets ``>= start`` yield
-    a :class:`Step` (earlier ones are skipped undecoded); ``R``/``E`` yield ``None``.
-    ``end`` is the file offset after the frame. Stops at the first incomplete or
-    corrupt frame.
+    ``at`` is a frame boundary (0, or an ``end`` yielded before). Yields ``(kind,
+    item, end)``: ``N`` frames update ``names`` (id -> (probe, metric, key)) and
+    yield ``None``; ``S`` frames at offsets ``>= start`` yield a :class:`Step`, earlier
+    ones (already ingested, so checked once) yield ``None`` undecoded and unchecked;
+    ``R``/``E`` yield ``None``. ``end`` is the file offset after the frame. Stops at
+    the first incomplete or corrupt frame. Nothing yielded refers to ``data``, so a
+    mapping may be closed afterwards.
     """
-    view = memoryview(data)
-    at = 0
-    while at + HEADER.size <= len(view):
-        magic, kind, length, crc = HEADER.unpack_from(view, at)
+    size = len(data)
+    while at + HEADER.size <= size:
+        magic, kind, length, crc = HEADER.unpack_from(data, at)
         body = at + HEADER.size
-        if magic != MAGIC or body + length > len(view):
+        end = body + length
+        if magic != MAGIC or end > size:
             return
-        payload = view[body : body + length]
+        if kind == b"S" and at < start:
+            yield kind, None, end
+            at = end
+            continue
+        payload = data[body:end]
         if zlib.crc32(payload) != crc:
             return
-        end = base + body + length
         if kind == b"N":
-            for i, p, m, k in json.loads(bytes(payload)):
+            for i, p, m, k in json.loads(payload):
                 names[i] = (p, m, k)
             yield kind, None, end
         elif kind == b"S":
-            yield kind, (_decode_step(payload, names, end) if base + at >= start else None), end
+            yield kind, _decode_step(payload, names, end), end
         else:
             yield kind, None, end
-        at = body + length
+        at = end
 
 
-def _decode_step(payload: memoryview, names: dict, end: int) -> Step:
+def _decode_step(payload: bytes, names: dict, end: int) -> Step:
     step, wall_time, rewind, n, m = STEP.unpack_from(payload, 0)
     at = STEP.size
     flat = struct.unpack_from(f"<{n}I{n}d", payload, at)
@@ -140,9 +166,30 @@ def _decode_step(payload: memoryview, names: dict, end: int) -> Step:
     heads = [ARRAY.unpack_from(payload, at + ARRAY.size * j) for j in range(m)]
     at += ARRAY.size * m
     for i, length in heads:
-        out.arrays.append((*names[i], bytes(payload[at : at + length])))
+        out.arrays.append((*names[i], payload[at : at + length]))
         at += length
     return out
+
+
+def open_segment(path: Path):
+    """The bytes of a segment file as a read-only mapping (``b""`` when empty); None if absent.
+
+    A mapping reads only the pages parsed, not the zeros after a mapped segment's last
+    frame; close it after use.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def close_segment(data) -> None:
+    if isinstance(data, mmap.mmap):
+        data.close()
 
 
 def read_tail(log_dir: Path, pos: int) -> list[Step] | None:
@@ -156,21 +203,107 @@ def read_tail(log_dir: Path, pos: int) -> list[Step] | None:
     seg, offset = unpack_pos(pos)
     out: list[Step] = []
     while True:
-        try:
-            with open(segment_path(log_dir, seg), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
+        data = open_segment(segment_path(log_dir, seg))
+        if data is None:
             return None
         names: dict = {}
         rotated = False
-        for kind, item, _ in parse(data, offset, names):
-            if kind == b"S" and item is not None:
-                out.append(item)
-            elif kind == b"R":
-                rotated = True
+        try:
+            for kind, item, _ in parse(data, offset, names):
+                if kind == b"S" and item is not None:
+                    out.append(item)
+                elif kind == b"R":
+                    rotated = True
+        finally:
+            close_segment(data)
         if not rotated:
             return out
         seg, offset = seg + 1, 0
+
+
+class Segment:
+    """The writing end of one spool segment: frames appended at :attr:`size`.
+
+    Mapped (see the module docstring) when :data:`MAP` and the system allow it, else
+    written with ``write()``. ``need``: bytes the first frame will take, so a frame
+    larger than ``SEGMENT_BYTES`` gets a segment that holds it.
+    """
+
+    def __init__(self, log_dir: Path, seg: int, names: dict, need: int = 0) -> None:
+        self.seg = seg
+        self.capacity = max(SEGMENT_BYTES, need + len(ROTATE) + (len(names_frame(names)) if names else 0))
+        self.mm: mmap.mmap | None = None
+        self.fd = os.open(segment_path(log_dir, seg), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self.size = self.first = os.fstat(self.fd).st_size
+            if MAP and self.size == 0 and self._reserve():
+                # MAP_POPULATE: the pages are faulted in now, not one at a time in write_step.
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                self.mm = mmap.mmap(self.fd, self.capacity, flags=flags)
+            if names:  # a segment can be read alone: it starts with every name so far
+                self.append(names_frame(names))
+                self.first = self.size
+        except BaseException:
+            self.close()
+            raise
+
+    def _reserve(self) -> bool:
+        """Reserve the segment's blocks (zeros); False where the file system cannot (then: write())."""
+        try:
+            os.posix_fallocate(self.fd, 0, self.capacity)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", -1)):
+                return False
+            raise
+        return True
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a frame of ``nbytes`` goes into this segment (else: rotate first).
+
+        Room for the ``R`` frame that ends a segment is always kept; an unmapped
+        segment takes a frame of any size while it holds no step.
+        """
+        if self.mm is None and self.size == self.first:
+            return True
+        return self.size + nbytes + len(ROTATE) <= self.capacity
+
+    def append(self, data: bytes) -> None:
+        """Store the whole frame(s) ``data`` (a caller checked :meth:`fits`, or writes ``R``/``E``)."""
+        if self.mm is None:
+            self.size = write_all(self.fd, data, self.size)
+            return
+        end = self.size + len(data)
+        self.mm[self.size : end] = data
+        self.size = end
+
+    def append_step(self, step: int, wall_time: float, rewind: int | None, ids: list, values: list) -> bool:
+        """Store a step of scalars only, packed in place; False (nothing stored) if it does not fit."""
+        packer = step_packer(len(ids))
+        nbytes = HEADER.size + packer.size
+        if not self.fits(nbytes):
+            return False
+        if self.mm is None:
+            self.append(step_frame(step, wall_time, rewind, ids, values, ()))
+            return True
+        mm, at = self.mm, self.size
+        body, end = at + HEADER.size, at + nbytes
+        try:
+            packer.pack_into(mm, body, step, wall_time, -1 if rewind is None else rewind, len(ids), 0, *ids, *values)
+        except BaseException:
+            mm[body:end] = bytes(packer.size)  # nothing of it stays behind
+            raise
+        # The header last: until it is stored the frame does not exist for a reader.
+        HEADER.pack_into(mm, at, MAGIC, b"S", packer.size, zlib.crc32(mm[body:end]))
+        self.size = end
+        return True
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def write_all(fd: int, data: bytes, size: int) -> int:

@@ -245,26 +245,28 @@ class Ingestor:
     def _open(self, pos: int) -> None:
         self.close()
         self.seg = _spool.unpack_pos(pos)[0]
-        self._buf = b""
-        self._base = 0  # file offset of _buf[0]
+        self._at = 0  # file offset of the next frame to parse
         self._names: dict = {}
 
     def _read(self) -> bool:
-        """Read what was appended to the segment since; False if it does not exist (yet, or any more)."""
-        if self._file is None:
+        """Map the segment (again, if it grew); False if it does not exist (yet, or any more)."""
+        path = _spool.segment_path(self.log_dir, self.seg)
+        if self._data is not None:
             try:
-                self._file = open(_spool.segment_path(self.log_dir, self.seg), "rb")
+                grown = os.stat(path).st_size != len(self._data)
             except FileNotFoundError:
-                return False
-        self._file.seek(self._base + len(self._buf))
-        self._buf += self._file.read()
-        return True
+                grown = False  # deleted by another ingestor: what is mapped is still readable
+            if not grown:
+                return True
+            _spool.close_segment(self._data)
+            self._data = None
+        self._data = _spool.open_segment(path)
+        return self._data is not None
 
     def close(self) -> None:
-        """Close the segment file it follows."""
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-        self._file = None
+        """Let go of the segment it follows."""
+        _spool.close_segment(getattr(self, "_data", None))
+        self._data = None
 
     def advance(self) -> tuple[int, bool]:
         """Apply every complete step spooled so far; returns (steps applied, whether the writer closed)."""
@@ -278,9 +280,9 @@ class Ingestor:
             if not self._read():  # not created yet, or ingested and removed by another
                 return applied, False
             batch: list = []
-            end = self._base
+            end = self._at
             lost = False  # another ingestor moved the position: re-read from where it is
-            for kind, item, end in _spool.parse(self._buf, offset, self._names, self._base):
+            for kind, item, end in _spool.parse(self._data, offset, self._names, self._at):
                 if kind == b"S":
                     if item is None:  # applied before
                         continue
@@ -305,8 +307,7 @@ class Ingestor:
             else:
                 done = self._apply(batch)
                 if done >= 0:
-                    self._buf = self._buf[end - self._base:]
-                    self._base = end
+                    self._at = end
                     return applied + done, False
                 lost = True
             if lost:
@@ -387,6 +388,12 @@ def main(argv: list[str]) -> int:
     """
     log_dir, batch = Path(argv[0]), int(argv[1])
     parent = os.getppid()
+    # Behind training for CPU time: readers merge the spool, so nothing waits for the
+    # database, and a training run using every core should not lose any to it.
+    try:
+        os.nice(10)
+    except (AttributeError, OSError):
+        pass
     conn = sqlite3.connect(log_dir / DB_NAME, timeout=TIMEOUT, isolation_level=None)
     ingestor = None
     try:

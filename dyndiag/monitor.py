@@ -318,7 +318,7 @@ class Monitor:
     def _write(self, step: int, scalars: list, arrays: list) -> None:
         if self._writer is not None:
             try:
-                self._writer.write_step(step, scalars, arrays)
+                self._writer._write_rows(step, scalars, arrays)
             except Exception as err:  # a full disk must not stop training either
                 self._warn_once("write", f"records could not be written (step {step}): {type(err).__name__}: {err}")
         else:

@@ -565,15 +565,19 @@ def test_killing_writer_and_ingest_together_loses_no_completed_step(tmp_path):
     assert not _spool_files(log_dir)
 
 
-def test_a_torn_last_frame_is_ignored_by_readers_and_the_next_writer(tmp_path):
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "write"])
+def test_a_torn_last_frame_is_ignored_by_readers_and_the_next_writer(tmp_path, mapped):
     code = textwrap.dedent(
         f"""
         import os
+        from dyndiag import _spool
         from dyndiag.records import RecordWriter
+        _spool.MAP = _spool.MAP and {mapped}
         w = RecordWriter({str(tmp_path)!r}, ingest="inline", commit_every=100)
+        assert (w._session.spool.mm is not None) == _spool.MAP
         for s in range(3):
             w.write_step(s, [("p", "m", "", float(s))])
-        os.write(w._session.fd, b"dS" + b"S" + (500).to_bytes(4, "little") + b"half a frame")
+        w._session.spool.append(b"dS" + b"S" + (500).to_bytes(4, "little") + b"half a frame")
         os._exit(0)  # a crash: no close, nothing ingested
         """
     )
@@ -586,11 +590,13 @@ def test_a_torn_last_frame_is_ignored_by_readers_and_the_next_writer(tmp_path):
     assert _stored(tmp_path) == [(s, float(s)) for s in range(4)]
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "write"])
 @pytest.mark.parametrize("ingest", ["inline", "process"])
-def test_spool_segments_rotate_and_are_removed_once_ingested(tmp_path, monkeypatch, ingest):
+def test_spool_segments_rotate_and_are_removed_once_ingested(tmp_path, monkeypatch, ingest, mapped):
     from dyndiag import _spool
 
     monkeypatch.setattr(_spool, "SEGMENT_BYTES", 2000)
+    monkeypatch.setattr(_spool, "MAP", _spool.MAP and mapped)
     w = RecordWriter(tmp_path, ingest=ingest, commit_every=1000 if ingest == "inline" else 1)
     for s in range(100):
         w.write_step(s, [("p", "m", str(j), s + j / 10) for j in range(5)],
@@ -668,13 +674,72 @@ def test_a_forked_child_does_not_close_the_parents_spool(tmp_path):
     w = RecordWriter(tmp_path)
     w.write_step(0, [("p", "m", "", 0.0)])
     pid = os.fork()
-    if pid == 0:  # what a forked worker does at exit: its copy of the writer is collected
+    if pid == 0:  # a forked worker: its copy of the writer refuses to write, then is collected
+        code = 1
         try:
-            w.close()
+            w.write_step(1, [("p", "m", "", -1.0)])
+        except ValueError as err:
+            code = 0 if "forked child" in str(err) else 2
         finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+            w.close()
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     w.write_step(1, [("p", "m", "", 1.0)])
     assert _spool_files(tmp_path)  # still the parent's
     w.close()
     assert load_records(tmp_path)["value"].tolist() == [0.0, 1.0] and not _spool_files(tmp_path)
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "write"])
+def test_the_monitors_fast_path_stores_what_write_step_stores(tmp_path, monkeypatch, mapped):
+    """``_write_rows`` (the Monitor's path) against ``write_step`` on the same steps: new
+    names appearing mid-run, arrays on some steps, a changing number of rows, a rewind,
+    segment rotation, and a frame larger than a whole segment."""
+    from dyndiag import _spool
+
+    monkeypatch.setattr(_spool, "SEGMENT_BYTES", 4096)
+    monkeypatch.setattr(_spool, "MAP", _spool.MAP and mapped)
+
+    def steps():
+        for s in range(120):
+            rows = [("p", "m", str(j), s + j / 8) for j in range(1 + s % 3)]
+            if s >= 50:
+                rows.append(("q", "late", "", float(-s)))
+            arrays = [("p", "big", "", np.arange(1000.0) + s)] if s in (7, 90) else []
+            yield s, rows, arrays
+
+    out = {}
+    for how in ("fast", "plain"):
+        d = tmp_path / how
+        with RecordWriter(d, ingest="inline", commit_every=7) as w:
+            assert (w._session.spool.mm is not None) == _spool.MAP
+            for s, rows, arrays in steps():
+                (w._write_rows if how == "fast" else w.write_step)(s, rows, arrays)
+        with RecordWriter(d, start_step=100, ingest="inline") as w:  # a rewind through each path
+            rows = [("p", "m", "0", 1e9)]
+            (w._write_rows if how == "fast" else w.write_step)(100, rows, [])
+        out[how] = load_records(d).drop(columns="wall_time"), load_arrays(d, "p", "big")
+        assert not _spool_files(d)
+    fast, plain = out["fast"], out["plain"]
+    pd.testing.assert_frame_equal(fast[0], plain[0])
+    assert fast[0]["step"].max() == 100 and len(fast[0]) == sum(
+        len(r) for s, r, _ in steps() if s < 100) + 1
+    assert sorted(fast[1]) == [7, 90] and all(np.array_equal(fast[1][s], plain[1][s]) for s in (7, 90))
+
+
+@pytest.mark.skipif(not __import__("dyndiag._spool", fromlist=["MAP"]).MAP, reason="no mapped spool here")
+def test_a_mapped_segment_is_reserved_up_front_and_read_up_to_its_last_frame(tmp_path):
+    from dyndiag import _spool
+
+    w = RecordWriter(tmp_path, ingest="inline", commit_every=1000)
+    if w._session.spool.mm is None:
+        w.close()
+        pytest.skip("this file system cannot reserve blocks (posix_fallocate)")
+    for s in range(5):
+        w._write_rows(s, [("p", "m", "", float(s))], [])
+    path = _spool.segment_path(tmp_path, w._session.seg)
+    assert path.stat().st_size == _spool.SEGMENT_BYTES  # reserved: no SIGBUS on a full disk later
+    assert os.stat(path).st_blocks * 512 >= _spool.SEGMENT_BYTES
+    assert load_records(tmp_path)["value"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # the zeros end it
+    w.close()
+    assert not _spool_files(tmp_path)

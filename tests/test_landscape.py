@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import dyndiag.landscape as L
+from dyndiag.landscape import grid
 from dyndiag.curvature import HessianOperator
 from tests.exact import exact_hessian
 from tests.models import TiedFrozen, batchnorm_mlp, classification_data, tanh_mlp
@@ -208,8 +209,8 @@ def test_metric_and_dataframe():
     assert list(d1.to_dataframe().columns) == ["x", "loss"] and d1.metric_values is None
     closure = lambda m, b: CE(m(b[0]), b[1])  # noqa: E731
     s2 = L.surface(model, None, data, L.random_directions(model, 2, seed=0), resolution=3,
-                   closure=closure, metric=acc, progress=False)
-    np.testing.assert_array_equal(s2.values, s.values)
+                   closure=closure, metric=acc, progress=False)  # per point; s was batched
+    np.testing.assert_allclose(s2.values, s.values, rtol=1e-13, atol=0)
     np.testing.assert_array_equal(s2.metric_values, s.metric_values)
 
 
@@ -230,6 +231,169 @@ def test_model_comes_back_bit_identical():
     assert np.isfinite(s.values).all()
     assert list(model.parameters()) == params
     assert_same(before, snapshot(model))  # params, grad objects and values, flags, modes, buffers, RNGs
+
+
+# -- batched evaluation (vmap over chunks of grid points) ---------------------------------
+def per_point_and(model, data, batch_points, resolution=5, batched=None, **kw):
+    """Surfaces with the per-point loop and with ``batch_points``; ``batched=True``
+    asserts the second never entered the per-point loop."""
+    dirs = L.random_directions(model, 2, seed=0, ignore=())
+    run = lambda bp: L.surface(model, CE, data, dirs, resolution=resolution, batch_points=bp,  # noqa: E731
+                               progress=False, **kw)
+    loop = run(1)
+    if not batched:
+        return loop, run(batch_points)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grid, "_per_point", lambda *a: pytest.fail("fell back to the per-point loop"))
+        return loop, run(batch_points)
+
+
+@pytest.mark.parametrize("batch_points", ["auto", 4, 7, 25, 256])
+def test_batched_equals_per_point_float64(batch_points):
+    model, (x, y) = tanh_mlp(), classification_data(n=25)
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]  # unequal sizes: weighted by sample count
+    acc = lambda out, t: (out.argmax(1) == t).double().mean()  # noqa: E731
+    loop, batched = per_point_and(model, batches, batch_points, metric=acc, batched=True)
+    assert np.ptp(loop.values) > 0.05
+    np.testing.assert_allclose(batched.values, loop.values, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(batched.metric_values, loop.metric_values)
+
+
+def test_batched_equals_per_point_float32_loader_and_1d():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))  # float32
+    x, y = classification_data(n=40, dtype=torch.float32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    loop, batched = per_point_and(model, loader, "auto", resolution=6, batched=True)
+    np.testing.assert_allclose(batched.values, loop.values, rtol=1e-6, atol=0)
+    d = L.random_directions(model, 1, seed=2)
+    one = [L.surface(model, CE, (x, y), d, resolution=7, batch_points=bp, progress=False).values for bp in (0, 3)]
+    np.testing.assert_allclose(one[1], one[0], rtol=1e-6, atol=0)
+
+
+def test_batched_with_tied_frozen_and_selected_params():
+    model, (x, y) = TiedFrozen(), classification_data(d=5, classes=3)
+    d = L.random_directions(model, 2, seed=0)
+    runs = [L.surface(model, CE, (x, y), d, resolution=4, batch_points=bp, progress=False).values for bp in (1, 16)]
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-12)
+    head = [L.random_directions(model, 1, params=[model.head.weight], seed=s)[0] for s in (0, 1)]
+    runs = [L.surface(model, CE, (x, y), head, resolution=4, params=[model.head.weight], batch_points=bp,
+                      progress=False).values for bp in (1, 5)]
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-12)
+
+
+def test_batchnorm_eval_mode_is_batched_and_train_mode_falls_back():
+    data = classification_data()
+    loop, batched = per_point_and(batchnorm_mlp(train=False), data, 4, batched=True)
+    np.testing.assert_allclose(batched.values, loop.values, rtol=0, atol=1e-12)
+    model = batchnorm_mlp(train=True)
+    before = snapshot(model)
+    loop, auto = per_point_and(model, data, "auto")
+    np.testing.assert_array_equal(auto.values, loop.values)  # both per point: same bits
+    with pytest.warns(RuntimeWarning, match="BatchNorm1d '1' in train mode"):
+        _, forced = per_point_and(model, data, 4)
+    np.testing.assert_array_equal(forced.values, loop.values)
+    assert_same(before, snapshot(model))  # running statistics never moved
+
+
+def test_closure_falls_back_to_per_point():
+    model, data = tanh_mlp(), classification_data()
+    dirs = L.random_directions(model, 2, seed=0)
+    counter = Counting()
+    s = L.surface(model, None, data, dirs, resolution=3, closure=counter, progress=False)
+    assert counter.calls == 9  # one call per point and batch
+    with pytest.warns(RuntimeWarning, match="closure"):
+        forced = L.surface(model, None, data, dirs, resolution=3, closure=Counting(), batch_points=9, progress=False)
+    np.testing.assert_array_equal(forced.values, s.values)
+
+
+class ItemModel(nn.Module):
+    """A forward vmap cannot batch: a Python branch on a tensor's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tanh_mlp()
+
+    def forward(self, x):
+        out = self.net(x)
+        return out * 2 if out.sum().item() > 1e9 else out
+
+
+class CountingBuffer(nn.Module):
+    """A forward that writes an (unbatched) buffer: vmap runs it, but not per point."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tanh_mlp()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("cls, why", [(ItemModel, "vmap failed"), (CountingBuffer, "writes a buffer")])
+def test_model_vmap_cannot_handle_falls_back(cls, why):
+    model, data = cls(), classification_data()
+    before = snapshot(model)
+    loop, auto = per_point_and(model, data, "auto")
+    np.testing.assert_array_equal(auto.values, loop.values)
+    with pytest.warns(RuntimeWarning, match=why):
+        _, forced = per_point_and(model, data, 4)
+    np.testing.assert_array_equal(forced.values, loop.values)
+    assert_same(before, snapshot(model))
+    # The same values as a model vmap can batch.
+    np.testing.assert_allclose(per_point_and(model.net, data, 4, batched=True)[1].values, loop.values,
+                               rtol=0, atol=1e-12)
+
+
+def test_metric_under_vmap_and_metric_that_falls_back():
+    model, data = tanh_mlp(), classification_data()
+    acc = lambda out, t: (out.argmax(1) == t).double().mean()  # noqa: E731
+    loop, batched = per_point_and(model, data, "auto", metric=acc, batched=True)
+    np.testing.assert_array_equal(batched.metric_values, loop.metric_values)
+    assert len(np.unique(loop.metric_values)) > 1
+    as_float = lambda out, t: float((out.argmax(1) == t).double().mean().item())  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="vmap failed"):
+        _, fell = per_point_and(model, data, 6, metric=as_float)
+    np.testing.assert_array_equal(fell.metric_values, loop.metric_values)
+    np.testing.assert_array_equal(fell.values, loop.values)
+
+
+def test_model_comes_back_bit_identical_after_batched_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 4)
+    ).double().train()
+    x, y = classification_data()
+    model(x)  # moved running statistics
+    CE(model(x), y).backward()
+    model[4].weight.grad = None
+    model[1].eval()  # BatchNorm on running statistics, dropout in train mode: batched
+    before = snapshot(model)
+    params = list(model.parameters())
+    loop, batched = per_point_and(model, [(x[:10], y[:10]), (x[10:], y[10:])], 4, batched=True)
+    np.testing.assert_allclose(batched.values, loop.values, rtol=0, atol=1e-12)  # dropout was off
+    assert list(model.parameters()) == params
+    assert_same(before, snapshot(model))
+
+
+def test_auto_chunk_rule():
+    _auto_chunk = grid._auto_chunk
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    batch = lambda n: ((torch.zeros(n, 64), torch.zeros(n, dtype=torch.long)), n)  # noqa: E731
+    assert _auto_chunk([batch(512)], cpu, 3610) == 36  # the digits benchmark: 2**26 // (512 * 3610)
+    assert _auto_chunk([batch(128)], cpu, 3610) == 128
+    assert _auto_chunk([batch(10), batch(1024)], cpu, 3610) == 18  # the largest batch counts
+    assert _auto_chunk([batch(1797)], cpu, 3610) == 1  # 10 < 16 points: per point
+    assert _auto_chunk([batch(512)], cpu, 38410) == 1
+    assert _auto_chunk([batch(64)], cpu, 38410) == 27
+    assert _auto_chunk([batch(1797)], gpu, 3610) == 10  # no 16-point floor off the CPU
+    assert _auto_chunk([batch(4096)], gpu, 10) == 8  # 2**15 sample evaluations
+    assert _auto_chunk([batch(1)], gpu, 2**21) == 8  # stacked parameters
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(300, 6)), batch_size=128)
+    assert _auto_chunk(loader, cpu, 100) == 128  # its first batch (128 samples)
+    assert _auto_chunk(loader, gpu, 10**4) == 52  # 2**26 // (128 * 10**4)
 
 
 # -- resumability ----------------------------------------------------------------------
@@ -307,6 +471,28 @@ def test_resume_1d(tmp_path):
     np.testing.assert_array_equal(second.values, full.values)
 
 
+def test_batched_resume_is_bit_identical(tmp_path):
+    model, data = tanh_mlp(), classification_data()
+    dirs = L.random_directions(model, 2, seed=0)
+    path = tmp_path / "surface.jsonl"
+    kw = dict(resolution=4, batch_points=4, progress=False)  # 4 fixed chunks of 4 points
+    full = L.surface(model, CE, data, dirs, metric=_failing_metric(10**9), **kw)
+    # The metric runs once per chunk under vmap: the third chunk fails, two are stored.
+    with pytest.raises(RuntimeError, match="interrupted"):
+        L.surface(model, CE, data, dirs, path=path, metric=_failing_metric(2), **kw)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 + 8
+    path.write_text("\n".join(lines[:1 + 6]) + "\n")  # half of chunk 1 lost: evaluated whole again
+    resumed = L.surface(model, CE, data, dirs, path=path, metric=_failing_metric(10**9), **kw)
+    np.testing.assert_array_equal(resumed.values, full.values)
+    np.testing.assert_array_equal(resumed.metric_values, full.metric_values)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 17 and len({(json.loads(r)["i"], json.loads(r)["j"]) for r in lines[1:]}) == 16
+    # A failure in the first chunk is "cannot batch": the per-point loop raises it again.
+    with pytest.raises(RuntimeError, match="interrupted"), pytest.warns(RuntimeWarning, match="vmap failed"):
+        L.surface(model, CE, data, dirs, path=tmp_path / "b.jsonl", metric=_failing_metric(0), **kw)
+
+
 # -- bad input ------------------------------------------------------------------------
 def test_bad_input():
     model, data = tanh_mlp(), classification_data()
@@ -333,6 +519,11 @@ def test_bad_input():
         s(dirs, extent=float("nan"))
     with pytest.raises(TypeError, match="metric"):
         s(dirs, metric=3)
+    for bad, err in (("fast", ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError), (None, TypeError)):
+        with pytest.raises(err, match="batch_points"):
+            s(dirs, batch_points=bad)
+    with pytest.raises(ValueError, match="scalar"):  # raised by the per-point loop after vmap gave up
+        L.surface(model, nn.CrossEntropyLoss(reduction="none"), data, dirs, resolution=3, progress=False)
     with pytest.raises(TypeError, match="data"):
         L.surface(model, CE, iter([data]), dirs)
     with pytest.raises(ValueError, match="loss_fn"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -125,25 +126,33 @@ def main() -> None:
     for m in modes:  # warm-up
         run(m, 20, x, y)
     times = {m: [] for m in modes}
-    for r in range(args.repeats):  # interleaved, so drift hits every mode alike
-        for m in modes:
+    order = random.Random(0)
+    for r in range(args.repeats):
+        # Every mode once per round, in a shuffled order: drift hits every mode alike, and
+        # no mode always follows the one whose ingest process is still finishing.
+        for m in order.sample(modes, len(modes)):
             times[m].append(run(m, args.steps, x, y, seed=r))
     med = {m: statistics.median(v) for m, v in times.items()}
-    low = {m: min(v) for m, v in times.items()}  # noise only adds time: the fastest repeat is the robust estimate
+    low = {m: min(v) for m, v in times.items()}  # noise only adds time: the fastest repeat is one estimate
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.steps} steps x {args.repeats} repeats")
     print(f"{'mode':17s} {'median ms/step':>15s} {'min ms/step':>12s} {'min vs plain':>13s}")
     for m in modes:
         print(f"{m:17s} {med[m] * 1e3:15.4f} {low[m] * 1e3:12.4f} {low[m] / low['plain']:13.3f}")
-    for label, t in (("median", med), ("min", low)):
-        arithmetic = (t["hand"] - t["plain"]) / t["plain"]
-        for m in ("monitor", "monitor+db", "monitor+db inline"):
-            own = (t[m] - t["hand"]) / t["plain"]
-            print(f"[{label}] {m}: the monitor's own cost beyond hand-written hooks = {100 * own:.1f} % of a step "
-                  f"(target <= 5 %); the probes' arithmetic itself = {100 * arithmetic:.1f} %")
-        for m in ("monitor+db", "monitor+db inline"):
-            own = (t[m] - t["hand+file"]) / t["plain"]
-            print(f"[{label}] {m}: beyond hand-written hooks that also append their rows to a file = "
-                  f"{100 * own:.1f} % of a step")
+
+    def paired(m: str, base: str) -> float:
+        """Median over rounds of (m - base) / plain, each from the same round: the
+        estimate least moved by the machine's drift between rounds."""
+        return statistics.median((a - b) / c for a, b, c in zip(times[m], times[base], times["plain"]))
+
+    print("the monitor's own cost, % of a plain step (target <= 5 %): "
+          "paired = median over rounds of the same round's difference")
+    print(f"{'mode':17s} {'vs':10s} {'paired':>7s} {'median':>7s} {'min':>7s}")
+    rows = [(m, "hand") for m in ("monitor", "monitor+db", "monitor+db inline")]
+    rows += [(m, "hand+file") for m in ("monitor+db", "monitor+db inline")]
+    for m, base in rows:
+        own = [100 * paired(m, base)] + [100 * (t[m] - t[base]) / t["plain"] for t in (med, low)]
+        print(f"{m:17s} {base:10s} " + " ".join(f"{v:7.1f}" for v in own))
+    print(f"the probes' arithmetic itself (hand vs plain): paired {100 * paired('hand', 'plain'):.1f} %")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ value is recorded as it is, with one warning per probe and metric.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -35,6 +34,8 @@ from .probes.base import Probe, StepContext, flatten_result
 from .state import preserve_state
 
 __all__ = ["Monitor"]
+
+_DIST_AVAILABLE = dist.is_available()
 
 
 class Monitor:
@@ -159,6 +160,9 @@ class Monitor:
     def _capture(self, module, inputs, output) -> None:
         if self._running:  # probes' own forwards must not overwrite the training one
             return
+        if isinstance(output, torch.Tensor):  # first: a getattr that fails raises inside, ~1 us
+            self._last_logits = output.detach()
+            return
         logits = getattr(output, "logits", output)
         if isinstance(logits, torch.Tensor):
             self._last_logits = logits.detach()
@@ -275,31 +279,39 @@ class Monitor:
             # Probes that may write get the full guard. Read-only probes get none here:
             # every operator and quantity they call restores modes and RNG itself, and
             # the bit-identical training test holds them to it.
-            full = any(p.modifies_state for p in probes)
-            with preserve_state(self.model, self.optimizer) if full else contextlib.nullcontext():
-                for probe in probes:
-                    try:
-                        s, a = flatten_result(probe.name, probe.compute(ctx))
-                    except Exception as err:  # a probe must never stop training
-                        failed.append(probe)
-                        self._warn_once(
-                            ("failed", probe.name),
-                            f"probe {probe.name!r} failed at step {ctx.step} and is disabled: "
-                            f"{type(err).__name__}: {err}",
-                        )
-                        continue
-                    for row in s:
-                        if not math.isfinite(row[3]):
-                            self._warn_once(
-                                ("nonfinite", probe.name, row[1]),
-                                f"probe {probe.name!r} recorded a non-finite {row[1]} ({row[3]}) at step {ctx.step}",
-                            )
-                    scalars += s
-                    arrays += a
+            for p in probes:
+                if p.modifies_state:
+                    with preserve_state(self.model, self.optimizer):
+                        self._compute(probes, ctx, scalars, arrays, failed)
+                    break
+            else:  # the usual case, every step: no guard, no context manager to enter
+                self._compute(probes, ctx, scalars, arrays, failed)
         finally:
             self._running = False
-        self._disable(probes, failed)
+        if failed or _DIST_AVAILABLE and dist.is_initialized():
+            self._disable(probes, failed)
         return scalars, arrays
+
+    def _compute(self, probes: list[Probe], ctx: StepContext, scalars: list, arrays: list, failed: list) -> None:
+        for probe in probes:
+            try:
+                s, a = flatten_result(probe.name, probe.compute(ctx))
+            except Exception as err:  # a probe must never stop training
+                failed.append(probe)
+                self._warn_once(
+                    ("failed", probe.name),
+                    f"probe {probe.name!r} failed at step {ctx.step} and is disabled: "
+                    f"{type(err).__name__}: {err}",
+                )
+                continue
+            for row in s:
+                if not math.isfinite(row[3]):
+                    self._warn_once(
+                        ("nonfinite", probe.name, row[1]),
+                        f"probe {probe.name!r} recorded a non-finite {row[1]} ({row[3]}) at step {ctx.step}",
+                    )
+            scalars += s
+            arrays += a
 
     def _disable(self, probes: list[Probe], failed: list[Probe]) -> None:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

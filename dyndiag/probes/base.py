@@ -63,11 +63,12 @@ class Probe:
     modifies_state: bool = True
 
     def __init__(self, every: int | Callable[[int], bool] = 1, name: str | None = None) -> None:
+        self._every = 0  # an int schedule's period; 0 for a callable one
         if callable(every):
             self._due = every
         elif isinstance(every, numbers.Integral) and not isinstance(every, bool) and every >= 1:
-            n = int(every)
-            self._due = lambda step: step % n == 0
+            self._every = int(every)
+            self._due = None
         else:
             raise ValueError(f"every must be an int >= 1 or a callable step -> bool, got {every!r}")
         if name is not None and (not isinstance(name, str) or not name):
@@ -82,7 +83,8 @@ class Probe:
 
     def due(self, step: int) -> bool:
         """Whether the probe runs at ``step``."""
-        return bool(self._due(step))
+        n = self._every
+        return step % n == 0 if n else bool(self._due(step))
 
     def setup(self, monitor: Monitor) -> None:
         """Called once when the monitor attaches (e.g. to snapshot initial weights)."""

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..quantities.softmax import softmax_collapse
 from .base import Probe, StepContext
 
 __all__ = ["SoftmaxCollapse", "DataScores"]
@@ -20,8 +21,6 @@ class SoftmaxCollapse(Probe):
     needs = frozenset({"logits"})
 
     def compute(self, ctx: StepContext) -> Mapping:
-        from ..quantities.softmax import softmax_collapse
-
         logits = ctx.logits
         return {"collapsed_fraction": softmax_collapse(logits.reshape(-1, logits.shape[-1]))}
 

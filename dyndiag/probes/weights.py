@@ -31,9 +31,9 @@ class LayerRotation(Probe):
         self._meter = None
 
     def compute(self, ctx: StepContext) -> Mapping:
-        from ..quantities.rotation import RotationMeter
-
         if self._meter is None:  # the reference flattened once for the whole run
+            from ..quantities.rotation import RotationMeter
+
             named = list(ctx.model.named_parameters())
             ref = self.reference
             if isinstance(ref, Mapping):

@@ -1,4 +1,4 @@
-"""The record spool: every step appended to a file with one ``write()`` before SQLite sees it.
+"""The record spool: every step appended to a file, whole, before SQLite sees it.
 
 Private to :mod:`dyndiag.records` (which documents the store) and :mod:`dyndiag._sqlite`
 (which moves the spool into the database). Standard library only: the ingest process

@@ -231,6 +231,7 @@ class Segment:
 
     def __init__(self, log_dir: Path, seg: int, names: dict, need: int = 0) -> None:
         self.seg = seg
+        self._packer = step_packer(0)
         self.capacity = max(SEGMENT_BYTES, need + len(ROTATE) + (len(names_frame(names)) if names else 0))
         self.mm: mmap.mmap | None = None
         self.fd = os.open(segment_path(log_dir, seg), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -278,15 +279,19 @@ class Segment:
 
     def append_step(self, step: int, wall_time: float, rewind: int | None, ids: list, values: list) -> bool:
         """Store a step of scalars only, packed in place; False (nothing stored) if it does not fit."""
-        packer = step_packer(len(ids))
-        nbytes = HEADER.size + packer.size
-        if not self.fits(nbytes):
-            return False
-        if self.mm is None:
-            self.append(step_frame(step, wall_time, rewind, ids, values, ()))
-            return True
-        mm, at = self.mm, self.size
-        body, end = at + HEADER.size, at + nbytes
+        packer = self._packer
+        if packer.size != STEP.size + 12 * len(ids):  # another number of rows than the last step
+            packer = self._packer = step_packer(len(ids))
+        at = self.size
+        body = at + HEADER.size
+        end = body + packer.size
+        mm = self.mm
+        if mm is None or end + ROTATE_BYTES > self.capacity:
+            if not self.fits(end - at):
+                return False
+            if mm is None:
+                self.append(step_frame(step, wall_time, rewind, ids, values, ()))
+                return True
         try:
             packer.pack_into(mm, body, step, wall_time, -1 if rewind is None else rewind, len(ids), 0, *ids, *values)
         except BaseException:

@@ -51,7 +51,6 @@ import threading
 import time
 import warnings
 import weakref
-import zlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -349,7 +348,6 @@ class _Session:
             self.close()
             raise
         self._writes = 0
-        self._packer = _spool.step_packer(0)
         _SESSIONS.add(self)
 
     def append(self, step, t, rewind, ids, values, array_ids, new, names) -> None:
@@ -368,8 +366,8 @@ class _Session:
         """:meth:`append` for checked ``(probe, metric, key, float)`` rows whose names are all
         in ``names`` (the Monitor's usual step); False, storing nothing, if one is not.
 
-        The training thread's hot path, one call deep: each Python operation here costs
-        about 0.5 us with the caches as a training step leaves them.
+        The training thread's hot path: each Python operation here costs about 0.5 us
+        with the caches as a training step leaves them.
         """
         try:
             ids = [names[row[:3]] for row in rows]
@@ -380,27 +378,9 @@ class _Session:
         with self._lock:
             if self.closed or self.forked:
                 self._check_open()
-            spool = self.spool
-            mm = spool.mm
-            packer = self._packer
-            if packer.size != _STEP_BYTES + 12 * len(ids):  # another number of rows than last step
-                packer = self._packer = _spool.step_packer(len(ids))
-            at = spool.size
-            body = at + _HEADER_BYTES
-            end = body + packer.size
-            if mm is None or end + _ROTATE_BYTES > spool.capacity:  # write(), or rotate first
-                if not spool.append_step(step, t, rewind, ids, values):
-                    self._rotate(names, end - at)
-                    self.spool.append_step(step, t, rewind, ids, values)
-            else:
-                try:
-                    packer.pack_into(mm, body, step, t, -1 if rewind is None else rewind, len(ids), 0, *ids, *values)
-                except BaseException:
-                    mm[body:end] = bytes(packer.size)  # nothing of it stays behind
-                    raise
-                # The header last: until it is stored the frame does not exist for a reader.
-                _pack_header(mm, at, _MAGIC, b"S", packer.size, zlib.crc32(mm[body:end]))
-                spool.size = end
+            if not self.spool.append_step(step, t, rewind, ids, values):
+                self._rotate(names, _spool.HEADER.size + _spool.step_packer(len(ids)).size)
+                self.spool.append_step(step, t, rewind, ids, values)
             self._writes += 1
             if self.proc is None or self._writes % self.CHECK_EVERY == 0:  # inline, or a check due
                 self._wrote()
@@ -510,10 +490,6 @@ class _Session:
                     self.conn = None
                 _unlock(self.lock_fd)
 
-
-# The hot path's constants as globals (a module attribute costs another lookup).
-_HEADER_BYTES, _STEP_BYTES, _ROTATE_BYTES = _spool.HEADER.size, _spool.STEP.size, _spool.ROTATE_BYTES
-_pack_header, _MAGIC = _spool.HEADER.pack_into, _spool.MAGIC
 
 #: Every open session of this process, so a forked child can disown its copies.
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()

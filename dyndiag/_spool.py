@@ -255,6 +255,7 @@ class Segment:
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", -1)):
                 return False
+            os.ftruncate(self.fd, 0)  # a full disk: nothing half-reserved stays for a retry to trip on
             raise
         return True
 

@@ -743,3 +743,37 @@ def test_a_mapped_segment_is_reserved_up_front_and_read_up_to_its_last_frame(tmp
     assert load_records(tmp_path)["value"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # the zeros end it
     w.close()
     assert not _spool_files(tmp_path)
+
+
+def test_a_full_disk_at_rotation_stores_nothing_of_the_step_and_the_writer_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    from dyndiag import _spool
+
+    monkeypatch.setattr(_spool, "SEGMENT_BYTES", 1000)
+    w = RecordWriter(tmp_path, ingest="inline", commit_every=1000)
+    real = getattr(os, "posix_fallocate", None)
+    full = [False]
+
+    def fallocate(fd, offset, length):
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    if real is not None:
+        monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    written, failed = [], []
+    for s in range(60):
+        full[0] = 20 <= s < 40
+        try:
+            w._write_rows(s, [("p", "m", "", float(s))], []) if s % 2 else w.write_step(s, [("p", "m", "", float(s))])
+            written.append(s)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+            failed.append(s)
+    if real is not None and _spool.MAP:
+        assert failed  # rotations fell into the full stretch
+    assert sorted(written + failed) == list(range(60)) and written[-1] == 59
+    assert load_records(tmp_path)["step"].tolist() == written  # whole steps, none of the failed ones
+    w.close()
+    assert load_records(tmp_path)["step"].tolist() == written and not _spool_files(tmp_path)

@@ -182,9 +182,12 @@ def open_segment(path: Path):
     except FileNotFoundError:
         return None
     with f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return b""
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return map_file(f, os.fstat(f.fileno()).st_size)
+
+
+def map_file(f, size: int):
+    """The first ``size`` bytes of the open file ``f``, mapped read-only (``b""`` when empty)."""
+    return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b""
 
 
 def close_segment(data) -> None:

@@ -235,7 +235,8 @@ class Segment:
     def __init__(self, log_dir: Path, seg: int, names: dict, need: int = 0) -> None:
         self.seg = seg
         self._packer = step_packer(0)
-        self.capacity = max(SEGMENT_BYTES, need + len(ROTATE) + (len(names_frame(names)) if names else 0))
+        header = names_frame(names) if names else b""  # a segment can be read alone: it starts with every name so far
+        self.capacity = max(SEGMENT_BYTES, need + ROTATE_BYTES + len(header))
         self.mm: mmap.mmap | None = None
         self.fd = os.open(segment_path(log_dir, seg), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -244,8 +245,8 @@ class Segment:
                 # MAP_POPULATE: the pages are faulted in now, not one at a time in write_step.
                 flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
                 self.mm = mmap.mmap(self.fd, self.capacity, flags=flags)
-            if names:  # a segment can be read alone: it starts with every name so far
-                self.append(names_frame(names))
+            if header:
+                self.append(header)
                 self.first = self.size
         except BaseException:
             self.close()
@@ -270,7 +271,7 @@ class Segment:
         """
         if self.mm is None and self.size == self.first:
             return True
-        return self.size + nbytes + len(ROTATE) <= self.capacity
+        return self.size + nbytes + ROTATE_BYTES <= self.capacity
 
     def append(self, data: bytes) -> None:
         """Store the whole frame(s) ``data`` (a caller checked :meth:`fits`, or writes ``R``/``E``)."""

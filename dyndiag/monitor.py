@@ -314,7 +314,7 @@ class Monitor:
             arrays += a
 
     def _disable(self, probes: list[Probe], failed: list[Probe]) -> None:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = _DIST_AVAILABLE and dist.is_initialized() and dist.get_world_size() > 1
         if not failed and not distributed:  # the every-step case: nothing to do
             return
         flags = [p in failed for p in probes]

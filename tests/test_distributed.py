@@ -40,6 +40,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         ddp = nn.parallel.DistributedDataParallel(model)
         res = _results(dd.HessianOperator(ddp.module, CE, data))
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks past their last collective before either tears gloo down: without
+        # it a rank's exit while the other's last transfer completes aborted (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -73,6 +76,9 @@ def _monitor_worker(rank: int, world: int, init_file: str, log_dir: str, out_dir
                 CE(ddp(x[shard]), y[shard]).backward()  # DDP averages gradients across ranks
                 opt.step()
         torch.save({"step": mon.step}, os.path.join(out_dir, f"mon{rank}.pt"))
+        # Both ranks past their last collective before either tears gloo down: without
+        # it a rank's exit while the other's last transfer completes aborted (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import dyndiag.landscape as L
-from dyndiag.landscape import grid
+from dyndiag.landscape import grid, layerwise
 from dyndiag.curvature import HessianOperator
 from tests.exact import exact_hessian
 from tests.models import TiedFrozen, batchnorm_mlp, classification_data, tanh_mlp
@@ -248,9 +248,12 @@ def per_point_and(model, data, batch_points, resolution=5, batched=None, **kw):
         return loop, run(batch_points)
 
 
+@pytest.mark.parametrize("path", ["layerwise", "vmap"])
 @pytest.mark.parametrize("batch_points", ["auto", 4, 7, 25, 256])
-def test_batched_equals_per_point_float64(batch_points):
+def test_batched_equals_per_point_float64(batch_points, path, monkeypatch):
     model, (x, y) = tanh_mlp(), classification_data(n=25)
+    if path == "vmap":  # the Sequential MLP through vmap, as any other model
+        monkeypatch.setattr(layerwise, "plan", lambda *a: "forced")
     batches = [(x[:7], y[:7]), (x[7:], y[7:])]  # unequal sizes: weighted by sample count
     acc = lambda out, t: (out.argmax(1) == t).double().mean()  # noqa: E731
     loop, batched = per_point_and(model, batches, batch_points, metric=acc, batched=True)
@@ -332,7 +335,7 @@ class CountingBuffer(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize("cls, why", [(ItemModel, "vmap failed"), (CountingBuffer, "writes a buffer")])
+@pytest.mark.parametrize("cls, why", [(ItemModel, "first chunk failed batched"), (CountingBuffer, "writes a buffer")])
 def test_model_vmap_cannot_handle_falls_back(cls, why):
     model, data = cls(), classification_data()
     before = snapshot(model)
@@ -354,7 +357,7 @@ def test_metric_under_vmap_and_metric_that_falls_back():
     np.testing.assert_array_equal(batched.metric_values, loop.metric_values)
     assert len(np.unique(loop.metric_values)) > 1
     as_float = lambda out, t: float((out.argmax(1) == t).double().mean().item())  # noqa: E731
-    with pytest.warns(RuntimeWarning, match="vmap failed"):
+    with pytest.warns(RuntimeWarning, match="first chunk failed batched"):
         _, fell = per_point_and(model, data, 6, metric=as_float)
     np.testing.assert_array_equal(fell.metric_values, loop.metric_values)
     np.testing.assert_array_equal(fell.values, loop.values)
@@ -394,6 +397,166 @@ def test_auto_chunk_rule():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(300, 6)), batch_size=128)
     assert _auto_chunk(loader, cpu, 100) == 128  # its first batch (128 samples)
     assert _auto_chunk(loader, gpu, 10**4) == 52  # 2**26 // (128 * 10**4)
+
+
+# -- layer-by-layer path (Sequential MLPs) ------------------------------------------------
+
+
+def only_layerwise(mp):
+    """Fail if ``surface`` takes the vmap path or the per-point loop."""
+    mp.setattr(grid, "_vmapped", lambda *a: pytest.fail("took the vmap path"))
+    mp.setattr(grid, "_per_point", lambda *a: pytest.fail("fell back to the per-point loop"))
+
+
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+def test_layerwise_plan_accepts_mlps_and_refuses_the_rest():
+    chosen = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    ok = [
+        tanh_mlp(),
+        nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(6, 5, bias=False), nn.GELU()), nn.Dropout(0.2),
+                      nn.Linear(5, 3), nn.LogSoftmax(dim=-1)),
+    ]
+    for m in ok:
+        assert isinstance(layerwise.plan(m, chosen(m), CE, None), list)
+    hooked = tanh_mlp()
+    hooked[1].register_forward_hook(lambda *a: None)
+
+    class MySeq(nn.Sequential):
+        pass
+
+    class MyTanh(nn.Tanh):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    refused = {
+        "a closure": (tanh_mlp(), None, CE),
+        "not an nn.Sequential": (MySeq(nn.Linear(6, 4)), CE, None),
+        "a hook on Tanh": (hooked, CE, None),
+        "Softmax over dim 0": (nn.Sequential(nn.Linear(6, 4), nn.Softmax(dim=0)), CE, None),
+        "BatchNorm1d is not": (batchnorm_mlp(train=False), CE, None),
+        "MyTanh is not": (nn.Sequential(nn.Linear(6, 4), MyTanh()), CE, None),
+        "Square is not": (nn.Sequential(nn.Linear(6, 4), Square()), CE, None),
+        "no Linear layer": (nn.Sequential(nn.Tanh()), CE, None),
+    }
+    for why, (m, loss_fn, closure) in refused.items():
+        got = layerwise.plan(m, chosen(m) or [torch.zeros(1)], loss_fn, closure)
+        assert isinstance(got, str) and got.startswith(why), (why, got)
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert layerwise.plan(tanh_mlp(), chosen(tanh_mlp()), CE, None) == "global forward hooks"
+    finally:
+        handle.remove()
+
+
+def _mlps():
+    torch.manual_seed(0)
+    deep = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 5, bias=False), nn.Sigmoid()),
+                         nn.Dropout(0.5), nn.Linear(5, 4)).double()
+    frozen = tanh_mlp()
+    frozen[0].weight.requires_grad_(False)  # fixed first-layer weight: its bias still moves
+    square = nn.Linear(5, 5).double()
+    tied = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), square, nn.Tanh(), square, nn.Linear(5, 4)).double()
+    return {"deep": deep, "frozen": frozen, "tied": tied}
+
+
+@pytest.mark.parametrize("name", ["deep", "frozen", "tied"])
+def test_layerwise_equals_per_point_float64(name):
+    model = _mlps()[name]
+    x, y = classification_data(n=25)
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    acc = lambda out, t: (out.argmax(1) == t).double().mean()  # noqa: E731
+    before = snapshot(model)
+    dirs = L.random_directions(model, 2, seed=0, ignore=())
+    run = lambda bp: L.surface(model, CE, batches, dirs, resolution=5, batch_points=bp,  # noqa: E731
+                               metric=acc, progress=False)
+    loop = run(1)
+    with pytest.MonkeyPatch.context() as mp:
+        only_layerwise(mp)
+        batched = run(7)  # 4 chunks: a short last one
+    assert batched.batch_points == 7 and loop.batch_points == 1
+    assert np.ptp(loop.values) > 0.05
+    np.testing.assert_allclose(batched.values, loop.values, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(batched.metric_values, loop.metric_values)
+    assert_same(before, snapshot(model))
+
+
+def test_layerwise_with_selected_params_sequences_and_other_losses():
+    model, (x, y) = tanh_mlp(), classification_data(n=12)
+    last = [L.random_directions(model, 1, params=[model[2].weight], seed=s)[0] for s in (0, 1)]
+    runs = [L.surface(model, CE, (x, y), last, resolution=4, params=[model[2].weight], batch_points=bp,
+                      progress=False) for bp in (1, 5)]
+    assert runs[1].batch_points == 5
+    np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=0, atol=1e-12)
+    # (n, T, features) inputs, a regression loss under vmap, targets of any shape.
+    seq = nn.Sequential(nn.Linear(6, 5), nn.ELU(), nn.Linear(5, 2)).double()
+    xs = torch.randn(12, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ys = torch.randn(12, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    d = L.random_directions(seq, 2, seed=0, ignore=())
+    with pytest.MonkeyPatch.context() as mp:
+        only_layerwise(mp)
+        fast = L.surface(seq, nn.MSELoss(), (xs, ys), d, resolution=4, batch_points=3, progress=False)
+    loop = L.surface(seq, nn.MSELoss(), (xs, ys), d, resolution=4, batch_points=1, progress=False)
+    np.testing.assert_allclose(fast.values, loop.values, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [{}, {"ignore_index": 1}, {"label_smoothing": 0.2, "ignore_index": 0}])
+def test_layerwise_cross_entropy_per_point(kw):
+    ce = nn.CrossEntropyLoss(**kw)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 9, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (9,), generator=g)
+    got = layerwise._stacked_loss(ce)(z, y)
+    want = torch.stack([ce(z[p], y) for p in range(5)])
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    probs = torch.softmax(torch.randn(9, 4, dtype=torch.float64, generator=g), 1)  # soft targets: vmap rule
+    if "ignore_index" not in kw:  # torch refuses ignore_index with soft targets
+        want = torch.stack([ce(z[p], probs) for p in range(5)])
+        torch.testing.assert_close(layerwise._stacked_loss(ce)(z, probs), want, rtol=1e-13, atol=0)
+    if "ignore_index" in kw:  # every target ignored: NaN, as the module gives
+        all_ignored = torch.full((9,), kw["ignore_index"])
+        assert torch.isnan(layerwise._stacked_loss(ce)(z, all_ignored)).all()
+
+
+def test_layerwise_float32_and_chunk_rule():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(512, 64, generator=g), torch.randint(0, 10, (512,), generator=g)
+    d = L.random_directions(model, 2, seed=0)
+    auto = L.surface(model, CE, (x, y), d, resolution=13, progress=False)
+    loop = L.surface(model, CE, (x, y), d, resolution=13, batch_points=1, progress=False)
+    assert auto.batch_points == 2**21 // (512 * 48) == 85  # the widest activation of a chunk
+    np.testing.assert_allclose(auto.values, loop.values, rtol=2e-6, atol=0)
+    layers = layerwise.plan(model, list(model.parameters()), CE, None)
+    heads = layerwise.head_cache(layers, torch.zeros(3610), [torch.zeros(3610)] * 2, [((x, y), 512)])
+    assert layerwise.auto_chunk(layers, heads) == 85
+    assert layerwise.auto_chunk(layers, heads[:1] * 2) == 85  # the largest batch counts, not the sum
+    wide = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10))
+    heads = layerwise.head_cache(layerwise.plan(wide, list(wide.parameters()), CE, None), torch.zeros(38410),
+                                 [torch.zeros(38410)] * 2, [((x, y), 512)])
+    assert layerwise.auto_chunk(layerwise.plan(wide, list(wide.parameters()), CE, None), heads) == 8
+    with pytest.MonkeyPatch.context() as mp:  # the first layer's outputs do not fit: the vmap path
+        mp.setattr(layerwise, "_HEAD_ELEMENTS", 1000)
+        assert L.surface(model, CE, (x, y), d, resolution=3, progress=False).batch_points == 36
+
+
+def test_layerwise_falls_back_like_vmap():
+    model, data = tanh_mlp(), classification_data()
+    # A batch the first layer cannot take: the per-point loop raises its own error.
+    with pytest.raises(RuntimeError):
+        L.surface(model, CE, (data[0].float(), data[1]), L.random_directions(model, 2), resolution=3,
+                  progress=False)
+    # A loader is not cached: the vmap path.
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layerwise, "evaluator", lambda *a: pytest.fail("loader took the layer-by-layer path"))
+        s = L.surface(model, CE, loader, L.random_directions(model, 2), resolution=3, batch_points=4,
+                      progress=False)
+    assert s.batch_points == 4
 
 
 # -- resumability ----------------------------------------------------------------------
@@ -489,7 +652,7 @@ def test_batched_resume_is_bit_identical(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == 17 and len({(json.loads(r)["i"], json.loads(r)["j"]) for r in lines[1:]}) == 16
     # A failure in the first chunk is "cannot batch": the per-point loop raises it again.
-    with pytest.raises(RuntimeError, match="interrupted"), pytest.warns(RuntimeWarning, match="vmap failed"):
+    with pytest.raises(RuntimeError, match="interrupted"), pytest.warns(RuntimeWarning, match="first chunk failed batched"):
         L.surface(model, CE, data, dirs, path=tmp_path / "b.jsonl", metric=_failing_metric(0), **kw)
 
 

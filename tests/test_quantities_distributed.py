@@ -41,6 +41,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "radius": torch.tensor(q.safe_step_radius(model, data, v), dtype=torch.float64),
         }
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks past their last collective before either tears gloo down: without
+        # it a rank's exit while the other's last transfer completes aborted (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -10,10 +10,15 @@ modes, ``.grad`` and RNG states back exactly on exit (also after an exception or
 an interrupt). Do not train the model from another thread while a surface is
 evaluated.
 
-Two ways to evaluate the grid, equal to float rounding (~1e-16 relative in
+Three ways to evaluate the grid, equal to float rounding (~1e-16 relative in
 float64, ~1e-7 in float32):
 
-* batched (``batch_points`` > 1, the default ``"auto"``): the grid, in flat
+* layer by layer, for an ``nn.Sequential`` MLP (:mod:`dyndiag.landscape.layerwise`):
+  the first layer's output is affine in the grid coordinates, so it is computed
+  once per batch along each direction and combined per point with one matmul;
+  later layers are one ``baddbmm`` per chunk. Chosen by ``"auto"`` and by an int
+  > 1 whenever the model qualifies (see that module), with its own chunk rule.
+* batched with vmap (``batch_points`` > 1, the default ``"auto"``): the grid, in flat
   row-major order, is cut into fixed chunks of ``batch_points`` points (chunk k
   holds flat indices ``[k*B, (k+1)*B)``). A chunk's parameters are one ``addmm``,
   ``theta + C @ D.T`` of shape ``(chunk, dim)``, viewed as one stacked tensor per
@@ -26,7 +31,7 @@ float64, ~1e-7 in float32):
   evaluated with a plain forward; 2.3x cheaper per point than re-binding the
   parameters with ``functional_call`` one point at a time.
 
-``"auto"`` batches unless it is unsafe, and then falls back to the per-point loop
+Otherwise ``"auto"`` batches with vmap unless it is unsafe, and then falls back to the per-point loop
 (an explicit ``batch_points`` > 1 falls back too, with a warning saying why):
 
 * a ``closure=``: it is arbitrary code that calls the model itself;
@@ -51,9 +56,10 @@ forward that large already keeps the cores busy. Bigger chunks lost on a 2-core
 machine: a chunk's intermediates are fresh allocations, returned to the OS after
 it, so every chunk pays page faults for them. The digits benchmark (512 samples,
 3.6k parameters) gets chunks of 36; all 1797 digits, or a 512-unit hidden layer
-on 512 samples, get the per-point loop. Not measured on GPUs. ``"auto"`` depends
-only on the data's batch sizes and the model, so repeated calls give the same
-bits.
+on 512 samples, get the per-point loop (those models are MLPs, so they take the
+layer-by-layer path instead). Not measured on GPUs. ``"auto"`` depends only on
+the data's batch sizes and the model, so repeated calls give the same bits.
+``Surface.batch_points`` is the chunk size a call used (1: the per-point loop).
 
 Resumable store (``path=``): a JSON-lines file. Line 1 is a header holding a
 SHA-256 key of the grid (coordinates), the directions, the centre parameters and
@@ -98,6 +104,7 @@ from ..data import (
 )
 from ..evaluation import Evaluate, operator_mode, select_params, unwrap
 from ..state import preserve_state
+from . import layerwise
 
 __all__ = ["Surface", "surface"]
 
@@ -120,11 +127,14 @@ class Surface:
     ``(len(coords[0]),)`` or ``(len(coords[0]), len(coords[1]))`` with
     ``values[i, j]`` the loss at ``(coords[0][i], coords[1][j])``;
     ``metric_values`` is the same for ``metric`` (None without one).
+    ``batch_points`` is how this call evaluated its points: the chunk size of the
+    batched paths, 1 for the per-point loop, 0 if every point was already stored.
     """
 
     coords: tuple[np.ndarray, ...]
     values: np.ndarray
     metric_values: np.ndarray | None = None
+    batch_points: int = 0
 
     @property
     def ndim(self) -> int:
@@ -275,22 +285,29 @@ def surface(
             C = torch.tensor([[float(c[i]) for c, i in zip(coords, idx)] for idx in grid], dtype=dtype, device=device)
             batches = _prepared(data, device)
             why = _unbatchable(model, closure)
-            size = requested if requested is not None else (1 if why else _auto_chunk(batches, device, theta.numel()))
-            if size > 1:
-                if why is None:
-                    layout = [("model." + n, p.shape) for n, p in zip(names, chosen)]
-                    chunk_fn = _chunk_evaluator(_vmapped(model, point_fn), layout, theta, D, batches, device)
-                    why = _batched(chunk_fn, model, C, todo, size, record)
-                if why is not None and requested is not None:
-                    warnings.warn(f"surface: batch_points={requested} falls back to the per-point loop: {why}",
-                                  RuntimeWarning, stacklevel=2)
-            if size <= 1 or why is not None:
+            chunk_fn, size = None, requested
+            if why is None and requested != 1:
+                chunk_fn, auto = _layerwise(model, chosen, loss_fn, closure, metric, theta, dirs, D, batches, device)
+                if chunk_fn is None:
+                    auto = _auto_chunk(batches, device, theta.numel())
+                    if (requested or auto) > 1:
+                        layout = [("model." + n, p.shape) for n, p in zip(names, chosen)]
+                        stages = _vmap_stages(_vmapped(model, point_fn), layout, theta, D)
+                        chunk_fn = _chunk_evaluator(*stages, batches, device)
+                size = requested or auto
+            if chunk_fn is not None:
+                why = _batched(chunk_fn, model, C, todo, size, record)
+            if why is not None and requested not in (None, 1):
+                warnings.warn(f"surface: batch_points={requested} falls back to the per-point loop: {why}",
+                              RuntimeWarning, stacklevel=2)
+            if chunk_fn is None or why is not None:
+                size = 1
                 _per_point(point_fn, model, chosen, theta, D, C, todo, batches, device, record)
     finally:
         bar.close()
         if handle is not None:
             handle.close()
-    return Surface(coords=coords, values=values, metric_values=metric_values)
+    return Surface(coords=coords, values=values, metric_values=metric_values, batch_points=size)
 
 
 def _check_batch_points(batch_points: object) -> int | None:
@@ -333,6 +350,24 @@ def _auto_chunk(batches: object, device: torch.device, dim: int) -> int:
     return max(size, 1)
 
 
+def _layerwise(model, chosen, loss_fn, closure, metric, theta, dirs, D, batches, device):
+    """``(chunk_fn, auto chunk size)`` of the layer-by-layer path for a Sequential MLP
+    (:mod:`dyndiag.landscape.layerwise`), or ``(None, None)`` where it does not apply."""
+    if not isinstance(batches, list):
+        return None, None  # a loader: the first layer's outputs cannot be kept
+    layers = layerwise.plan(model, chosen, loss_fn, closure)
+    if isinstance(layers, str):
+        return None, None
+    try:
+        heads = layerwise.head_cache(layers, theta, dirs, batches)
+    except Exception:  # noqa: BLE001 - a bad batch: the per-point loop raises its own error
+        return None, None
+    if isinstance(heads, str):
+        return None, None
+    stages = layerwise.evaluator(layers, heads, loss_fn, metric, theta, D)
+    return _chunk_evaluator(*stages, batches, device), layerwise.auto_chunk(layers, heads)
+
+
 def _vmapped(model: nn.Module, point_fn: Callable) -> Callable:
     """``(stacked, batch) -> (loss,) or (loss, metric)``, each of shape (chunk,):
     ``point_fn`` at every point of a chunk in one forward. ``stacked`` maps
@@ -348,25 +383,37 @@ def _vmapped(model: nn.Module, point_fn: Callable) -> Callable:
     return torch.func.vmap(one, in_dims=(0, None), randomness="error")
 
 
-def _chunk_evaluator(vm: Callable, layout, theta, D, batches, device) -> Callable:
-    """``c (chunk, k) -> (loss (chunk,), metric (chunk,) or None)``, float64 numpy:
-    the sample-weighted means over ``batches`` at ``theta + D @ c[r]`` for every row."""
+def _vmap_stages(vm: Callable, layout, theta, D) -> tuple[Callable, Callable]:
+    """``(prepare, on_batch)`` for :func:`_chunk_evaluator` on the vmap path: a chunk's
+    parameters ``theta + c @ D.T`` (one GEMM), viewed per parameter, and ``vm`` on a batch."""
     numels = [math.prod(s) for _, s in layout]
+
+    def prepare(c: torch.Tensor) -> dict[str, torch.Tensor]:
+        P = torch.addmm(theta.unsqueeze(0), c, D.T)  # (chunk, dim)
+        return {key: part.view(c.shape[0], *s) for (key, s), part in zip(layout, P.split(numels, 1))}
+
+    return prepare, lambda stacked, b, batch: vm(stacked, batch)
+
+
+def _chunk_evaluator(prepare: Callable, on_batch: Callable, batches, device) -> Callable:
+    """``c (chunk, k) -> (loss (chunk,), metric (chunk,) or None)``, float64 numpy:
+    the sample-weighted means over ``batches`` at ``theta + D @ c[r]`` for every row.
+    ``prepare(c)`` makes the chunk's state once; ``on_batch(state, b, batch)`` returns
+    ``(loss,)`` or ``(loss, metric)`` on batch number ``b``."""
 
     def evaluate(c: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         n_pts = c.shape[0]
-        P = torch.addmm(theta.unsqueeze(0), c, D.T)  # (chunk, dim): one GEMM for the chunk
-        stacked = {key: part.view(n_pts, *s) for (key, s), part in zip(layout, P.split(numels, 1))}
+        state = prepare(c)
         # Accumulated like the per-point loop (float64, n * loss, batch order), so
         # equal per-batch losses give equal means.
         total = torch.zeros(n_pts, dtype=torch.float64, device=device)
         total_m = torch.zeros(n_pts, dtype=torch.float64, device=device)
         has_m = False
         count = 0
-        for batch, n in _iter_prepared(batches, device):
+        for b, (batch, n) in enumerate(_iter_prepared(batches, device)):
             if n <= 0:
                 continue
-            out = vm(stacked, batch)
+            out = on_batch(state, b, batch)
             total += n * out[0].double()
             if len(out) > 1:
                 has_m = True
@@ -420,7 +467,7 @@ def _first_chunk(chunk_fn: Callable, model: nn.Module, c: torch.Tensor):
             result = chunk_fn(c)
         except Exception as e:  # noqa: BLE001 - every failure means "evaluate per point"
             first_line = (str(e).strip().splitlines() or [""])[0]
-            return f"vmap failed on the first chunk ({type(e).__name__}: {first_line})"
+            return f"the first chunk failed batched ({type(e).__name__}: {first_line})"
         if [b._version for b in buffers] != versions:
             return "the forward writes a buffer"
     return result

@@ -439,6 +439,8 @@ def test_layerwise_plan_accepts_mlps_and_refuses_the_rest():
         "Softmax over dim 0": (nn.Sequential(nn.Linear(6, 4), nn.Softmax(dim=0)), CE, None),
         "BatchNorm1d is not": (batchnorm_mlp(train=False), CE, None),
         "MyTanh is not": (nn.Sequential(nn.Linear(6, 4), MyTanh()), CE, None),
+        "Flatten after the first Linear": (nn.Sequential(nn.Linear(6, 4), nn.Flatten()), CE, None),
+        "LogSoftmax over dim 2": (nn.Sequential(nn.Linear(6, 4), nn.LogSoftmax(dim=2)), CE, None),
         "Square is not": (nn.Sequential(nn.Linear(6, 4), Square()), CE, None),
         "no Linear layer": (nn.Sequential(nn.Tanh()), CE, None),
     }
@@ -491,16 +493,27 @@ def test_layerwise_with_selected_params_sequences_and_other_losses():
                       progress=False) for bp in (1, 5)]
     assert runs[1].batch_points == 5
     np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=0, atol=1e-12)
-    # (n, T, features) inputs, a regression loss under vmap, targets of any shape.
-    seq = nn.Sequential(nn.Linear(6, 5), nn.ELU(), nn.Linear(5, 2)).double()
-    xs = torch.randn(12, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ys = torch.randn(12, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    d = L.random_directions(seq, 2, seed=0, ignore=())
+    # A regression loss and a log-softmax + NLL head, both under vmap over the chunk.
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(12, 6, dtype=torch.float64, generator=g), torch.randn(12, 2, dtype=torch.float64, generator=g)
+    reg = nn.Sequential(nn.Linear(6, 5), nn.ELU(), nn.Linear(5, 2)).double()
+    logp = nn.Sequential(nn.Linear(6, 5), nn.Softplus(), nn.Linear(5, 4), nn.LogSoftmax(dim=1)).double()
+    for model, loss_fn, data in [(reg, nn.MSELoss(), (xs, ys)), (logp, nn.NLLLoss(), (x, y))]:
+        d = L.random_directions(model, 2, seed=0, ignore=())
+        loop = L.surface(model, loss_fn, data, d, resolution=4, batch_points=1, progress=False)
+        with pytest.MonkeyPatch.context() as mp:
+            only_layerwise(mp)
+            fast = L.surface(model, loss_fn, data, d, resolution=4, batch_points=3, progress=False)
+        np.testing.assert_allclose(fast.values, loop.values, rtol=0, atol=1e-12)
+    # (n, T, features) inputs: not one feature vector per sample, so the vmap path.
+    xt = torch.randn(12, 3, 6, dtype=torch.float64, generator=g)
+    yt = torch.randn(12, 3, 2, dtype=torch.float64, generator=g)
+    d = L.random_directions(reg, 2, seed=0, ignore=())
+    runs = [L.surface(reg, nn.MSELoss(), (xt, yt), d, resolution=4, batch_points=bp, progress=False) for bp in (1, 3)]
     with pytest.MonkeyPatch.context() as mp:
-        only_layerwise(mp)
-        fast = L.surface(seq, nn.MSELoss(), (xs, ys), d, resolution=4, batch_points=3, progress=False)
-    loop = L.surface(seq, nn.MSELoss(), (xs, ys), d, resolution=4, batch_points=1, progress=False)
-    np.testing.assert_allclose(fast.values, loop.values, rtol=0, atol=1e-12)
+        mp.setattr(layerwise, "evaluator", lambda *a: pytest.fail("took the layer-by-layer path"))
+        runs.append(L.surface(reg, nn.MSELoss(), (xt, yt), d, resolution=4, batch_points=3, progress=False))
+    np.testing.assert_allclose(runs[2].values, runs[0].values, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kw", [{}, {"ignore_index": 1}, {"label_smoothing": 0.2, "ignore_index": 0}])
@@ -509,16 +522,17 @@ def test_layerwise_cross_entropy_per_point(kw):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(5, 9, 4, dtype=torch.float64, generator=g)
     y = torch.randint(0, 4, (9,), generator=g)
-    got = layerwise._stacked_loss(ce)(z, y)
+    stacked = lambda targets: layerwise._stacked_loss(ce)(z.transpose(1, 2), targets)  # noqa: E731 feature-major
+    got = stacked(y)
     want = torch.stack([ce(z[p], y) for p in range(5)])
     torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
     probs = torch.softmax(torch.randn(9, 4, dtype=torch.float64, generator=g), 1)  # soft targets: vmap rule
     if "ignore_index" not in kw:  # torch refuses ignore_index with soft targets
         want = torch.stack([ce(z[p], probs) for p in range(5)])
-        torch.testing.assert_close(layerwise._stacked_loss(ce)(z, probs), want, rtol=1e-13, atol=0)
+        torch.testing.assert_close(stacked(probs), want, rtol=1e-13, atol=0)
     if "ignore_index" in kw:  # every target ignored: NaN, as the module gives
         all_ignored = torch.full((9,), kw["ignore_index"])
-        assert torch.isnan(layerwise._stacked_loss(ce)(z, all_ignored)).all()
+        assert torch.isnan(stacked(all_ignored)).all()
 
 
 def test_layerwise_float32_and_chunk_rule():

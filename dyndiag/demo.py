@@ -119,7 +119,8 @@ def run_demo(out: str | Path = "dyndiag-demo", steps: int = 300, seed: int = 0, 
     t = time.perf_counter()
     directions = dd.landscape.random_directions(model, n=2, normalization="filter", seed=seed)
     surf = dd.landscape.surface(model, loss_fn, (x[:512], y[:512]), directions, extent=1.0, resolution=25, progress=False)
-    echo(f"2-D filter-normalised loss landscape, 25x25 points on 512 samples: {time.perf_counter() - t:.2f}s, "
+    echo(f"2-D filter-normalised loss landscape, 25x25 points on 512 samples: {time.perf_counter() - t:.2f}s "
+         f"({surf.batch_points} points per chunk), "
          f"loss {surf.values.min():.4g} .. {surf.values.max():.4g}")
     with dd.plot.style("paper"):
         figures = {"spectrum": dd.plot.spectrum(dens, top=top), "landscape": dd.plot.landscape(surf)}

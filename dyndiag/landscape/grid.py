@@ -46,7 +46,9 @@ Otherwise ``"auto"`` batches with vmap unless it is unsafe, and then falls back 
   caller's (a non-scalar loss, a bad batch) are then raised by the per-point loop
   with its usual message.
 
-``"auto"`` picks the chunk from the largest batch's sample count n and the
+On the CPU, ``"auto"`` takes the per-point loop for a model with a convolution
+(vmap's grouped convolutions were ~2x slower per point than plain ones there).
+Otherwise ``"auto"`` picks the chunk from the largest batch's sample count n and the
 number of parameters dim: the largest chunk with at most 128 points, at most
 ``2**15`` sample evaluations (``chunk * n``), at most ``2**26`` for
 ``chunk * n * dim`` (a stand-in for the size of a chunk's activations) and at
@@ -289,7 +291,7 @@ def surface(
             if why is None and requested != 1:
                 chunk_fn, auto = _layerwise(model, chosen, loss_fn, closure, metric, theta, dirs, D, batches, device)
                 if chunk_fn is None:
-                    auto = _auto_chunk(batches, device, theta.numel())
+                    auto = 1 if _has_conv(model, device) else _auto_chunk(batches, device, theta.numel())
                     if (requested or auto) > 1:
                         layout = [("model." + n, p.shape) for n, p in zip(names, chosen)]
                         stages = _vmap_stages(_vmapped(model, point_fn), layout, theta, D)
@@ -333,6 +335,12 @@ def _unbatchable(model: nn.Module, closure: Callable | None) -> str | None:
             # under vmap the in-place update of an unbatched buffer fails.
             return f"{type(m).__name__} {name or 'model'!r} in train mode updates its running statistics"
     return None
+
+
+def _has_conv(model: nn.Module, device: torch.device) -> bool:
+    """A convolution on the CPU: vmap turns it into a grouped convolution, which was
+    about 2x slower per point than the per-point loop here (docs/benchmarks.md)."""
+    return device.type == "cpu" and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
 def _auto_chunk(batches: object, device: torch.device, dim: int) -> int:

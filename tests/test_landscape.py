@@ -437,6 +437,8 @@ def test_layerwise_plan_accepts_mlps_and_refuses_the_rest():
         assert isinstance(layerwise.plan(m, chosen(m), CE, None), list)
     hooked = tanh_mlp()
     hooked[1].register_forward_hook(lambda *a: None)
+    outer = nn.Sequential(tanh_mlp())
+    outer.register_forward_pre_hook(lambda *a: None)  # on a container the path flattens away
 
     class MySeq(nn.Sequential):
         pass
@@ -449,6 +451,7 @@ def test_layerwise_plan_accepts_mlps_and_refuses_the_rest():
         "a closure": (tanh_mlp(), None, CE),
         "not an nn.Sequential": (MySeq(nn.Linear(6, 4)), CE, None),
         "a hook on Tanh": (hooked, CE, None),
+        "a hook on Sequential": (outer, CE, None),
         "Softmax over dim 0": (nn.Sequential(nn.Linear(6, 4), nn.Softmax(dim=0)), CE, None),
         "BatchNorm1d is not": (batchnorm_mlp(train=False), CE, None),
         "MyTanh is not": (nn.Sequential(nn.Linear(6, 4), MyTanh()), CE, None),

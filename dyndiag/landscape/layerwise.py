@@ -89,10 +89,11 @@ def plan(model: nn.Module, chosen: Sequence[torch.Tensor], loss_fn: Callable | N
     for p in chosen:
         offsets[id(p)] = (at, p.numel())
         at += p.numel()
-    layers: list = []
-    for m in _flatten(model):
+    for m in model.modules():  # the containers too: their hooks would not run either
         if m._forward_hooks or m._forward_pre_hooks:
             return f"a hook on {type(m).__name__}"
+    layers: list = []
+    for m in _flatten(model):
         seen_linear = any(isinstance(x, _Linear) for x in layers)
         if type(m) is nn.Linear:
             layers.append(_Linear(m, offsets.get(id(m.weight)),

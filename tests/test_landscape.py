@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import dyndiag.landscape as L
 from dyndiag.landscape import grid, layerwise
 from dyndiag.curvature import HessianOperator
 from tests.exact import exact_hessian
-from tests.models import TiedFrozen, batchnorm_mlp, classification_data, tanh_mlp
+from tests.models import TiedFrozen, batchnorm_mlp, classification_data, image_data, tanh_mlp
 from tests.snapshots import assert_same, snapshot
 
 CE = nn.CrossEntropyLoss()
@@ -434,14 +435,16 @@ def test_layerwise_plan_accepts_mlps_and_refuses_the_rest():
                       nn.Linear(5, 3), nn.LogSoftmax(dim=-1)),
     ]
     for m in ok:
-        assert isinstance(layerwise.plan(m, chosen(m), CE, None), list)
+        assert isinstance(layerwise.plan(m, chosen(m), CE, None), layerwise.Plan)
     hooked = tanh_mlp()
     hooked[1].register_forward_hook(lambda *a: None)
     outer = nn.Sequential(tanh_mlp())
     outer.register_forward_pre_hook(lambda *a: None)  # on a container the path flattens away
 
-    class MySeq(nn.Sequential):
-        pass
+    class MySeq(nn.Sequential):  # a subclass with its own forward: traced, not read as a Sequential
+        def forward(self, x):
+            h = super().forward(x)
+            return h + h.tanh()
 
     class MyTanh(nn.Tanh):
         def forward(self, x):
@@ -449,7 +452,7 @@ def test_layerwise_plan_accepts_mlps_and_refuses_the_rest():
 
     refused = {
         "a closure": (tanh_mlp(), None, CE),
-        "not an nn.Sequential": (MySeq(nn.Linear(6, 4)), CE, None),
+        "a branch after the first Linear": (MySeq(nn.Linear(6, 4)), CE, None),
         "a hook on Tanh": (hooked, CE, None),
         "a hook on Sequential": (outer, CE, None),
         "Softmax over dim 0": (nn.Sequential(nn.Linear(6, 4), nn.Softmax(dim=0)), CE, None),
@@ -500,6 +503,72 @@ def test_layerwise_equals_per_point_float64(name):
     np.testing.assert_allclose(batched.values, loop.values, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(batched.metric_values, loop.metric_values)
     assert_same(before, snapshot(model))
+
+
+class ClassMLP(nn.Module):
+    """An MLP as users write them: a class with a forward, traced by torch.fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(36, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = x.view(x.size(0), -1) / 2
+        x = F.leaky_relu(self.fc1(x), 0.1)
+        x = F.dropout(x, 0.3, training=self.training)
+        x = torch.tanh(self.fc2(x)).relu()
+        return F.log_softmax(self.out(x), dim=1)
+
+
+class Residual(ClassMLP):
+    def forward(self, x):
+        h = torch.tanh(self.fc2(F.relu(self.fc1(x.flatten(1)))))
+        return self.out(h + h.relu())
+
+
+class ValueBranch(ClassMLP):
+    def forward(self, x):
+        h = self.fc1(x.flatten(1))
+        return self.out(self.fc2(h if h.sum() > 0 else -h))
+
+
+class Scaled(ClassMLP):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x.flatten(1) * self.scale)))))
+
+
+class Sine(ClassMLP):
+    def forward(self, x):
+        return self.out(torch.sin(self.fc2(torch.tanh(self.fc1(x.flatten(1))))))
+
+
+def test_layerwise_traces_class_models():
+    torch.manual_seed(0)
+    x, y = image_data(n=12)
+    nll = nn.NLLLoss()
+    model = ClassMLP().double().train()  # dropout: off under surface's evaluation rule, read as such
+    d = L.random_directions(model, 2, seed=0, ignore=())
+    loop = L.surface(model, nll, (x, y), d, resolution=5, batch_points=1, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        only_layerwise(mp)
+        fast = L.surface(model, nll, (x, y), d, resolution=5, batch_points=4, progress=False)
+    np.testing.assert_allclose(fast.values, loop.values, rtol=0, atol=1e-12)
+    assert np.ptp(loop.values) > 0.05
+    chosen = lambda m: list(m.parameters())  # noqa: E731
+    why = {Residual: "a branch", ValueBranch: "not traceable", Scaled: "get_attr", Sine: "call_function sin"}
+    for cls, reason in why.items():
+        m = cls().double().eval()
+        assert reason in layerwise.plan(m, chosen(m), nll, None), cls
+        # ... and these take the vmap path (ValueBranch: the per-point loop), same values
+        runs = [L.surface(m, nll, (x, y), L.random_directions(m, 2, seed=0), resolution=3, batch_points=bp,
+                          progress=False).values for bp in (1, "auto")]
+        np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-12)
+    on = ClassMLP().double().train()
+    assert layerwise.plan(on, chosen(on), nll, None) == "dropout that is on (training=True)"
 
 
 def test_layerwise_with_selected_params_sequences_and_other_losses():

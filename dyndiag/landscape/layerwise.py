@@ -17,18 +17,22 @@ and ``metric``, run under ``vmap`` over the chunk on ``(P, n, features)`` views.
 Values equal the per-point loop's to float rounding.
 
 Used by :func:`dyndiag.landscape.surface` when :func:`plan` accepts the model:
-an ``nn.Sequential`` (nested ones are flattened) of ``nn.Linear`` layers, with
-before the first one the parameter-free modules in ``_HEAD`` (flatten, dropout,
-activations) and after it those in ``_TAIL`` (activations, dropout, the softmax
-family over the features), exact types (a subclass may change ``forward``); no
-hooks anywhere; a loss criterion (no closure); batches ``(inputs, targets)``
-held in memory whose first-layer output is ``(n, features)``, with the k+1
-outputs for all of them within ``_HEAD_ELEMENTS``. Anything else takes the
-``vmap`` path.
+``nn.Linear`` layers, with before the first one a parameter-free head (once per
+batch, on the data) and after it a plain chain of known parameter-free steps
+(activations, dropout that is off, the softmax family over the features). An
+exact ``nn.Sequential`` (nested ones flattened) is read module by module, with
+the modules in ``_HEAD`` and ``_TAIL`` (exact types: a subclass may change
+``forward``); any other model is traced with ``torch.fx`` (:mod:`._traced`),
+so an MLP written as a class with a ``forward`` qualifies too. Also needed: no
+forward hooks anywhere, a loss criterion (no closure), batches ``(inputs,
+targets)`` held in memory whose first-layer output is ``(n, features)``, and
+the k+1 outputs for all of them within ``_HEAD_ELEMENTS``. Anything else takes
+the ``vmap`` path.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,10 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-__all__ = ["auto_chunk", "evaluator", "head_cache", "plan"]
+__all__ = ["Plan", "auto_chunk", "evaluator", "head_cache", "plan"]
 
-# Before the first Linear, on the data (once per batch): these act on each sample
-# on their own and hold no parameters or buffers.
+# Modules that act on each element alone and hold no parameters or buffers
+# (dropout is off under surface's evaluation rule): allowed anywhere.
 _ELEMENTWISE = (
     nn.Identity, nn.Dropout, nn.AlphaDropout,
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -49,6 +53,7 @@ _ELEMENTWISE = (
 )
 _SOFTMAX = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 _SOFTMAX_FN = {nn.Softmax: F.softmax, nn.LogSoftmax: F.log_softmax, nn.Softmin: F.softmin}
+# Before the first Linear, on the data (once per batch): per-sample modules too.
 _HEAD = (*_ELEMENTWISE, *_SOFTMAX, nn.Flatten, nn.Unflatten,
          nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout)
 # After it, on the chunk's (P, features, n) stack: elementwise modules, and the
@@ -73,50 +78,87 @@ class _Linear:
     bias: tuple[int, int] | None
 
 
-def plan(model: nn.Module, chosen: Sequence[torch.Tensor], loss_fn: Callable | None,
-         closure: Callable | None) -> list | str:
-    """The layers of ``model`` for the layer-by-layer path, or a string saying why not.
+@dataclass
+class Plan:
+    """``head(inputs)`` is the first Linear's input (parameter-free, once per batch);
+    ``first`` that Linear; ``tail`` the rest as ``_Linear`` or ``f(h) -> h`` on the
+    feature-major stack ``(P, features, n)``."""
 
-    ``chosen`` are the parameters the directions span, in flat-vector order.
+    head: Callable
+    first: _Linear
+    tail: list
+
+
+def plan(model: nn.Module, chosen: Sequence[torch.Tensor], loss_fn: Callable | None,
+         closure: Callable | None) -> Plan | str:
+    """How to evaluate ``model`` layer by layer, or a string saying why it cannot be.
+
+    An ``nn.Sequential`` is read module by module; any other model is traced with
+    ``torch.fx`` and its graph must be the same kind of chain. ``chosen`` are the
+    parameters the directions span, in flat-vector order.
     """
     if closure is not None or loss_fn is None:
         return "a closure"
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return "global forward hooks"
-    if type(model) is not nn.Sequential:
-        return "not an nn.Sequential"
+    for m in model.modules():  # the containers too: their hooks would not run either
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"a hook on {type(m).__name__}"
     offsets, at = {}, 0
     for p in chosen:
         offsets[id(p)] = (at, p.numel())
         at += p.numel()
-    for m in model.modules():  # the containers too: their hooks would not run either
-        if m._forward_hooks or m._forward_pre_hooks:
-            return f"a hook on {type(m).__name__}"
-    layers: list = []
-    for m in _flatten(model):
-        seen_linear = any(isinstance(x, _Linear) for x in layers)
-        if type(m) is nn.Linear:
-            layers.append(_Linear(m, offsets.get(id(m.weight)),
-                                  None if m.bias is None else offsets.get(id(m.bias))))
-        elif type(m) in (_TAIL if seen_linear else _HEAD) and not list(m.parameters()) and not list(m.buffers()):
-            if isinstance(m, _SOFTMAX) and (m.dim in (0, None) or (seen_linear and m.dim not in (1, -1))):
-                return f"{type(m).__name__} over dim {m.dim}"
-            if isinstance(m, nn.Flatten) and m.start_dim == 0:
-                return "Flatten from dim 0"
-            if isinstance(m, nn.Unflatten) and m.dim == 0:
-                return "Unflatten of dim 0"
-            layers.append(m)
-        elif seen_linear and type(m) in _HEAD:
-            return f"{type(m).__name__} after the first Linear"
-        else:
-            return f"{type(m).__name__} is not a Linear layer or a known parameter-free module"
-    first = next((i for i, m in enumerate(layers) if isinstance(m, _Linear)), None)
-    if first is None:
-        return "no Linear layer"
-    covered = {id(p) for m in layers if isinstance(m, _Linear) for p in m.module.parameters()}
+
+    def linear(m: nn.Linear) -> _Linear:
+        return _Linear(m, offsets.get(id(m.weight)), None if m.bias is None else offsets.get(id(m.bias)))
+
+    if type(model) is nn.Sequential:
+        found = _sequential(list(_flatten(model)), linear)
+    else:
+        from . import _traced  # torch.fx only for models that need it
+
+        found = _traced.chain(model, linear, _module_step)
+    if isinstance(found, str):
+        return found
+    covered = {id(p) for m in [found.first, *found.tail] if isinstance(m, _Linear) for p in m.module.parameters()}
     if any(id(p) not in covered for p in chosen):
         return "a chosen parameter outside the Linear layers"
-    return layers
+    return found
+
+
+def _sequential(mods: list, linear: Callable) -> Plan | str:
+    first = next((i for i, m in enumerate(mods) if type(m) is nn.Linear), None)
+    if first is None:
+        return "no Linear layer"
+    head = []
+    for m in mods[:first]:
+        if type(m) not in _HEAD or list(m.parameters()) or list(m.buffers()):
+            return f"{type(m).__name__} is not a known parameter-free module"
+        if (isinstance(m, _SOFTMAX) and m.dim in (0, None)) or (isinstance(m, nn.Flatten) and m.start_dim == 0) \
+                or (isinstance(m, nn.Unflatten) and m.dim == 0):
+            return f"{type(m).__name__} over the batch dim"
+        head.append(m)
+    tail = []
+    for m in mods[first + 1:]:
+        step = linear(m) if type(m) is nn.Linear else _module_step(m)
+        if isinstance(step, str):
+            return step
+        tail.append(step)
+    return Plan(nn.Sequential(*head), linear(mods[first]), tail)
+
+
+def _module_step(m: nn.Module) -> Callable | str:
+    """``f(h)`` for a module after the first Linear, on the feature-major stack."""
+    if type(m) not in _TAIL or list(m.parameters()) or list(m.buffers()):
+        if type(m) in _HEAD:
+            return f"{type(m).__name__} after the first Linear"
+        return f"{type(m).__name__} is not a Linear layer or a known parameter-free module"
+    if isinstance(m, _SOFTMAX):
+        if m.dim not in (1, -1):
+            return f"{type(m).__name__} over dim {m.dim}"
+        return functools.partial(_SOFTMAX_FN[type(m)], dim=1)  # the features are dim 1 here
+    # The stack is the chunk's own intermediate: these may overwrite it.
+    return _INPLACE.get(type(m), m)
 
 
 def _flatten(seq: nn.Sequential):
@@ -127,20 +169,17 @@ def _flatten(seq: nn.Sequential):
             yield m
 
 
-def head_cache(layers: list, theta: torch.Tensor, dirs: Sequence[torch.Tensor],
+def head_cache(plan: Plan, theta: torch.Tensor, dirs: Sequence[torch.Tensor],
                batches: list) -> list | str:
     """Per batch ``(A (k+1, out * n), targets, n)``: the first Linear's output at
     ``theta`` (row 0) and along each direction, each ``(out, n)`` flattened; or
     why not (too large, or not one feature vector per sample)."""
-    first = next(i for i, m in enumerate(layers) if isinstance(m, _Linear))
-    lin = layers[first]
+    lin = plan.first
     out, total = [], 0
     for batch, n in batches:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[0], torch.Tensor):
             return "a batch that is not (inputs, targets)"
-        h = batch[0]
-        for m in layers[:first]:
-            h = m(h)
+        h = plan.head(batch[0])
         parts = [F.linear(h, *_weights(lin, theta, fixed=True))]
         for d in dirs:
             w, b = _weights(lin, d, fixed=False)
@@ -173,20 +212,19 @@ def _weights(lin: _Linear, vec: torch.Tensor, fixed: bool):
     return w, b
 
 
-def auto_chunk(layers: list, heads: list) -> int:
+def auto_chunk(plan: Plan, heads: list) -> int:
     """Points per chunk: a chunk's widest activation within ``_CHUNK_ELEMENTS``."""
-    widest = max(m.module.out_features for m in layers if isinstance(m, _Linear))
+    widest = max(m.module.out_features for m in [plan.first, *plan.tail] if isinstance(m, _Linear))
     per_point = max(n for _, _, n in heads) * widest
     return max(1, min(_MAX_CHUNK, _CHUNK_ELEMENTS // per_point))
 
 
-def evaluator(layers: list, heads: list, loss_fn: Callable, metric: Callable | None,
+def evaluator(plan: Plan, heads: list, loss_fn: Callable, metric: Callable | None,
               theta: torch.Tensor, D: torch.Tensor) -> tuple[Callable, Callable]:
     """``(prepare, on_batch)``: ``prepare(c)`` for a chunk's coordinates ``c (P, k)``
     makes its state, ``on_batch(state, b, batch)`` returns ``(loss,)`` or
     ``(loss, metric)``, each ``(P,)``, on batch ``b`` of ``heads``."""
-    first = next(i for i, m in enumerate(layers) if isinstance(m, _Linear))
-    rest = layers[first + 1:]
+    rest = plan.tail
     later = any(isinstance(m, _Linear) for m in rest)
     per_point_loss = _stacked_loss(loss_fn)
     vmapped_metric = None if metric is None else torch.func.vmap(metric, in_dims=(0, None), randomness="error")
@@ -204,13 +242,7 @@ def evaluator(layers: list, heads: list, loss_fn: Callable, metric: Callable | N
         # addmm with a broadcast centre row, which would copy that row P times first.
         h = torch.mm(c1, a).view(P, -1, n)
         for m in rest:
-            if isinstance(m, _Linear):
-                h = _linear(m, h, params, P)
-            elif isinstance(m, _SOFTMAX):
-                h = _SOFTMAX_FN[type(m)](h, 1)  # over the features, which are dim 1 here
-            else:  # h is this chunk's own intermediate: activations may overwrite it
-                inplace = _INPLACE.get(type(m))
-                h = inplace(h) if inplace is not None else m(h)
+            h = _linear(m, h, params, P) if isinstance(m, _Linear) else m(h)
         loss = per_point_loss(h, targets)
         if not isinstance(loss, torch.Tensor) or loss.shape != (P,):
             raise ValueError("loss_fn must return a scalar loss (mean reduction) per point")

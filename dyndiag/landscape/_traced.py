@@ -31,6 +31,11 @@ _ELEMENTWISE_FUNCTIONS = {
     F.logsigmoid, F.tanhshrink, F.softshrink, F.hardshrink,
 }
 _ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "relu_", "tanh_", "sigmoid_"}
+# The same values written into the stack, which is the chunk's own intermediate:
+# no fresh allocation (and page faults) per chunk.
+_INPLACE = {torch.tanh: torch.tanh_, F.tanh: torch.tanh_, torch.relu: torch.relu_, F.relu: torch.relu_,
+            torch.sigmoid: torch.sigmoid_, F.sigmoid: torch.sigmoid_, "tanh": torch.tanh_, "relu": torch.relu_,
+            "sigmoid": torch.sigmoid_, "tanh_": torch.tanh_, "relu_": torch.relu_, "sigmoid_": torch.sigmoid_}
 _SOFTMAX_FUNCTIONS = {F.softmax: F.softmax, F.log_softmax: F.log_softmax, F.softmin: F.softmin,
                       torch.softmax: F.softmax, torch.log_softmax: F.log_softmax}
 _SOFTMAX_METHODS = {"softmax": F.softmax, "log_softmax": F.log_softmax}
@@ -124,11 +129,11 @@ def _tail_node(n: fx.Node, prev: fx.Node, modules: dict, linear: Callable, modul
     fn = n.target
     if n.op == "call_method":
         if fn in _ELEMENTWISE_METHODS and not rest and not kwargs:
-            return operator.methodcaller(fn)
+            return _INPLACE[fn]
         fn = _SOFTMAX_METHODS.get(fn)
     elif n.op == "call_function":
         if fn in _ELEMENTWISE_FUNCTIONS:
-            return fn if not rest and not kwargs else _Bound(fn, rest, kwargs)
+            return _INPLACE.get(fn, fn) if not rest and not kwargs else _Bound(fn, rest, kwargs)
         if fn in _DROPOUT_FUNCTIONS:
             training = kwargs.get("training", rest[1] if len(rest) > 1 else True)
             return _identity if training is False else "dropout that is on (training=True)"

@@ -37,9 +37,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=512)
-    ap.add_argument("--model", choices=["tanh", "relu", "wide"], default="tanh",
+    ap.add_argument("--model", choices=["tanh", "relu", "wide", "class"], default="tanh",
                     help="tanh: the demo's 64-48-10 MLP; relu: the same with ReLU; "
-                         "wide: 64-512-10 ReLU (the first layer dominates)")
+                         "wide: 64-512-10 ReLU (the first layer dominates); class: the tanh MLP "
+                         "written as a class with a forward (traced by torch.fx)")
     ap.add_argument("--batch-points", default="",
                     help="extra rows: comma-separated chunk sizes for surface(batch_points=...)")
     args = ap.parse_args()
@@ -52,7 +53,9 @@ def main() -> None:
     # split, so --samples 1797 is every digit.
     x, y = torch.cat([x, x_test])[: args.samples], torch.cat([y, y_test])[: args.samples]
     model = digits_mlp()
-    if args.model != "tanh":
+    if args.model == "class":
+        model = _ClassMLP(model)
+    elif args.model != "tanh":
         torch.manual_seed(0)
         hidden = 512 if args.model == "wide" else 48
         model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
@@ -112,6 +115,17 @@ def main() -> None:
     print(f"loss-landscapes / default, paired per round: median {statistics.median(paired):.2f}x, "
           f"range {paired[0]:.2f}-{paired[-1]:.2f}x")
     print(f"target: dyndiag >= 2x faster: {ratio:.1f}x -> {'met' if ratio >= 2 else 'NOT met'}")
+
+
+class _ClassMLP(nn.Module):
+    """The demo's MLP as users often write it: layers as attributes, a forward."""
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = seq[0], seq[2]
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def _minor_faults() -> int:

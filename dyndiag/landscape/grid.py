@@ -359,21 +359,19 @@ def _auto_chunk(batches: object, device: torch.device, dim: int) -> int:
 
 
 def _layerwise(model, chosen, loss_fn, closure, metric, theta, dirs, D, batches, device):
-    """``(chunk_fn, auto chunk size)`` of the layer-by-layer path for a Sequential MLP
+    """``(chunk_fn, auto chunk size)`` of the layer-by-layer path for an MLP
     (:mod:`dyndiag.landscape.layerwise`), or ``(None, None)`` where it does not apply."""
     if not isinstance(batches, list):
         return None, None  # a loader: the first layer's outputs cannot be kept
-    layers = layerwise.plan(model, chosen, loss_fn, closure)
-    if isinstance(layers, str):
-        return None, None
     try:
-        heads = layerwise.head_cache(layers, theta, dirs, batches)
-    except Exception:  # noqa: BLE001 - a bad batch: the per-point loop raises its own error
+        plan = layerwise.plan(model, chosen, loss_fn, closure)
+        heads = None if isinstance(plan, str) else layerwise.head_cache(plan, theta, dirs, batches)
+    except Exception:  # noqa: BLE001 - a model or batch it cannot read: the other paths decide
         return None, None
-    if isinstance(heads, str):
+    if heads is None or isinstance(heads, str):
         return None, None
-    stages = layerwise.evaluator(layers, heads, loss_fn, metric, theta, D)
-    return _chunk_evaluator(*stages, batches, device), layerwise.auto_chunk(layers, heads)
+    stages = layerwise.evaluator(plan, heads, loss_fn, metric, theta, D)
+    return _chunk_evaluator(*stages, batches, device), layerwise.auto_chunk(plan, heads)
 
 
 def _vmapped(model: nn.Module, point_fn: Callable) -> Callable:

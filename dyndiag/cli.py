@@ -339,10 +339,13 @@ def tensorboard(run_dir, out) -> None:
               help="Grid half-width in direction units [default: 1.0; trajectory: 1.2 x the path's reach].")
 @click.option("--resolution", type=click.IntRange(min=2), default=21, show_default=True, help="Points per direction.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random directions.")
+@click.option("--batch-points", default="auto", show_default=True,
+              help="Grid points evaluated together: 'auto', a number, or 1 for one point at a time "
+                   "(see surface(batch_points=) in docs/landscapes.md).")
 @click.option("--format", "formats", default="pdf,png", show_default=True, help="Comma-separated figure formats.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, out, kind, dims, extent,
-              resolution, seed, formats, progress) -> None:
+              resolution, seed, batch_points, formats, progress) -> None:
     """Loss landscape around the last CHECKPOINT (in step order).
 
     Grid points are stored in OUT/landscape.jsonl as they are evaluated; a re-run
@@ -383,8 +386,17 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
         extent = trajectory.extent() if trajectory is not None else 1.0
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if batch_points != "auto":
+        try:
+            batch_points = int(batch_points)
+        except ValueError:
+            raise click.BadParameter(f"must be 'auto' or a whole number, got {batch_points!r}",
+                                     param_hint="--batch-points") from None
+        if batch_points < 0:
+            raise click.BadParameter(f"must be 'auto' or a whole number >= 0, got {batch_points}",
+                                     param_hint="--batch-points")
     surf = surface(model, loss_fn, data, dirs, extent=extent, resolution=resolution,
-                   path=out / "landscape.jsonl", progress=progress)
+                   path=out / "landscape.jsonl", batch_points=batch_points, progress=progress)
     surf.to_dataframe().to_csv(out / "landscape.csv", index=False)
     labels = {"random": ("random direction 1", "random direction 2"),
               "hessian": ("Hessian eigenvector 1", "Hessian eigenvector 2"),
@@ -394,7 +406,9 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
         if dims == 1:
             fig.axes[0].set_xlabel(labels[0])
         saved = dplot.save(fig, out / "landscape", formats=fmts)
-    click.echo(f"{'x'.join([str(resolution)] * dims)} grid around step {ordered[-1][0]}: loss "
+    how = {0: "all points read back from landscape.jsonl", 1: "one point at a time"}.get(
+        surf.batch_points, f"{surf.batch_points} points at a time")
+    click.echo(f"{'x'.join([str(resolution)] * dims)} grid around step {ordered[-1][0]} ({how}): loss "
                f"{surf.values.min():.4g} .. {surf.values.max():.4g}; wrote {out / 'landscape.csv'}, "
                + ", ".join(str(p) for p in saved))
 

@@ -135,9 +135,17 @@ def test_landscape_end_to_end_and_resumes(project, kind, dims):
     assert (project / "land" / "landscape.png").stat().st_size > 5000
     if kind == "trajectory":
         assert "explained variance" in result.output
+    assert "points at a time" in result.output or "one point at a time" in result.output
     lines = (project / "land" / "landscape.jsonl").read_text().splitlines()
-    assert CliRunner().invoke(main, args).exit_code == 0  # resumed: nothing evaluated twice
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "all points read back" in again.output  # resumed: nothing evaluated twice
     assert (project / "land" / "landscape.jsonl").read_text().splitlines() == lines
+    one = [*args, "--batch-points", "1"]
+    one[one.index("--out") + 1] = "land1"
+    per_point = CliRunner().invoke(main, one)
+    assert per_point.exit_code == 0 and "one point at a time" in per_point.output, per_point.output
+    assert pd.read_csv(project / "land1" / "landscape.csv").loss.tolist() == pytest.approx(table.loss.tolist(),
+                                                                                           rel=1e-6)
     # the centre of the grid is the last checkpoint's loss
     centre = table[(table.x.abs() < 1e-12) & ((table.y.abs() < 1e-12) if dims == 2 else True)].loss.item()
     import torch
@@ -162,6 +170,8 @@ def test_landscape_end_to_end_and_resumes(project, kind, dims):
         (["analyze", "model_step_0.pt", "--loss", "hinge"], "--loss must be one of"),
         (["analyze"], "give at least one CHECKPOINT"),
         (["landscape", "model_step_0.pt", "--directions", "trajectory"], "need at least 3 checkpoints"),
+        (["landscape", "model_step_0.pt", "--batch-points", "many"], "--batch-points"),
+        (["landscape", "model_step_0.pt", "--batch-points", "-2"], "whole number >= 0"),
         (["plot", "."], "holds no records.sqlite"),
     ],
 )

@@ -139,19 +139,32 @@ def main() -> None:
     for m in modes:
         print(f"{m:17s} {med[m] * 1e3:15.4f} {low[m] * 1e3:12.4f} {low[m] / low['plain']:13.3f}")
 
+    def differences(m: str, base: str) -> list:
+        """(m - base) / plain in each round, all three from the same round."""
+        return [(a - b) / c for a, b, c in zip(times[m], times[base], times["plain"])]
+
     def paired(m: str, base: str) -> float:
-        """Median over rounds of (m - base) / plain, each from the same round: the
-        estimate least moved by the machine's drift between rounds."""
-        return statistics.median((a - b) / c for a, b, c in zip(times[m], times[base], times["plain"]))
+        """Median over rounds of the same round's difference: the estimate least moved
+        by the machine's drift between rounds."""
+        return statistics.median(differences(m, base))
+
+    def interval(m: str, base: str) -> tuple:
+        """95 % percentile-bootstrap interval of the paired median (rounds resampled)."""
+        d = differences(m, base)
+        boot = random.Random(1)
+        meds = sorted(statistics.median(boot.choices(d, k=len(d))) for _ in range(2000))
+        return meds[50], meds[1949]
 
     print("the monitor's own cost, % of a plain step (target <= 5 %): "
-          "paired = median over rounds of the same round's difference")
-    print(f"{'mode':17s} {'vs':10s} {'paired':>7s} {'median':>7s} {'min':>7s}")
+          "paired = median over rounds of the same round's difference, with a 95 % bootstrap interval")
+    print(f"{'mode':17s} {'vs':10s} {'paired':>7s} {'95 % interval':>15s} {'median':>7s} {'min':>7s}")
     rows = [(m, "hand") for m in ("monitor", "monitor+db", "monitor+db inline")]
     rows += [(m, "hand+file") for m in ("monitor+db", "monitor+db inline")]
     for m, base in rows:
-        own = [100 * paired(m, base)] + [100 * (t[m] - t[base]) / t["plain"] for t in (med, low)]
-        print(f"{m:17s} {base:10s} " + " ".join(f"{v:7.1f}" for v in own))
+        lo, hi = interval(m, base)
+        own = [100 * (t[m] - t[base]) / t["plain"] for t in (med, low)]
+        print(f"{m:17s} {base:10s} {100 * paired(m, base):7.1f} {f'[{100 * lo:.1f}, {100 * hi:.1f}]':>15s} "
+              + " ".join(f"{v:7.1f}" for v in own))
     print(f"the probes' arithmetic itself (hand vs plain): paired {100 * paired('hand', 'plain'):.1f} %")
 
 

@@ -13,7 +13,8 @@ evaluated.
 Three ways to evaluate the grid, equal to float rounding (~1e-16 relative in
 float64, ~1e-7 in float32):
 
-* layer by layer, for an ``nn.Sequential`` MLP (:mod:`dyndiag.landscape.layerwise`):
+* layer by layer, for an MLP (an ``nn.Sequential``, or a class whose forward
+  traces to a plain chain of Linear layers; :mod:`dyndiag.landscape.layerwise`):
   the first layer's output is affine in the grid coordinates, so it is computed
   once per batch along each direction and combined per point with one matmul;
   later layers are one ``baddbmm`` per chunk. Chosen by ``"auto"`` and by an int

@@ -649,6 +649,10 @@ def test_layerwise_falls_back_like_vmap():
     with pytest.raises(RuntimeError):
         L.surface(model, CE, (data[0].float(), data[1]), L.random_directions(model, 2), resolution=3,
                   progress=False)
+    # A target out of range: the per-point loop raises torch's own error (a warning says why).
+    with pytest.raises(IndexError, match="out of bounds"), pytest.warns(RuntimeWarning, match="out of bounds"):
+        L.surface(model, CE, (data[0], data[1] + 10), L.random_directions(model, 2), resolution=3, batch_points=4,
+                  progress=False)
     # A loader is not cached: the vmap path.
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=8)
     with pytest.MonkeyPatch.context() as mp:

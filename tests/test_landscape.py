@@ -574,8 +574,12 @@ def test_layerwise_traces_class_models():
 def test_layerwise_with_selected_params_sequences_and_other_losses():
     model, (x, y) = tanh_mlp(), classification_data(n=12)
     last = [L.random_directions(model, 1, params=[model[2].weight], seed=s)[0] for s in (0, 1)]
-    runs = [L.surface(model, CE, (x, y), last, resolution=4, params=[model[2].weight], batch_points=bp,
-                      progress=False) for bp in (1, 5)]
+    run = lambda bp: L.surface(model, CE, (x, y), last, resolution=4, params=[model[2].weight],  # noqa: E731
+                               batch_points=bp, progress=False)
+    runs = [run(1)]
+    with pytest.MonkeyPatch.context() as mp:  # the first layer fixed: its directions are zero
+        only_layerwise(mp)
+        runs.append(run(5))
     assert runs[1].batch_points == 5
     np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=0, atol=1e-12)
     # A regression loss and a log-softmax + NLL head, both under vmap over the chunk.

@@ -20,6 +20,9 @@ Sections
      (PyHessian also against the top-5 by magnitude, which power iteration finds)
   4. mixed precision: the same model in bfloat16, whose operator computes in
      float32 (the default): HVP time, and its difference from the float32 model's
+  5. loss landscapes on the device (11x11 grid): the digits MLP (64-48-10 tanh, 512
+     samples; layer by layer under "auto") and the ResNet on its batch (vmap under
+     "auto" off the CPU), each against the per-point loop and fixed vmap chunks
 
 Timings synchronise the device and take the median of ``--repeats`` after a warm-up.
 Not a test: it prints tables and the targets' verdicts.
@@ -173,6 +176,26 @@ def main() -> None:
     print("\n4. bfloat16 model (products in float32)")
     print(f"HVP {t_half:.4f} s, dtype {hv.dtype}; max |difference| from the float32 copy of the same weights: "
           f"{float((hv - hv32).abs().max()):.2e} (relative {float((hv - hv32).norm() / hv32.norm()):.2e})")
+
+    # 5. loss landscapes
+    from dyndiag.datasets import load_digits
+    from dyndiag.demo import digits_mlp
+
+    xd, yd, _, _ = load_digits()
+    cases = [("digits MLP", digits_mlp().to(device), (xd[:512].to(device), yd[:512].to(device))),
+             (f"ResNet width {args.width}", model, (x, y))]
+    print("\n5. 2-D loss landscape, 11x11 grid (batch_points: seconds)")
+    for what, net, data in cases:
+        dirs = dd.landscape.random_directions(net, n=2, seed=0)
+
+        def land(bp, net=net, data=data, dirs=dirs):
+            return dd.landscape.surface(net, loss_fn, data, dirs, resolution=11, batch_points=bp, progress=False)
+
+        row = []
+        for bp in ("auto", 1, 8, 32):
+            t, surf = timed(lambda bp=bp: land(bp), device, args.repeats)
+            row.append(f"{bp}{'=' + str(surf.batch_points) if bp == 'auto' else ''}: {t:.3f}")
+        print(f"{what:20s} " + ", ".join(row))
 
 
 if __name__ == "__main__":

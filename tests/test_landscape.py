@@ -382,17 +382,20 @@ def test_model_comes_back_bit_identical_after_batched_path():
     assert_same(before, snapshot(model))
 
 
-def test_auto_takes_the_per_point_loop_for_convolutions_on_the_cpu():
+def test_auto_takes_the_per_point_loop_for_convolutions_on_large_cpu_batches():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)).double()
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(10, 1, 6, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (10,), generator=g)
+    x, y = torch.randn(129, 1, 6, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (129,), generator=g)
     d = L.random_directions(model, 2, seed=0)
     auto = L.surface(model, CE, (x, y), d, resolution=4, progress=False)
-    assert auto.batch_points == 1
+    assert auto.batch_points == 1  # 129 samples > 128
     forced = L.surface(model, CE, (x, y), d, resolution=4, batch_points=8, progress=False)  # vmap on request
     assert forced.batch_points == 8
     np.testing.assert_allclose(forced.values, auto.values, rtol=0, atol=1e-12)
+    small = L.surface(model, CE, (x[:128], y[:128]), d, resolution=4, progress=False)
+    assert small.batch_points == 128  # up to 128 samples: batched (2**15 // 128 points, at most 128)
+    assert grid._auto_chunk([((x, y), 129)], torch.device("cuda"), 77, conv=True) > 1  # not off the CPU
 
 
 def test_auto_chunk_rule():

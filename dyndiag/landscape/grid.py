@@ -48,8 +48,8 @@ Otherwise ``"auto"`` batches with vmap unless it is unsafe, and then falls back 
   with its usual message.
 
 On the CPU, ``"auto"`` takes the per-point loop for a model with a convolution
-(vmap's grouped convolutions were ~2x slower per point than plain ones there).
-Otherwise ``"auto"`` picks the chunk from the largest batch's sample count n and the
+when a batch holds more than 128 samples (vmap's grouped convolutions lost to
+plain ones there; with fewer samples they won). Otherwise ``"auto"`` picks the chunk from the largest batch's sample count n and the
 number of parameters dim: the largest chunk with at most 128 points, at most
 ``2**15`` sample evaluations (``chunk * n``), at most ``2**26`` for
 ``chunk * n * dim`` (a stand-in for the size of a chunk's activations) and at
@@ -120,6 +120,10 @@ _SAMPLE_EVALUATIONS = 2**15  # chunk x samples per vmapped forward
 _CHUNK_WORK = 2**26  # chunk x samples x parameters (a stand-in for activation size)
 _MAX_PARAM_ELEMENTS = 2**24  # stacked (chunk, dim) parameters: 64 MiB in float32
 _CPU_MIN_CHUNK = 16  # smaller chunks lost to vmap's ~0.5 ms per call
+# With a convolution on the CPU, batches of more samples than this go per point:
+# vmap runs per-point convolution weights as a grouped convolution, which won at
+# 16-128 samples (1.5-2.6x) and lost from 256 on (0.45-0.8x) on a digits CNN.
+_CPU_CONV_SAMPLES = 128
 
 
 @dataclass
@@ -292,7 +296,8 @@ def surface(
             if why is None and requested != 1:
                 chunk_fn, auto = _layerwise(model, chosen, loss_fn, closure, metric, theta, dirs, D, batches, device)
                 if chunk_fn is None:
-                    auto = 1 if _has_conv(model, device) else _auto_chunk(batches, device, theta.numel())
+                    conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+                    auto = _auto_chunk(batches, device, theta.numel(), conv)
                     if (requested or auto) > 1:
                         layout = [("model." + n, p.shape) for n, p in zip(names, chosen)]
                         stages = _vmap_stages(_vmapped(model, point_fn), layout, theta, D)
@@ -338,21 +343,18 @@ def _unbatchable(model: nn.Module, closure: Callable | None) -> str | None:
     return None
 
 
-def _has_conv(model: nn.Module, device: torch.device) -> bool:
-    """A convolution on the CPU: vmap turns it into a grouped convolution, which was
-    about 2x slower per point than the per-point loop here (docs/benchmarks.md)."""
-    return device.type == "cpu" and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-
-
-def _auto_chunk(batches: object, device: torch.device, dim: int) -> int:
+def _auto_chunk(batches: object, device: torch.device, dim: int, conv: bool = False) -> int:
     """Points per chunk for ``"auto"`` (1: per point), from the largest batch's sample
-    count n and the number of parameters ``dim``; the bounds are in the module docstring."""
+    count n, the number of parameters ``dim`` and whether the model has a
+    convolution; the bounds are in the module docstring."""
     if isinstance(batches, list):
         n = max((count for _, count in batches), default=0)
     else:  # a loader: its first batch stands for all
         first = next(iter(iter_batches(batches)), None)
         n = 0 if first is None else default_batch_size(first)
     n, dim = max(n, 1), max(dim, 1)
+    if conv and device.type == "cpu" and n > _CPU_CONV_SAMPLES:
+        return 1  # vmap's grouped convolutions lost to plain ones here (docs/benchmarks.md)
     size = min(_MAX_CHUNK, _SAMPLE_EVALUATIONS // n, _CHUNK_WORK // (n * dim), _MAX_PARAM_ELEMENTS // dim)
     if device.type == "cpu" and size < _CPU_MIN_CHUNK:
         return 1  # vmap's ~0.5 ms per call is not paid back (or one point fills the cores)

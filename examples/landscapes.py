@@ -109,8 +109,8 @@ def main(fast: bool = False, out: str = "figures", seed: int = 0) -> dict:
             direction = dd.landscape.random_directions(model, n=1, seed=0)
             line = dd.landscape.surface(model, loss_fn, data, direction, extent=1.0,
                                         resolution=2 * res - 1, progress=False)
-            dd.plot.landscape(line, ax=ax, labels=("filter-normalised random direction", ""))
-            ax.get_lines()[-2].set(color=f"C{i}", label=name)
+            dd.plot.landscape(line, ax=ax, labels=("filter-normalised random direction", ""), color=f"C{i}",
+                              label=name)
         ax.set_yscale("linear")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize="small", loc="upper center")

@@ -115,9 +115,22 @@ def test_metrics_panels_per_layer_lines_and_total(sgd_records):
     np.testing.assert_array_equal(total.get_ydata(), _values(df, "grad_norm")[1])
     np.testing.assert_array_equal(gn.lines[2].get_ydata(), _values(df, "grad_norm", "2.weight")[1])
     assert [t.get_text() for t in gn.get_legend().get_texts()] == PARAMS + ["total"]
-    assert gn.get_ylabel() == "grad norm" and sh.get_xlabel() == "step"
+    assert gn.get_ylabel() == "gradient norm" and sh.get_xlabel() == "step"
     assert len(sh.lines) == 1 and sh.get_legend() is None  # a scalar: one plain line
     assert dd.plot.metrics(df, "grad_norm", logy=True).axes[0].get_yscale() == "log"
+
+
+def test_metrics_reference_line_and_fraction_axis():
+    rows = [(s, "safe_step_radius", "ratio", "", 0.1 * (s + 1), 0.0) for s in range(4)]
+    rows += [(s, "softmax_collapse", "collapsed_fraction", "", 0.0, 0.0) for s in range(4)]
+    df = pd.DataFrame(rows, columns=["step", "probe", "metric", "key", "value", "wall_time"])
+    ratio, frac = dd.plot.metrics(df, ["ratio", "collapsed_fraction"]).axes
+    ref = [l for l in ratio.lines if l.get_gid() == "dyndiag-reference"]
+    assert len(ref) == 1 and list(ref[0].get_ydata()) == [1.0, 1.0]  # a ratio >= 1 predicts a spike
+    assert ratio.get_ylabel() == "step / safe radius" and ratio.get_ylim()[1] >= 1.0
+    low, high = frac.get_ylim()
+    assert -0.05 * high < low < 0 and frac.get_ylabel() == "collapsed fraction"
+    assert min(t for t in frac.get_yticks() if low <= t <= high) == 0  # no negative ticks
 
 
 def test_metrics_many_keys_use_a_colormap_and_bad_input_errors():

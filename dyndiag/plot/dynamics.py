@@ -34,6 +34,13 @@ def _check_frame(df) -> None:
 
 
 _width = style_width
+# y labels for the record names of design.md's Decisions (others: the name, spaced).
+_AXIS_LABELS = {"grad_norm": "gradient norm", "ratio": "step / safe radius", "overlap": "subspace overlap"}
+# A safe-step ratio of 1 or more predicts a loss spike (SafeStepRadius): drawn as a line.
+_REFERENCES = {"ratio": (1.0, "spike predicted")}
+# Fractions: their axis starts at 0 (an all-zero series would otherwise sit mid-axis
+# between negative ticks), with a sliver below it.
+_FRACTIONS = {"collapsed_fraction"}
 
 
 def _series(df, metric: str, probe: str | None = None, key: str | None = ""):
@@ -247,7 +254,15 @@ def metrics(
         _per_key(a, sub)
         if logy or (logy is None and _auto_log(sub["value"].to_numpy(float))):
             a.set_yscale("log")
-        a.set_ylabel(name.replace("_", " "))
+        if name in _REFERENCES:
+            level, text = _REFERENCES[name]
+            a.axhline(level, color="0.5", ls="--", lw=0.8, gid="dyndiag-reference")
+            a.text(0.99, level, text, transform=a.get_yaxis_transform(), ha="right", va="bottom",
+                   fontsize="x-small", color="0.4")
+        if name in _FRACTIONS and a.get_yscale() == "linear":
+            top = a.get_ylim()[1]
+            a.set_ylim(-0.03 * top, top)  # from 0, with a sliver so a line at 0 clears the spine
+        a.set_ylabel(_AXIS_LABELS.get(name, name.replace("_", " ")))
     axes[-1].set_xlabel("step")
     if len(axes) > 1:
         fig.align_ylabels(axes)

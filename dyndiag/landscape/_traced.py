@@ -49,9 +49,12 @@ _HEAD_METHODS = _ELEMENTWISE_METHODS | {"view", "reshape", "flatten", "size", "f
                                         "contiguous", "unsqueeze", "squeeze"}
 
 
-def chain(model: nn.Module, linear: Callable, module_step: Callable):
-    """A :class:`~dyndiag.landscape.layerwise.Plan` for ``model``, or why not."""
-    from .layerwise import _HEAD, Plan
+def chain(model: nn.Module, linear: Callable, head_module: Callable, module_step: Callable):
+    """A :class:`~dyndiag.landscape.layerwise.Plan` for ``model``, or why not.
+
+    ``linear``, ``head_module`` and ``module_step`` are the Sequential reader's own
+    rules for an ``nn.Linear``, a module before it and a module after it."""
+    from .layerwise import Plan
 
     # Tracing runs forward's Python with real buffers (the caller's state guard puts
     # them back); one that writes a buffer is not a chain of pure layers.
@@ -72,7 +75,7 @@ def chain(model: nn.Module, linear: Callable, module_step: Callable):
     if first is None:
         return "no Linear layer"
     for n in nodes[:first]:
-        why = _head_node(n, modules, _HEAD)
+        why = _head_node(n, modules, head_module)
         if why:
             return why
     lin_node = nodes[first]
@@ -101,14 +104,11 @@ def chain(model: nn.Module, linear: Callable, module_step: Callable):
     return "no output"
 
 
-def _head_node(n: fx.Node, modules: dict, head_types: tuple) -> str | None:
+def _head_node(n: fx.Node, modules: dict, head_module: Callable) -> str | None:
     if n.op == "placeholder":
         return None
     if n.op == "call_module":
-        m = modules[n.target]
-        if type(m) not in head_types or list(m.parameters()) or list(m.buffers()):
-            return f"{type(m).__name__} before the first Linear"
-        return None
+        return head_module(modules[n.target])
     if n.op == "call_function" and n.target in _HEAD_FUNCTIONS:
         return None
     if n.op == "call_method" and n.target in _HEAD_METHODS:

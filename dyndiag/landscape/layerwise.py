@@ -117,7 +117,7 @@ def plan(model: nn.Module, chosen: Sequence[torch.Tensor], loss_fn: Callable | N
     else:
         from . import _traced  # torch.fx only for models that need it
 
-        found = _traced.chain(model, linear, _module_step)
+        found = _traced.chain(model, linear, _head_module, _module_step)
     if isinstance(found, str):
         return found
     covered = {id(p) for m in [found.first, *found.tail] if isinstance(m, _Linear) for p in m.module.parameters()}
@@ -132,11 +132,9 @@ def _sequential(mods: list, linear: Callable) -> Plan | str:
         return "no Linear layer"
     head = []
     for m in mods[:first]:
-        if type(m) not in _HEAD or list(m.parameters()) or list(m.buffers()):
-            return f"{type(m).__name__} is not a known parameter-free module"
-        if (isinstance(m, _SOFTMAX) and m.dim in (0, None)) or (isinstance(m, nn.Flatten) and m.start_dim == 0) \
-                or (isinstance(m, nn.Unflatten) and m.dim == 0):
-            return f"{type(m).__name__} over the batch dim"
+        why = _head_module(m)
+        if why:
+            return why
         head.append(m)
     tail = []
     for m in mods[first + 1:]:
@@ -145,6 +143,16 @@ def _sequential(mods: list, linear: Callable) -> Plan | str:
             return step
         tail.append(step)
     return Plan(nn.Sequential(*head), linear(mods[first]), tail)
+
+
+def _head_module(m: nn.Module) -> str | None:
+    """Why module ``m`` cannot run before the first Linear, or None."""
+    if type(m) not in _HEAD or list(m.parameters()) or list(m.buffers()):
+        return f"{type(m).__name__} is not a known parameter-free module"
+    if (isinstance(m, _SOFTMAX) and m.dim in (0, None)) or (isinstance(m, nn.Flatten) and m.start_dim == 0) \
+            or (isinstance(m, nn.Unflatten) and m.dim == 0):
+        return f"{type(m).__name__} over the batch dim"
+    return None
 
 
 def _module_step(m: nn.Module) -> Callable | str:

@@ -20,10 +20,25 @@ the median and the minimum over interleaved repeats:
   monitor+db  the same, written to the record store (log_dir=...): each step
                 appended to the spool (survives a SIGKILL when the step returns),
                 moved into SQLite by the ingest process, one transaction per step
+  monitor+db/16  monitor+db with commit_every=16: 16 spooled steps per SQLite
+                transaction (every step still spooled when it returns; readers,
+                which merge the spool, see no difference). design.md's Decision
+                is one transaction per step, the default; this shows what it costs
   monitor+db inline  the same with the ingest on the training thread (the store's
                 `ingest="inline"`, what every write cost before the spool)
 
-    python benchmarks/monitor.py [--steps 200] [--repeats 15] [--threads 1] [--clock wall|thread]
+Each repeat first runs ``--warmup`` untimed steps (default 300): the timed steps
+are the steady state of a run, while the store's ingest process starts on the
+first write and its start-up (a Python interpreter: ~0.1 s of CPU here) falls in
+those first steps, a one-time cost printed on its own line. ``--warmup 0`` times
+from the first step, as the script did before session 6.
+
+It also prints the ingest process's CPU time per timed step (Linux), and how much a
+CPU-bound process on another core slows a plain step on this machine: where the
+cores share a physical core (SMT siblings, or a VM's vCPUs placed on them), any
+work beside training, the ingest's included, slows the training thread.
+
+    python benchmarks/monitor.py [--steps 200] [--warmup 300] [--repeats 15] [--threads 1] [--clock wall|thread]
 
 ``--clock thread`` times the loop with ``time.thread_time()``, the training thread's
 own CPU time (with one torch thread, all of the step's work): it leaves out time the
@@ -37,6 +52,8 @@ import argparse
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -52,13 +69,15 @@ from dyndiag.datasets import load_digits
 CLOCK = time.perf_counter
 
 
-def run(mode: str, steps: int, x, y, seed: int = 0) -> float:
+def run(mode: str, steps: int, x, y, seed: int = 0, warmup: int = 0) -> float:
+    """Seconds per step over ``steps`` timed steps, after ``warmup`` untimed ones (whose
+    seconds per step go to ``WARMUP_TIMES[mode]`` when ``warmup`` > 0)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, len(y), (128,), generator=gen) for _ in range(steps)]
+    batches = [torch.randint(0, len(y), (128,), generator=gen) for _ in range(warmup + steps)]
     rows: list = []
     mon = None
     handles = []
@@ -103,17 +122,24 @@ def run(mode: str, steps: int, x, y, seed: int = 0) -> float:
         if mode.startswith("monitor+db"):
             tmp = tempfile.TemporaryDirectory()
             log_dir = tmp.name
-        mon = dd.Monitor(model, opt, probes, log_dir=log_dir)
+        mon = dd.Monitor(model, opt, probes, log_dir=log_dir, commit_every=16 if mode == "monitor+db/16" else 1)
         if mode == "monitor+db inline":  # the Monitor has no knob for it: swap its writer
             mon._writer.close()
             mon._writer = RecordWriter(log_dir, ingest="inline")
     t0 = CLOCK()
-    for idx in batches:
+    for i, idx in enumerate(batches):
+        if i == warmup:
+            if warmup:
+                WARMUP_TIMES.setdefault(mode, []).append((CLOCK() - t0) / warmup)
+                cpu0 = _ingest_cpu(mon) if mode == "monitor+db" else 0.0
+            t0 = CLOCK()
         opt.zero_grad()
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
     elapsed = (CLOCK() - t0) / steps
     if mon is not None:
+        if mode == "monitor+db" and warmup:
+            INGEST_CPU.append((_ingest_cpu(mon) - cpu0) / steps)
         mon.close()
     for h in handles:
         h.remove()
@@ -122,9 +148,40 @@ def run(mode: str, steps: int, x, y, seed: int = 0) -> float:
     return elapsed
 
 
+INGEST_CPU: list = []  # monitor+db: the ingest process's CPU seconds per timed step, one per repeat
+WARMUP_TIMES: dict = {}  # mode -> seconds per step of each repeat's untimed first steps
+
+
+def _ingest_cpu(mon) -> float:
+    """CPU seconds (user + system) the Monitor's ingest process has used so far; NaN where unknown."""
+    proc = getattr(mon._writer._session, "proc", None)
+    try:
+        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def sibling_slowdown(x, y, rounds: int = 6, steps: int = 300) -> float:
+    """Median slowdown of a plain step while a CPU-bound Python process runs (on another core, if any)."""
+    ratios = []
+    for r in range(rounds):
+        alone = run("plain", steps, x, y, seed=r)
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.1)
+            ratios.append(run("plain", steps, x, y, seed=r) / alone)
+        finally:
+            busy.kill()
+            busy.wait()
+    return statistics.median(ratios) - 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=300,
+                    help="untimed steps per repeat before the timed ones (0: time from the first step)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall")
@@ -133,8 +190,8 @@ def main() -> None:
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(args.threads)
     x, y, _, _ = load_digits()
-    modes = ["plain", "hand", "hand f32 cos", "hand+file", "monitor", "monitor+db", "monitor+db inline"]
-    for m in modes:  # warm-up
+    modes = ["plain", "hand", "hand f32 cos", "hand+file", "monitor", "monitor+db", "monitor+db/16", "monitor+db inline"]
+    for m in modes:  # warm-up of the process (imports, allocator), not recorded
         run(m, 20, x, y)
     times = {m: [] for m in modes}
     order = random.Random(0)
@@ -142,23 +199,23 @@ def main() -> None:
         # Every mode once per round, in a shuffled order: drift hits every mode alike, and
         # no mode always follows the one whose ingest process is still finishing.
         for m in order.sample(modes, len(modes)):
-            times[m].append(run(m, args.steps, x, y, seed=r))
+            times[m].append(run(m, args.steps, x, y, seed=r, warmup=args.warmup))
     med = {m: statistics.median(v) for m, v in times.items()}
     low = {m: min(v) for m, v in times.items()}  # noise only adds time: the fastest repeat is one estimate
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.steps} steps x {args.repeats} repeats, "
-          f"{args.clock} clock")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.steps} steps x {args.repeats} repeats "
+          f"after {args.warmup} untimed steps each, {args.clock} clock")
     print(f"{'mode':17s} {'median ms/step':>15s} {'min ms/step':>12s} {'min vs plain':>13s}")
     for m in modes:
         print(f"{m:17s} {med[m] * 1e3:15.4f} {low[m] * 1e3:12.4f} {low[m] / low['plain']:13.3f}")
 
-    def differences(m: str, base: str) -> list:
+    def differences(m: str, base: str, t: dict = times) -> list:
         """(m - base) / plain in each round, all three from the same round."""
-        return [(a - b) / c for a, b, c in zip(times[m], times[base], times["plain"])]
+        return [(a - b) / c for a, b, c in zip(t[m], t[base], t["plain"])]
 
-    def paired(m: str, base: str) -> float:
+    def paired(m: str, base: str, t: dict = times) -> float:
         """Median over rounds of the same round's difference: the estimate least moved
         by the machine's drift between rounds."""
-        return statistics.median(differences(m, base))
+        return statistics.median(differences(m, base, t))
 
     def interval(m: str, base: str) -> tuple:
         """95 % percentile-bootstrap interval of the paired median (rounds resampled)."""
@@ -170,7 +227,7 @@ def main() -> None:
     print("the monitor's own cost, % of a plain step (target <= 5 %): "
           "paired = median over rounds of the same round's difference, with a 95 % bootstrap interval")
     print(f"{'mode':17s} {'vs':10s} {'paired':>7s} {'95 % interval':>15s} {'median':>7s} {'min':>7s}")
-    rows = [(m, "hand") for m in ("monitor", "monitor+db", "monitor+db inline")]
+    rows = [(m, "hand") for m in ("monitor", "monitor+db", "monitor+db/16", "monitor+db inline")]
     rows += [(m, "hand+file") for m in ("monitor+db", "monitor+db inline")]
     for m, base in rows:
         lo, hi = interval(m, base)
@@ -178,6 +235,14 @@ def main() -> None:
         print(f"{m:17s} {base:10s} {100 * paired(m, base):7.1f} {f'[{100 * lo:.1f}, {100 * hi:.1f}]':>15s} "
               + " ".join(f"{v:7.1f}" for v in own))
     print(f"the probes' arithmetic itself (hand vs plain): paired {100 * paired('hand', 'plain'):.1f} %")
+    if args.warmup:
+        print(f"the first {args.warmup} steps (untimed above), own cost against hand, paired: "
+              + ", ".join(f"{m} {100 * paired(m, 'hand', WARMUP_TIMES):.1f} %" for m in ("monitor", "monitor+db")))
+    cpu = [c for c in INGEST_CPU if c == c]
+    if cpu:
+        print(f"monitor+db: the ingest process used {statistics.median(cpu) * 1e6:.0f} us of CPU per timed step "
+              f"(median over repeats), {100 * statistics.median(cpu) / med['monitor+db']:.0f} % of a core")
+    print(f"a CPU-bound process beside training slows a plain step by {100 * sibling_slowdown(x, y):.0f} % on this machine")
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ first write and its start-up (a Python interpreter: ~0.1 s of CPU here) falls in
 those first steps, a one-time cost printed on its own line. ``--warmup 0`` times
 from the first step, as the script did before session 6.
 
-It also prints the ingest process's CPU time per timed step (Linux), and how much a
-CPU-bound process on another core slows a plain step on this machine: where the
-cores share a physical core (SMT siblings, or a VM's vCPUs placed on them), any
-work beside training, the ingest's included, slows the training thread.
+With a warm-up it also prints the ingest process's CPU time per timed step (Linux).
+It always prints how much a CPU-bound process on another core slows a plain step
+on this machine: where the cores share a physical core (SMT siblings, or a VM's
+vCPUs placed on them), any work beside training, the ingest's included, slows
+the training thread.
 
     python benchmarks/monitor.py [--steps 200] [--warmup 300] [--repeats 15] [--threads 1] [--clock wall|thread]
 

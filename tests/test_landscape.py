@@ -215,15 +215,26 @@ def test_metric_and_dataframe():
     np.testing.assert_array_equal(s2.metric_values, s.metric_values)
 
 
-def test_model_comes_back_bit_identical():
+def used_model(eval_module: int, moved_statistics: bool = False):
+    """A BatchNorm + Dropout MLP (float64) as training leaves it: train mode but module
+    ``eval_module`` in eval mode, gradients from one backward except the last weight's
+    (None), running statistics moved by one more forward if ``moved_statistics``.
+    Returns ``(model, x, y)``."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 4)
     ).double().train()
     x, y = classification_data()
+    if moved_statistics:
+        model(x)
     CE(model(x), y).backward()
     model[4].weight.grad = None  # one parameter without a grad
-    model[3].eval()  # mixed modes
+    model[eval_module].eval()  # mixed modes
+    return model, x, y
+
+
+def test_model_comes_back_bit_identical():
+    model, x, y = used_model(eval_module=3)  # dropout off, BatchNorm on batch statistics
     before = snapshot(model)
     params = list(model.parameters())
     dirs = L.random_directions(model, 2, seed=0, ignore=())
@@ -365,15 +376,8 @@ def test_metric_under_vmap_and_metric_that_falls_back():
 
 
 def test_model_comes_back_bit_identical_after_batched_path():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 4)
-    ).double().train()
-    x, y = classification_data()
-    model(x)  # moved running statistics
-    CE(model(x), y).backward()
-    model[4].weight.grad = None
-    model[1].eval()  # BatchNorm on running statistics, dropout in train mode: batched
+    # BatchNorm on (moved) running statistics, dropout in train mode: batched
+    model, x, y = used_model(eval_module=1, moved_statistics=True)
     before = snapshot(model)
     params = list(model.parameters())
     loop, batched = per_point_and(model, [(x[:10], y[:10]), (x[10:], y[10:])], 4, batched=True)

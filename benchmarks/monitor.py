@@ -26,6 +26,11 @@ the median and the minimum over interleaved repeats:
                 is one transaction per step, the default; this shows what it costs
   monitor+db inline  the same with the ingest on the training thread (the store's
                 `ingest="inline"`, what every write cost before the spool)
+  monitor+spool  a diagnostic: monitor+db without an ingest while it trains (the
+                store's `ingest="inline"` with `commit_every` larger than the run:
+                the spool is moved into SQLite at close, after the timing). What
+                the training thread pays for the records itself; monitor+db minus
+                this is what the ingest process, running beside it, costs it
 
 Each repeat first runs ``--warmup`` untimed steps (default 300): the timed steps
 are the steady state of a run, while the store's ingest process starts on the
@@ -40,6 +45,10 @@ vCPUs placed on them), any work beside training, the ingest's included, slows
 the training thread.
 
     python benchmarks/monitor.py [--steps 200] [--warmup 300] [--repeats 15] [--threads 1] [--clock wall|thread]
+                                 [--modes plain,hand,monitor,monitor+db,monitor+spool]
+
+``--modes`` runs a subset (``plain`` and ``hand`` are always in it): fewer modes
+give more repeats in the same time.
 
 ``--clock thread`` times the loop with ``time.thread_time()``, the training thread's
 own CPU time (with one torch thread, all of the step's work): it leaves out time the
@@ -120,13 +129,16 @@ def run(mode: str, steps: int, x, y, seed: int = 0, warmup: int = 0) -> float:
     elif mode.startswith("monitor"):
         probes = [dd.probes.GradientNorm(), dd.probes.LayerRotation(), dd.probes.SoftmaxCollapse()]
         log_dir = None
-        if mode.startswith("monitor+db"):
+        if mode.startswith(("monitor+db", "monitor+spool")):
             tmp = tempfile.TemporaryDirectory()
             log_dir = tmp.name
         mon = dd.Monitor(model, opt, probes, log_dir=log_dir, commit_every=16 if mode == "monitor+db/16" else 1)
         if mode == "monitor+db inline":  # the Monitor has no knob for it: swap its writer
             mon._writer.close()
             mon._writer = RecordWriter(log_dir, ingest="inline")
+        elif mode == "monitor+spool":  # inline, but never due before close()
+            mon._writer.close()
+            mon._writer = RecordWriter(log_dir, ingest="inline", commit_every=1 << 40)
     t0 = CLOCK()
     for i, idx in enumerate(batches):
         if i == warmup:
@@ -149,6 +161,8 @@ def run(mode: str, steps: int, x, y, seed: int = 0, warmup: int = 0) -> float:
     return elapsed
 
 
+MODES = ["plain", "hand", "hand f32 cos", "hand+file", "monitor", "monitor+db", "monitor+db/16",
+         "monitor+db inline", "monitor+spool"]
 INGEST_CPU: list = []  # monitor+db: the ingest process's CPU seconds per timed step, one per repeat
 WARMUP_TIMES: dict = {}  # mode -> seconds per step of each repeat's untimed first steps
 
@@ -186,12 +200,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
     args = ap.parse_args()
+    chosen = {m.strip() for m in args.modes.split(",") if m.strip()}
+    if chosen - set(MODES):
+        ap.error(f"--modes: unknown {sorted(chosen - set(MODES))}; choose from {', '.join(MODES)}")
+    modes = [m for m in MODES if m in chosen | {"plain", "hand"}]
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(args.threads)
     x, y, _, _ = load_digits()
-    modes = ["plain", "hand", "hand f32 cos", "hand+file", "monitor", "monitor+db", "monitor+db/16", "monitor+db inline"]
     for m in modes:  # warm-up of the process (imports, allocator), not recorded
         run(m, 20, x, y)
     times = {m: [] for m in modes}
@@ -227,18 +245,22 @@ def main() -> None:
 
     print("the monitor's own cost, % of a plain step (target <= 5 %): "
           "paired = median over rounds of the same round's difference, with a 95 % bootstrap interval")
-    print(f"{'mode':17s} {'vs':10s} {'paired':>7s} {'95 % interval':>15s} {'median':>7s} {'min':>7s}")
-    rows = [(m, "hand") for m in ("monitor", "monitor+db", "monitor+db/16", "monitor+db inline")]
+    print(f"{'mode':17s} {'vs':13s} {'paired':>7s} {'95 % interval':>15s} {'median':>7s} {'min':>7s}")
+    rows = [(m, "hand") for m in ("monitor", "monitor+db", "monitor+db/16", "monitor+db inline", "monitor+spool")]
     rows += [(m, "hand+file") for m in ("monitor+db", "monitor+db inline")]
+    rows += [("monitor+db", "monitor+spool"), ("monitor+spool", "monitor")]
     for m, base in rows:
+        if m not in times or base not in times:
+            continue
         lo, hi = interval(m, base)
         own = [100 * (t[m] - t[base]) / t["plain"] for t in (med, low)]
-        print(f"{m:17s} {base:10s} {100 * paired(m, base):7.1f} {f'[{100 * lo:.1f}, {100 * hi:.1f}]':>15s} "
+        print(f"{m:17s} {base:13s} {100 * paired(m, base):7.1f} {f'[{100 * lo:.1f}, {100 * hi:.1f}]':>15s} "
               + " ".join(f"{v:7.1f}" for v in own))
     print(f"the probes' arithmetic itself (hand vs plain): paired {100 * paired('hand', 'plain'):.1f} %")
     if args.warmup:
         print(f"the first {args.warmup} steps (untimed above), own cost against hand, paired: "
-              + ", ".join(f"{m} {100 * paired(m, 'hand', WARMUP_TIMES):.1f} %" for m in ("monitor", "monitor+db")))
+              + ", ".join(f"{m} {100 * paired(m, 'hand', WARMUP_TIMES):.1f} %"
+                          for m in ("monitor", "monitor+db") if m in times))
     cpu = [c for c in INGEST_CPU if c == c]
     if cpu:
         print(f"monitor+db: the ingest process used {statistics.median(cpu) * 1e6:.0f} us of CPU per timed step "

@@ -631,6 +631,26 @@ def test_layerwise_cross_entropy_per_point(kw):
         assert torch.isnan(stacked(all_ignored)).all()
 
 
+def test_layerwise_cross_entropy_checks_each_batch_once():
+    # The targets' check (a device sync on a GPU) runs once per targets tensor, not per chunk.
+    ce = nn.CrossEntropyLoss(ignore_index=2)
+    loss = layerwise._stacked_loss(ce)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 4, 9, dtype=torch.float64, generator=g)  # feature-major (P, classes, n)
+    ya, yb = (torch.randint(0, 4, (9,), generator=g) for _ in range(2))
+    where, calls = torch.where, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "where", lambda *a: calls.append(1) or where(*a))
+        got = [loss(z, y) for y in (ya, yb, ya, yb)]
+    assert len(calls) == 2
+    for value, y in zip(got, (ya, yb, ya, yb)):
+        torch.testing.assert_close(value, torch.stack([ce(z[p].T, y) for p in range(3)]), rtol=1e-13, atol=0)
+    bad = ya.clone()
+    bad[0] = 7
+    with pytest.raises(IndexError, match="out of bounds for 4 classes"):
+        loss(z, bad)
+
+
 def test_layerwise_float32_and_chunk_rule():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))

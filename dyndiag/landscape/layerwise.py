@@ -296,6 +296,21 @@ def _stacked_loss(loss_fn: Callable) -> Callable:
     if not (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.reduction == "mean"):
         return general
     ignore, smoothing = loss_fn.ignore_index, loss_fn.label_smoothing
+    # Per targets tensor (a landscape's batches are fixed): which samples count, their
+    # class index, and how many. Checked once, not at every chunk: on a GPU the bounds
+    # check is a device-to-host sync. Keyed by id, the tensor kept alive with it.
+    seen: dict[int, tuple] = {}
+
+    def prepared(targets: torch.Tensor, classes: int, n: int) -> tuple:
+        hit = seen.get(id(targets))
+        if hit is not None and hit[0] is targets:
+            return hit[1:]
+        keep = targets != ignore
+        index = torch.where(keep, targets, 0)
+        if bool(((index < 0) | (index >= classes)).any()):
+            raise IndexError(f"target out of bounds for {classes} classes")
+        seen[id(targets)] = (targets, keep, index.view(1, 1, n), keep.sum())
+        return seen[id(targets)][1:]
 
     def cross_entropy(z: torch.Tensor, targets) -> torch.Tensor:
         P, classes, n = z.shape
@@ -306,14 +321,11 @@ def _stacked_loss(loss_fn: Callable) -> Callable:
         # ignored, summed and divided by the samples not ignored (NaN if none).
         # log_softmax over dim 1 of (P, classes, n) was 3.7x faster than over the
         # last dim of (P * n, classes).
+        keep, index, count = prepared(targets, classes, n)
         logp = torch.log_softmax(z, 1)
-        keep = targets != ignore
-        index = torch.where(keep, targets, 0)
-        if bool(((index < 0) | (index >= classes)).any()):
-            raise IndexError(f"target out of bounds for {classes} classes")
-        per_sample = logp.gather(1, index.view(1, 1, n).expand(P, 1, n)).squeeze(1).neg_()
+        per_sample = logp.gather(1, index.expand(P, 1, n)).squeeze(1).neg_()
         if smoothing > 0:
             per_sample.mul_(1 - smoothing).sub_(logp.mean(1), alpha=smoothing)
-        return (per_sample * keep).sum(1) / keep.sum()
+        return (per_sample * keep).sum(1) / count
 
     return cross_entropy

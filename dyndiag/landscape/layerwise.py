@@ -303,14 +303,13 @@ def _stacked_loss(loss_fn: Callable) -> Callable:
 
     def prepared(targets: torch.Tensor, classes: int, n: int) -> tuple:
         hit = seen.get(id(targets))
-        if hit is not None and hit[0] is targets:
-            return hit[1:]
-        keep = targets != ignore
-        index = torch.where(keep, targets, 0)
-        if bool(((index < 0) | (index >= classes)).any()):
-            raise IndexError(f"target out of bounds for {classes} classes")
-        seen[id(targets)] = (targets, keep, index.view(1, 1, n), keep.sum())
-        return seen[id(targets)][1:]
+        if hit is None:
+            keep = targets != ignore
+            index = torch.where(keep, targets, 0)
+            if bool(((index < 0) | (index >= classes)).any()):
+                raise IndexError(f"target out of bounds for {classes} classes")
+            hit = seen[id(targets)] = (targets, keep, index.view(1, 1, n), keep.sum())
+        return hit[1:]
 
     def cross_entropy(z: torch.Tensor, targets) -> torch.Tensor:
         P, classes, n = z.shape

@@ -666,9 +666,9 @@ def test_layerwise_float32_and_chunk_rule():
     assert layerwise.auto_chunk(layers, heads) == 85
     assert layerwise.auto_chunk(layers, heads[:1] * 2) == 85  # the largest batch counts, not the sum
     wide = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10))
-    heads = layerwise.head_cache(layerwise.plan(wide, list(wide.parameters()), CE, None), torch.zeros(38410),
-                                 [torch.zeros(38410)] * 2, [((x, y), 512)])
-    assert layerwise.auto_chunk(layerwise.plan(wide, list(wide.parameters()), CE, None), heads) == 8
+    layers = layerwise.plan(wide, list(wide.parameters()), CE, None)
+    heads = layerwise.head_cache(layers, torch.zeros(38410), [torch.zeros(38410)] * 2, [((x, y), 512)])
+    assert layerwise.auto_chunk(layers, heads) == 8
     with pytest.MonkeyPatch.context() as mp:  # the first layer's outputs do not fit: the vmap path
         mp.setattr(layerwise, "_HEAD_ELEMENTS", 1000)
         assert L.surface(model, CE, (x, y), d, resolution=3, progress=False).batch_points == 36

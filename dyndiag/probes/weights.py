@@ -6,15 +6,17 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import Probe, StepContext
+from .base import Probe
+from .context import RunContext, StepContext
 
 __all__ = ["LayerRotation"]
 
 
 class LayerRotation(Probe):
     """``rotation``: 1 - cos(w_t, w_0) per parameter tensor (keys = parameter names)
-    against the weights when the monitor attached (or ``reference``: a module, a
-    state_dict or a list of tensors in parameter order)."""
+    against the weights at setup (the Monitor's attach; offline, the first
+    checkpoint) or against ``reference`` (a module, a state_dict or a list of
+    tensors in parameter order)."""
 
     modifies_state = False
 
@@ -22,12 +24,12 @@ class LayerRotation(Probe):
         super().__init__(every, name)
         self.reference = reference
 
-    def setup(self, monitor) -> None:
+    def setup(self, run: RunContext) -> None:
         from ..quantities.rotation import layer_rotation
 
         if self.reference is None:
-            self.reference = {n: p.detach().clone() for n, p in monitor.model.named_parameters()}
-        layer_rotation(monitor.model, self.reference)  # validates the reference once, at attach
+            self.reference = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+        layer_rotation(run.model, self.reference)  # validates the reference once, at attach
         self._meter = None
 
     def compute(self, ctx: StepContext) -> Mapping:

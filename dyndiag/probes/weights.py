@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
 from .base import Probe
 from .context import RunContext, StepContext
 
@@ -25,25 +23,11 @@ class LayerRotation(Probe):
         self.reference = reference
 
     def setup(self, run: RunContext) -> None:
-        from ..quantities.rotation import layer_rotation
+        from ..quantities.rotation import RotationMeter, matched_reference
 
-        if self.reference is None:
-            self.reference = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-        layer_rotation(run.model, self.reference)  # validates the reference once, at attach
-        self._meter = None
+        # Checked, copied and normalised once for the whole run (the model itself: its weights now).
+        ref = run.model if self.reference is None else self.reference
+        self._meter = RotationMeter(*matched_reference(run.model, ref))
 
     def compute(self, ctx: StepContext) -> Mapping:
-        if self._meter is None:  # the reference flattened once for the whole run
-            from ..quantities.rotation import RotationMeter
-
-            named = list(ctx.model.named_parameters())
-            ref = self.reference
-            if isinstance(ref, Mapping):
-                refs = [ref[n] for n, _ in named]
-            elif isinstance(ref, torch.nn.Module):
-                by_name = dict(ref.named_parameters())
-                refs = [by_name[n] for n, _ in named]
-            else:
-                refs = list(ref)
-            self._meter = RotationMeter(named, refs)
         return {"rotation": self._meter()}

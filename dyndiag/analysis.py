@@ -20,15 +20,19 @@ own optimizer state when it carries one (Lightning, training dicts, Hugging Face
 ``optimizer.pt``), else the hyper-parameters of the ``optimizer`` given (the CLI
 builds it from ``--optimizer``/``--lr``/``--momentum``).
 
-Records are written like a Monitor's, under each checkpoint's step. A re-run skips
-the steps already recorded; if a checkpoint is new at a step before the last
-recorded one (or failed before), the records from that step on are replaced.
+Probes run as under a Monitor (the same contexts, the same
+:func:`~dyndiag.probes.base.run_probes`): one that raises is warned about once
+and disabled for the remaining checkpoints. Records are written like a Monitor's,
+under each checkpoint's step. A re-run skips the steps already recorded; if a
+checkpoint is new at a step before the last recorded one (or failed before), the
+records from that step on are replaced.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -37,7 +41,8 @@ from torch import nn
 from .checkpoints import load_checkpoint, match_state_dict, sort_checkpoints
 from .data import iter_batches, make_loss_closure, model_outputs
 from .evaluation import math_attention, operator_mode
-from .probes.base import Probe, StepContext, flatten_result
+from .probes.base import Probe, check_probes, run_probes
+from .probes.context import RunContext, StepContext
 from .state import preserve_state
 
 __all__ = ["analyze", "AnalysisResult"]
@@ -48,41 +53,6 @@ class AnalysisResult(dict):
     ``log_dir`` the records' directory."""
 
     log_dir: Path
-
-
-class _Session:
-    """What :class:`StepContext` reads from a monitor, for one offline checkpoint."""
-
-    def __init__(self, model, optimizer, probe_data, loss_fn, closure, params, names) -> None:
-        self.model, self.optimizer, self.probe_data = model, optimizer, probe_data
-        self.loss_fn, self.closure = loss_fn, closure
-        self.params, self.names = params, names
-        self._last_logits = None
-
-
-class _OfflineContext(StepContext):
-    @property
-    def gradients(self) -> torch.Tensor:
-        if "_gradients" not in self.__dict__:
-            self.__dict__["_gradients"] = _mean_gradient(self.monitor)
-        return self.__dict__["_gradients"]
-
-    @property
-    def logits(self) -> torch.Tensor:
-        if self.monitor._last_logits is None:
-            m = self.monitor
-            batch = next(iter_batches(m.probe_data, "probe_data"))
-            with torch.no_grad(), operator_mode(m.model), math_attention():
-                inputs = batch if isinstance(batch, dict) else batch[0]
-                m._last_logits = model_outputs(m.model, inputs).detach()
-        return self.monitor._last_logits
-
-
-def _mean_gradient(m: _Session) -> torch.Tensor:
-    from .quantities._common import mean_gradient
-
-    g = mean_gradient(m.model, m.loss_fn, m.probe_data, m.params, closure=m.closure)
-    return g.to(m.params[0].dtype)
 
 
 def analyze(
@@ -153,13 +123,7 @@ def analyze(
         checkpoints = [checkpoints]
     if not checkpoints:
         raise ValueError("checkpoints must name at least one checkpoint")
-    probes = list(probes)
-    for p in probes:
-        if not isinstance(p, Probe):
-            raise TypeError(f"probes must be dyndiag Probe instances, got {type(p).__name__}")
-    names = [p.name for p in probes]
-    if len(set(names)) != len(names):
-        raise ValueError(f"probe names must be unique, got {names}")
+    probes = check_probes(probes)
     if not probes:
         raise ValueError("probes must hold at least one probe")
     if probe_data is None:
@@ -171,8 +135,11 @@ def analyze(
         model = model()
         if not isinstance(model, nn.Module):
             raise TypeError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
+    from .quantities._common import mean_gradient
+
+    run = RunContext(model, loss_fn=loss_fn, closure=closure, probe_data=probe_data)
+    params = run.params
+    run.gradient_fn = lambda: mean_gradient(model, loss_fn, probe_data, params, closure=closure).to(params[0].dtype)
     opt_class = None
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         opt_class, optimizer = optimizer, None  # built at the first checkpoint that carries a state
@@ -201,24 +168,16 @@ def analyze(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(todo, desc="checkpoints", unit="ckpt", disable=not _show(progress))
-    recent: dict = {}
-
-    def read(path):
-        # Update probes read the next checkpoint, which is then the current one: read
-        # each file once (at most two held).
-        if path not in recent:
-            if len(recent) >= 2:
-                recent.pop(next(iter(recent)))
-            recent[path] = load_checkpoint(path, trust=trust)
-        return recent[path]
-
+    bar = tqdm(todo, desc="checkpoints", unit="ckpt", disable=None if progress is None else not progress)
+    # Update probes read the next checkpoint, which is then the current one: each file is read once.
+    read = lru_cache(maxsize=2)(lambda path: load_checkpoint(path, trust=trust))
+    warned: set = set()
     with writer, preserve_state(model, optimizer, params=True), torch.enable_grad():
         model.train(train_mode)
         for p in probes:
             p.enabled = True
         first = True
-        for i, (step, path) in enumerate(bar):
+        for step, path in bar:
             bar.set_postfix_str(f"step {step}")
             try:
                 ck = read(path)
@@ -232,22 +191,22 @@ def analyze(
                         f"it carries no optimizer state, and the optimizer was given as the class "
                         f"{opt_class.__name__} without hyper-parameters (pass an optimizer instance or --lr)"
                     )
-                session = _Session(model, optimizer, probe_data, loss_fn, closure, params, [n for n, _ in named])
+                run.optimizer = optimizer
                 if first:
                     for p in probes:
-                        p.setup(session)
+                        p.setup(run)
                     first = False
-                ctx = _OfflineContext(session, step)
-                ctx.due = probes
-                pre = [p for p in probes if p.phase == "pre"]
-                post = [p for p in probes if p.phase == "post"]
-                scalars, arrays = _run(pre, ctx)
+                due = [p for p in probes if p.enabled]
+                run.logits = _first_outputs(run) if any("logits" in p.needs for p in due) else None
+                ctx = StepContext(run, step, due)
+                scalars, arrays = run_probes([p for p in due if p.phase == "pre"], ctx, warned)
+                post = [p for p in due if p.phase == "post"]
                 later = [p for s, p in ordered if s > step]
-                nxt = match_state_dict(read(later[0]).state_dict, model) if post and later else None
-                if nxt is not None:
+                if post and later:
+                    nxt = match_state_dict(read(later[0]).state_dict, model)
                     ctx.theta_before = [p.detach().clone() for p in params]
                     _load(model, nxt)
-                    s, a = _run(post, ctx)
+                    s, a = run_probes(post, ctx, warned)
                     scalars += s
                     arrays += a
                 writer.write_step(step, scalars, arrays)
@@ -256,14 +215,6 @@ def analyze(
                 result["failed"][str(path)] = f"{type(err).__name__}: {err}"
                 report(path, err)
     return result
-
-
-def _show(progress: bool | None) -> bool:
-    if progress is None:
-        import sys
-
-        return sys.stderr.isatty()
-    return bool(progress)
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -292,13 +243,8 @@ def _load(model: nn.Module, state_dict: dict) -> None:
         model.load_state_dict(state_dict, strict=True)
 
 
-
-
-def _run(probes: list[Probe], ctx: StepContext) -> tuple[list, list]:
-    scalars: list = []
-    arrays: list = []
-    for probe in probes:
-        s, a = flatten_result(probe.name, probe.compute(ctx))
-        scalars += s
-        arrays += a
-    return scalars, arrays
+def _first_outputs(run: RunContext) -> torch.Tensor:
+    """The model's outputs on the first probe batch: what offline probes judge as ``logits``."""
+    batch = next(iter_batches(run.probe_data, "probe_data"))
+    with torch.no_grad(), operator_mode(run.model), math_attention():
+        return model_outputs(run.model, batch if isinstance(batch, dict) else batch[0]).detach()

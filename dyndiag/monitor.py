@@ -11,31 +11,27 @@ optimizer steps may run forward and backward inside ``step()``. Every probe runs
 :func:`~dyndiag.state.preserve_state`, so training with a monitor gives
 bit-identical weights to training without one.
 
-Failure policy: a probe that raises is reported once as a ``RuntimeWarning`` with
-its error and disabled for the rest of the run; training goes on. Under
-``torch.distributed`` the failure flags are all-reduced, so a probe is disabled on
-every rank together and no rank skips a collective the others enter. A NaN or inf
-value is recorded as it is, with one warning per probe and metric.
+Probes see the run through one :class:`~dyndiag.probes.RunContext` (``mon.run``,
+whose ``logits`` the forward hook keeps current) and run through
+:func:`~dyndiag.probes.base.run_probes`, with its failure policy: a probe that
+raises is reported once as a ``RuntimeWarning`` and disabled (on every rank
+together under ``torch.distributed``); training goes on. A NaN or inf value is
+recorded as it is, with one warning per probe and metric.
 """
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .evaluation import unwrap
-from .probes.base import Probe, StepContext, flatten_result
-from .state import preserve_state
+from .probes.base import Probe, check_probes, run_probes, warn_once
+from .probes.context import RunContext, StepContext
 
 __all__ = ["Monitor"]
-
-_DIST_AVAILABLE = dist.is_available()
 
 
 class Monitor:
@@ -76,6 +72,15 @@ class Monitor:
         ``(batch) -> int``: how curvature probes weight the batches of
         ``probe_data`` (default: dim 0 of a batch's first tensor), e.g. the number
         of non-padding tokens of a dict batch.
+
+    Attributes
+    ----------
+    run:
+        The :class:`~dyndiag.probes.RunContext` the probes see: the model (the
+        module inside a DDP wrapper), optimizer, loss, probe data, trainable
+        parameters and the last training forward's outputs.
+    step:
+        The step the next ``optimizer.step()`` records under.
     """
 
     def __init__(
@@ -97,16 +102,7 @@ class Monitor:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        probes = list(probes)
-        for p in probes:
-            if not isinstance(p, Probe):
-                raise TypeError(f"probes must be dyndiag Probe instances, got {type(p).__name__}")
-        names = [p.name for p in probes]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"probe names must be unique; repeated: {dupes} (pass name=...)")
-        if loss_fn is not None and closure is not None:
-            raise ValueError("give at most one of loss_fn and closure")
+        probes = check_probes(probes)
         needing = [p.name for p in probes if {"curvature", "probe_batch"} & set(p.needs)]
         if needing and (probe_data is None or (loss_fn is None and closure is None)):
             raise ValueError(f"probes {needing} need probe_data and a loss_fn (or closure)")
@@ -120,19 +116,11 @@ class Monitor:
         # Probes evaluate the module inside a DDP wrapper (never arming its gradient sync);
         # the forward hook on it still sees every training forward.
         model = unwrap(model)
+        self.run = RunContext(model, optimizer, loss_fn, closure, probe_data, batch_size_fn)
         self.model = model
         self.optimizer = optimizer
         self.probes = probes
-        self.loss_fn = loss_fn
-        self.closure = closure
-        if batch_size_fn is not None and not callable(batch_size_fn):
-            raise TypeError(f"batch_size_fn must be callable (batch) -> int, got {type(batch_size_fn).__name__}")
-        self.batch_size_fn = batch_size_fn
-        self.probe_data = probe_data
         self.log_dir = log_dir
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
         self._writer = None
         self._memory: list[tuple] = []  # scalar records kept in memory when log_dir is None
         if log_dir is not None:
@@ -142,7 +130,6 @@ class Monitor:
             self.step = self._writer.next_step
         else:
             self.step = start_step or 0
-        self._last_logits = None
         self._running = False
         self._pending = None
         self._warned: set = set()
@@ -154,18 +141,18 @@ class Monitor:
                 optimizer.register_step_post_hook(self._post_step),
             ]
         for p in probes:
-            p.setup(self)
+            p.setup(self.run)
 
     # -- hooks --------------------------------------------------------------
     def _capture(self, module, inputs, output) -> None:
         if self._running:  # probes' own forwards must not overwrite the training one
             return
         if isinstance(output, torch.Tensor):  # first: a getattr that fails raises inside, ~1 us
-            self._last_logits = output.detach()
+            self.run.logits = output.detach()
             return
         logits = getattr(output, "logits", output)
         if isinstance(logits, torch.Tensor):
-            self._last_logits = logits.detach()
+            self.run.logits = logits.detach()
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         # torch passes step()'s own arguments, the optimizer first: (opt, closure?).
@@ -190,12 +177,11 @@ class Monitor:
                 "are skipped on such steps (use the Lightning or Hugging Face callback, which "
                 "run after backward)",
             )
-        ctx = StepContext(self, step)
-        ctx.due = due
+        ctx = StepContext(self.run, step, due)
         pre = [p for p in due if p.phase == "pre" and not (closure_step and "gradients" in p.needs)]
         post = [p for p in due if p.phase == "post"]
         if post:
-            ctx.theta_before = [p.detach().clone() for p in self.params]
+            ctx.theta_before = [p.detach().clone() for p in ctx.params]
         scalars, arrays = self._run(pre, ctx)
         self._pending = (ctx, post, scalars, arrays)
 
@@ -271,61 +257,11 @@ class Monitor:
 
     # -- running probes ------------------------------------------------------
     def _run(self, probes: list[Probe], ctx: StepContext) -> tuple[list, list]:
-        scalars: list = []
-        arrays: list = []
-        failed = []
         self._running = True
         try:
-            # Probes that may write get the full guard. Read-only probes get none here:
-            # every operator and quantity they call restores modes and RNG itself, and
-            # the bit-identical training test holds them to it.
-            for p in probes:
-                if p.modifies_state:
-                    with preserve_state(self.model, self.optimizer):
-                        self._compute(probes, ctx, scalars, arrays, failed)
-                    break
-            else:  # the usual case, every step: no guard, no context manager to enter
-                self._compute(probes, ctx, scalars, arrays, failed)
+            return run_probes(probes, ctx, self._warned)
         finally:
             self._running = False
-        if failed or _DIST_AVAILABLE and dist.is_initialized():
-            self._disable(probes, failed)
-        return scalars, arrays
-
-    def _compute(self, probes: list[Probe], ctx: StepContext, scalars: list, arrays: list, failed: list) -> None:
-        for probe in probes:
-            try:
-                s, a = flatten_result(probe.name, probe.compute(ctx))
-            except Exception as err:  # a probe must never stop training
-                failed.append(probe)
-                self._warn_once(
-                    ("failed", probe.name),
-                    f"probe {probe.name!r} failed at step {ctx.step} and is disabled: "
-                    f"{type(err).__name__}: {err}",
-                )
-                continue
-            for row in s:
-                if not math.isfinite(row[3]):
-                    self._warn_once(
-                        ("nonfinite", probe.name, row[1]),
-                        f"probe {probe.name!r} recorded a non-finite {row[1]} ({row[3]}) at step {ctx.step}",
-                    )
-            scalars += s
-            arrays += a
-
-    def _disable(self, probes: list[Probe], failed: list[Probe]) -> None:
-        distributed = _DIST_AVAILABLE and dist.is_initialized() and dist.get_world_size() > 1
-        if not failed and not distributed:  # the every-step case: nothing to do
-            return
-        flags = [p in failed for p in probes]
-        if distributed and probes:
-            # Disable on every rank together: a rank that skipped a probe would skip its collectives.
-            t = torch.tensor(flags, dtype=torch.float32)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flags = [bool(v) for v in t.tolist()]
-        for p, flag in zip(probes, flags):
-            if flag:
-                p.enabled = False
 
     def _write(self, step: int, scalars: list, arrays: list) -> None:
         if self._writer is not None:
@@ -338,9 +274,7 @@ class Monitor:
             self._memory += [(step, probe, metric, key, value, now) for probe, metric, key, value in scalars]
 
     def _warn_once(self, key, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warn_once(self._warned, key, message)
 
     # -- lifecycle ---------------------------------------------------------------
     def records(self):

@@ -78,12 +78,12 @@ class NaiveLossMinimisation(dd.Probe):
     modifies_state = False
 
     def compute(self, ctx):
-        m = ctx.monitor
+        run = ctx.run
         before = torch.cat([t.reshape(-1) for t in ctx.theta_before]).double()
         update = ctx.update.double()
         return {
             "loss": float(nn.functional.cross_entropy(ctx.logits.double(), ctx.probe_batch[1])),
-            "grad_weight_cosine": -dd.gradient_weight_cosine(m.model, m.loss_fn, m.probe_data),
+            "grad_weight_cosine": -dd.gradient_weight_cosine(run.model, run.loss_fn, run.probe_data),
             "update_weight_cosine": float(update @ before / (update.norm() * before.norm())),
             "weight_norm": float(before.norm()),
         }

@@ -253,3 +253,38 @@ def test_optimizer_state_of_another_kind_is_reported_by_name(tmp_path):
                nn.CrossEntropyLoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), progress=False,
                on_error=lambda path, err: seen.append(str(err)))
     assert len(seen) == 1 and "not a SGD's" in seen[0] and "momentum" in seen[0]
+
+
+def test_analyze_runs_probes_like_the_monitor_a_failing_one_is_disabled_with_the_same_warning(tmp_path):
+    _train_checkpoints(tmp_path, steps=(0, 5, 10))
+    x, y = classification_data()
+    seen = {}
+
+    class Broken(dd.Probe):
+        def compute(self, ctx):
+            raise ZeroDivisionError("boom")
+
+    class Spy(dd.Probe):
+        needs = frozenset({"logits"})
+
+        def setup(self, run):
+            seen["setup"] = run
+
+        def compute(self, ctx):
+            seen.setdefault("logits", []).append(ctx.logits)
+            return {"seen": 1.0}
+
+    broken = Broken()
+    with pytest.warns(RuntimeWarning) as record:
+        result = dd.analyze([tmp_path / f"model_step_{s}.pt" for s in (0, 5, 10)], tanh_mlp, [broken, Spy()],
+                            (x, y), tmp_path / "run", nn.CrossEntropyLoss(), progress=False)
+    assert result["analysed"] == [0, 5, 10] and not result["failed"]  # the checkpoints go on
+    messages = [str(w.message) for w in record if w.category is RuntimeWarning]
+    assert messages == ["probe 'broken' failed at step 0 and is disabled: ZeroDivisionError: boom"]  # the Monitor's
+    assert broken.enabled is False
+    assert dd.load_records(tmp_path / "run").step.tolist() == [0, 5, 10]
+    assert isinstance(seen["setup"], dd.probes.RunContext) and seen["setup"].probe_data[0] is x
+    ref = tanh_mlp()  # offline, the logits are the model's outputs on the first probe batch
+    ref.load_state_dict(torch.load(tmp_path / "model_step_10.pt"))
+    ref.eval()
+    assert torch.equal(seen["logits"][-1], ref(x).detach())

@@ -114,7 +114,7 @@ def test_probe_batch_is_the_first_examples_and_gradients_are_the_clipped_ones(tm
 
     cb = DiagnosticsCallback([P.GradientNorm(), P.EdgeOfStability(every=10)], log_dir=tmp_path / "run")
     _train(tmp_path, [Spy(), cb], steps=2, with_trainer=True)
-    batch = cb.monitor.probe_data
+    batch = cb.monitor.run.probe_data
     data = Sentences()
     assert torch.equal(batch["input_ids"], data.ids[:BATCH]) and torch.equal(batch["labels"], data.labels[:BATCH])
     df = dd.load_records(tmp_path / "run")

@@ -146,6 +146,35 @@ def test_failing_probe_is_disabled_with_one_warning_and_nan_is_recorded():
     assert df[df.probe == "nan"].value.isna().all() and len(df[df.probe == "nan"]) == 4
 
 
+def test_a_custom_probes_setup_receives_the_run_context_that_its_steps_carry():
+    seen = {}
+
+    class Spy(Probe):
+        needs = frozenset({"logits"})
+
+        def setup(self, run):
+            seen["setup"] = run
+
+        def compute(self, ctx):
+            seen.setdefault("ctx_run", ctx.run)
+            return {"n": float(ctx.logits.shape[0])}
+
+    model = _mlp("plain")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = classification_data(n=16, dtype=torch.float32)
+    probe_data = (x[:4], y[:4])
+    with dd.Monitor(model, opt, [Spy()], loss_fn=CE, probe_data=probe_data) as mon:
+        opt.zero_grad()
+        CE(model(x), y).backward()
+        opt.step()
+    run = seen["setup"]
+    assert isinstance(run, dd.probes.RunContext) and run is mon.run and seen["ctx_run"] is run
+    assert run.model is model and run.optimizer is opt and run.loss_fn is CE and run.probe_data is probe_data
+    assert run.names == [n for n, _ in model.named_parameters()]
+    assert all(a is b for a, b in zip(run.params, model.parameters(), strict=True))
+    assert mon.records().value.tolist() == [16.0]
+
+
 def test_logits_are_the_last_training_forward_not_the_probes():
     seen = []
 

@@ -39,3 +39,23 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = [l for l in (root / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
     assert len(ci_lines) == 1
     assert ci_lines[0] in (root / "README.md").read_text().splitlines()
+
+
+def test_no_probe_module_refers_to_the_monitor():
+    # Probes see a RunContext and a StepContext; the Monitor is one of two drivers (analyze is the other).
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(dyndiag.__file__).parent / "probes").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.arg):
+                names = [node.arg]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+            assert not any("monitor" in n.lower() for n in names), f"{path.name}:{node.lineno} refers to {names}"

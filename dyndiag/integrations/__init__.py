@@ -38,9 +38,9 @@ def torch_optimizer(optimizer: object, name: str = "optimizer") -> torch.optim.O
     """The plain ``torch.optim.Optimizer`` inside framework wrappers.
 
     Accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` hold
-    the real optimizer in ``.optimizer`` / ``._optimizer``. Probes need the real one:
-    its class decides the stability threshold, its hooks fire only when an update is
-    actually applied (a gradient scaler may skip it).
+    the real optimizer in ``.optimizer``. Probes need the real one: its class
+    decides the stability threshold, its hooks fire only when an update is actually
+    applied (a gradient scaler may skip it).
 
     Returns
     -------
@@ -48,7 +48,7 @@ def torch_optimizer(optimizer: object, name: str = "optimizer") -> torch.optim.O
     """
     seen = 0
     while seen < 8:  # wrappers nest at most a few levels; guards against cycles
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        inner = getattr(optimizer, "optimizer", None)
         if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
             break
         optimizer, seen = inner, seen + 1
@@ -59,14 +59,9 @@ def torch_optimizer(optimizer: object, name: str = "optimizer") -> torch.optim.O
 
 def check_callback_args(probes: Sequence, loss_fn: object, closure: object, log_filter: object) -> list:
     """Validate the arguments both callbacks share; the probes as a list."""
-    from ..probes.base import Probe
+    from ..probes.base import check_probes
 
-    if isinstance(probes, Probe) or not isinstance(probes, Iterable):
-        raise TypeError(f"probes must be a sequence of dyndiag Probe instances, got {type(probes).__name__}")
-    probes = list(probes)
-    for p in probes:
-        if not isinstance(p, Probe):
-            raise TypeError(f"probes must be dyndiag Probe instances, got {type(p).__name__}")
+    probes = check_probes(probes)
     if loss_fn is not None and closure is not None:
         raise ValueError("give at most one of loss_fn and closure")
     for value, name in ((loss_fn, "loss_fn"), (closure, "closure"), (log_filter, "log_filter")):

@@ -4,7 +4,8 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "Probe": ".base",
-    "StepContext": ".base",
+    "RunContext": ".context",
+    "StepContext": ".context",
     "GradientNorm": ".gradients",
     "GradientCoherence": ".gradients",
     "HessianSpectrum": ".curvature",

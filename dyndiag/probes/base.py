@@ -1,4 +1,4 @@
-"""The Probe protocol and the per-step context that shares needs between probes.
+"""The Probe protocol, and how a list of probes is checked and run.
 
 A probe is one class: it declares what it ``needs`` (names in :data:`NEEDS`), when
 it runs (``every=``), whether it runs before the optimizer's update (``phase =
@@ -12,26 +12,39 @@ it runs (``every=``), whether it runs before the optimizer's update (``phase =
 * a tensor/array with at least one dimension: stored in the array table
   (densities, per-example scores).
 
-The monitor builds one :class:`StepContext` per step; its properties compute each
-need on first use and keep it, so two probes that both need the Hessian share one
-operator (and its cached gradient graph).
+``setup(run)`` receives the :class:`~dyndiag.probes.RunContext` once, ``compute``
+a :class:`~dyndiag.probes.StepContext` at every step it is due (both in
+:mod:`dyndiag.probes.context`).
+
+The Monitor and offline analysis both run a phase's due probes through
+:func:`run_probes`, so a probe fails the same way in both. Failure policy: a probe
+that raises is reported once as a ``RuntimeWarning`` with its error and disabled
+(``probe.enabled = False``); the others go on. Under ``torch.distributed`` the
+failure flags are all-reduced, so a probe is disabled on every rank together and
+no rank skips a collective the others enter. A NaN or inf value is recorded as it
+is, with one warning per probe and metric.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
-from collections.abc import Callable, Mapping
-from functools import cached_property
+import warnings
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from ..state import preserve_state
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..monitor import Monitor
+    from .context import RunContext, StepContext
 
-__all__ = ["Probe", "StepContext", "NEEDS", "flatten_result"]
+__all__ = ["Probe", "NEEDS", "check_probes", "run_probes", "warn_once", "flatten_result"]
 
 #: What a probe may declare in ``needs``.
 NEEDS = frozenset({"gradients", "logits", "update", "curvature", "probe_batch"})
@@ -86,8 +99,10 @@ class Probe:
         n = self._every
         return step % n == 0 if n else bool(self._due(step))
 
-    def setup(self, monitor: Monitor) -> None:
-        """Called once when the monitor attaches (e.g. to snapshot initial weights)."""
+    def setup(self, run: RunContext) -> None:
+        """Called once before the first step with the run's context (the Monitor at
+        attach, :func:`~dyndiag.analyze` at the first checkpoint), e.g. to snapshot
+        the initial weights ``run.model``."""
 
     def eigen_need(self) -> tuple[int, float, int, bool] | None:
         """``(k, tol, seed, vectors)`` if ``compute`` will call
@@ -104,126 +119,76 @@ class Probe:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-class StepContext:
-    """What probes see at one optimizer step. Needs are computed once, on first use.
+def check_probes(probes: Iterable[Probe]) -> list[Probe]:
+    """``probes`` as a list, after checking each is a :class:`Probe` and their names
+    are unique; ``TypeError``/``ValueError`` naming ``probes`` otherwise."""
+    if isinstance(probes, Probe) or not isinstance(probes, Iterable):
+        raise TypeError(f"probes must be a sequence of dyndiag Probe instances, got {type(probes).__name__}")
+    probes = list(probes)
+    for p in probes:
+        if not isinstance(p, Probe):
+            raise TypeError(f"probes must be dyndiag Probe instances, got {type(p).__name__}")
+    names = [p.name for p in probes]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"probe names must be unique; repeated: {dupes} (pass name=...)")
+    return probes
 
-    Attributes
+
+def run_probes(probes: Sequence[Probe], ctx: StepContext, warned: set) -> tuple[list[tuple], list[tuple]]:
+    """Run ``probes`` (the due probes of one phase) on ``ctx`` under the failure policy.
+
+    Probes with ``modifies_state`` run under :func:`~dyndiag.state.preserve_state`
+    of ``ctx.model`` and ``ctx.optimizer``; read-only probes run unguarded (every
+    operator and quantity they call restores modes and RNG itself).
+
+    Parameters
     ----------
-    step:
-        The optimizer step (0 for the first ``optimizer.step()``).
-    model, optimizer:
-        The live objects (probes run under the monitor's state guard).
-    params, names:
-        Trainable parameters in the monitor's order and their names.
+    warned:
+        The keys already warned about in this run; updated (each warning is given once).
+
+    Returns
+    -------
+    (scalars, arrays)
+        Rows ``(probe, metric, key, float)`` and ``(probe, metric, key, ndarray)``
+        of the probes that did not fail.
     """
+    scalars: list = []
+    arrays: list = []
+    failed = []
+    guard = any(p.modifies_state for p in probes)
+    with preserve_state(ctx.model, ctx.optimizer) if guard else nullcontext():
+        for probe in probes:
+            try:
+                s, a = flatten_result(probe.name, probe.compute(ctx))
+            except Exception as err:  # a probe must never stop training
+                failed.append(probe)
+                warn_once(warned, ("failed", probe.name), f"probe {probe.name!r} failed at step {ctx.step} and is "
+                          f"disabled: {type(err).__name__}: {err}")
+                continue
+            for row in s:
+                if not math.isfinite(row[3]):
+                    warn_once(warned, ("nonfinite", probe.name, row[1]),
+                              f"probe {probe.name!r} recorded a non-finite {row[1]} ({row[3]}) at step {ctx.step}")
+            scalars += s
+            arrays += a
+    flags = [p in failed for p in probes]
+    if probes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Disable on every rank together: a rank that skipped a probe would skip its collectives.
+        t = torch.tensor(flags, dtype=torch.float32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flags = [bool(v) for v in t.tolist()]
+    for p, flag in zip(probes, flags):
+        if flag:
+            p.enabled = False
+    return scalars, arrays
 
-    def __init__(self, monitor: Monitor, step: int) -> None:
-        self.monitor = monitor
-        self.step = step
-        self.model = monitor.model
-        self.optimizer = monitor.optimizer
-        self.params = monitor.params
-        self.names = monitor.names
-        self.theta_before: list[torch.Tensor] | None = None
-        self.theta_after: list[torch.Tensor] | None = None
-        #: The probes due at this step (set by the monitor): their eigen needs are pooled.
-        self.due: list[Probe] = []
-        self._eigen: dict = {}
 
-    # -- needs ------------------------------------------------------------
-    @cached_property
-    def gradients(self) -> torch.Tensor:
-        """Flat ``(dim,)`` copy of the current ``.grad`` (zeros where a grad is None)."""
-        # torch.cat allocates a new tensor: it is already a copy. Gradients rarely carry a
-        # graph (only after backward(create_graph=True)); detach just those.
-        parts = []
-        for p in self.params:
-            g = p.grad
-            if g is None:
-                g = torch.zeros_like(p)
-            elif g.requires_grad:
-                g = g.detach()
-            parts.append(g.reshape(-1))
-        return torch.cat(parts)
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """The last training forward's outputs before this step (``.logits`` of a HF output)."""
-        out = self.monitor._last_logits
-        if out is None:
-            raise RuntimeError("no training forward was seen before this step")
-        return out
-
-    @property
-    def probe_batch(self):
-        """The monitor's fixed probe data."""
-        return self.monitor.probe_data
-
-    @cached_property
-    def hessian(self):
-        """The Hessian of the probe batch's loss at the current parameters (shared)."""
-        from ..curvature.operators import HessianOperator
-
-        m = self.monitor
-        return HessianOperator(
-            m.model, m.loss_fn, m.probe_data, params=self.params, closure=m.closure,
-            batch_size_fn=getattr(m, "batch_size_fn", None),
-        )
-
-    @cached_property
-    def hessian_before(self):
-        """The Hessian at the parameters before this step's update (update probes)."""
-        from ..curvature.operators import HessianOperator
-
-        m = self.monitor
-        return HessianOperator(
-            m.model, m.loss_fn, m.probe_data, params=self.params, closure=m.closure, at=self._need_before(),
-            batch_size_fn=getattr(m, "batch_size_fn", None),
-        )
-
-    @cached_property
-    def update(self) -> torch.Tensor:
-        """Flat ``(dim,)`` update the optimizer applied: theta_after - theta_before."""
-        before = self._need_before()
-        return torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(self.params, before)])
-
-    def top_eigen(self, k: int, tol: float, seed: int = 0, vectors: bool = False):
-        """The top-``k`` eigenvalues (and unit eigenvectors with ``vectors``) of
-        :attr:`hessian`, as an :class:`~dyndiag.EigenResult`.
-
-        One Lanczos run per ``(tol, seed)`` and step serves every due probe: it is
-        made for the largest ``k`` that any of them declares in
-        :meth:`Probe.eigen_need` (their values agree to ``tol``), and results are
-        its leading ``k`` entries; ``num_matvecs`` is that run's.
-        """
-        from ..curvature.lanczos import eigenvalues
-        from ..curvature.results import EigenResult
-
-        key = (float(tol), int(seed))
-        res = self._eigen.get(key)
-        if res is None or res.values.numel() < k or (vectors and res.vectors is None):
-            needs = [n for n in (p.eigen_need() for p in self.due) if n is not None and (float(n[1]), int(n[2])) == key]
-            want_k = min(max([k] + [n[0] for n in needs]), self.hessian.dim - 1)
-            want_v = vectors or any(n[3] for n in needs)
-            res = eigenvalues(self.hessian, k=max(want_k, k), which="LA", tol=tol, seed=seed, return_vectors=want_v)
-            self._eigen[key] = res
-        return EigenResult(
-            values=res.values[:k],
-            vectors=None if res.vectors is None else res.vectors[:, :k],
-            num_matvecs=res.num_matvecs,
-            converged=res.converged,
-            error_bounds=res.error_bounds[:k],
-        )
-
-    @cached_property
-    def probe_loss(self) -> float:
-        """The probe batch's mean loss at the current parameters (evaluated like the Hessian)."""
-        return self.hessian.loss()
-
-    def _need_before(self) -> list[torch.Tensor]:
-        if self.theta_before is None:
-            raise RuntimeError("the update is only known to probes with phase='post' that need 'update'")
-        return self.theta_before
+def warn_once(warned: set, key: Hashable, message: str) -> None:
+    """A ``RuntimeWarning`` with ``message``, unless ``key`` is in ``warned`` (then added)."""
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def flatten_result(probe: str, result: Mapping[str, Any]) -> tuple[list[tuple], list[tuple]]:

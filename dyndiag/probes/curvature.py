@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import Probe, StepContext
+from .base import Probe
+from .context import StepContext
 
 __all__ = ["HessianSpectrum", "EdgeOfStability", "SubspaceOverlap"]
 

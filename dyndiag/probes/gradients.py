@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import Probe, StepContext
+from .base import Probe
+from .context import StepContext
 
 __all__ = ["GradientNorm", "GradientCoherence"]
 
@@ -43,10 +44,10 @@ class GradientCoherence(Probe):
     def compute(self, ctx: StepContext) -> Mapping:
         from ..quantities.per_example import gradient_coherence, gradient_snr
 
-        m = ctx.monitor
-        coherence = gradient_coherence(m.model, m.loss_fn, m.probe_data, params=ctx.params, closure=m.closure, progress=False)
+        r = ctx.run
+        coherence = gradient_coherence(r.model, r.loss_fn, r.probe_data, params=ctx.params, closure=r.closure, progress=False)
         # reduction="mean": per tensor over elements with non-zero variance; "" is the overall mean.
         snr = gradient_snr(
-            m.model, m.loss_fn, m.probe_data, params=ctx.params, closure=m.closure, reduction="mean", progress=False
+            r.model, r.loss_fn, r.probe_data, params=ctx.params, closure=r.closure, reduction="mean", progress=False
         )
         return {"coherence": coherence, "gsnr": float(snr[""])}

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..quantities.softmax import softmax_collapse
-from .base import Probe, StepContext
+from .base import Probe
+from .context import StepContext
 
 __all__ = ["SoftmaxCollapse", "DataScores"]
 
@@ -42,12 +43,11 @@ class DataScores(Probe):
     def compute(self, ctx: StepContext) -> Mapping:
         from ..quantities.per_example import el2n_scores, grand_scores
 
-        m = ctx.monitor
-        loss_fn = self.loss_fn or m.loss_fn
-        closure = None if loss_fn is not None else m.closure
-        grand = grand_scores(m.model, loss_fn, self.data, params=ctx.params, closure=closure, progress=False)
+        loss_fn = self.loss_fn or ctx.run.loss_fn
+        closure = None if loss_fn is not None else ctx.run.closure
+        grand = grand_scores(ctx.model, loss_fn, self.data, params=ctx.params, closure=closure, progress=False)
         grand = grand.double().cpu().numpy()
-        el2n = el2n_scores(m.model, self.data, progress=False).double().cpu().numpy()
+        el2n = el2n_scores(ctx.model, self.data, progress=False).double().cpu().numpy()
         return {
             "grand": _summary(grand),
             "el2n": _summary(el2n),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .base import Probe, StepContext
+from .base import Probe
+from .context import StepContext
 
 __all__ = ["DirectionalSharpness", "SafeStepRadius"]
 
@@ -38,6 +39,5 @@ class SafeStepRadius(Probe):
     def compute(self, ctx: StepContext) -> Mapping:
         from ..quantities.radius import safe_step_radius
 
-        m = ctx.monitor
-        radius = safe_step_radius(m.model, m.probe_data, ctx.update, params=ctx.params, at=ctx.theta_before)
+        radius = safe_step_radius(ctx.model, ctx.probe_batch, ctx.update, params=ctx.params, at=ctx.theta_before)
         return {"radius": radius, "ratio": 1.0 / radius if radius > 0 else float("inf")}

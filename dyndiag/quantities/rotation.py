@@ -43,6 +43,14 @@ def layer_rotation(
         ``torch.nn.functional.cosine_similarity`` — so a bias initialised at 0
         reads 1 once it moves, never NaN.
     """
+    return RotationMeter(*matched_reference(model, reference))()
+
+
+def matched_reference(
+    model: nn.Module, reference: nn.Module | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+) -> tuple[list[tuple[str, nn.Parameter]], list[torch.Tensor]]:
+    """``(model.named_parameters(), the reference tensor of each)``, checked: see
+    :func:`layer_rotation` for what ``reference`` may be."""
     check_model(model)
     named = list(model.named_parameters())
     if isinstance(reference, nn.Module):
@@ -74,9 +82,7 @@ def layer_rotation(
                 f"reference[{name!r}] has shape {tuple(r.shape)}, but the parameter has shape {tuple(p.shape)}"
             )
         refs.append(r)
-    if not named:
-        return {}
-    return RotationMeter(named, refs)()
+    return named, refs
 
 
 class RotationMeter:

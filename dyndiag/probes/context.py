@@ -1,0 +1,196 @@
+"""What probes see: the run they measure (:class:`RunContext`) and one step of it
+(:class:`StepContext`). The Monitor (live training) and :func:`~dyndiag.analyze`
+(saved checkpoints) build the same two objects; a probe cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import Probe
+
+__all__ = ["RunContext", "StepContext"]
+
+
+@dataclass
+class RunContext:
+    """The run that probes measure: given once to :meth:`Probe.setup` and carried by
+    every step's :class:`StepContext` as ``ctx.run``.
+
+    Attributes
+    ----------
+    model, optimizer:
+        The module probes evaluate (the Monitor's model, or the module inside its
+        DDP wrapper) and its optimizer (``None`` offline when none was given).
+    loss_fn, closure:
+        How the loss of ``probe_data`` is evaluated: a criterion
+        ``loss_fn(outputs, targets)`` or ``closure(model, batch) -> loss`` (at most one).
+    probe_data, batch_size_fn:
+        The fixed batch (or list of batches) for curvature and loss probes, and
+        ``(batch) -> int`` weighting its batches (``None``: dim 0 of a batch's
+        first tensor).
+    gradient_fn:
+        ``() -> Tensor (dim,)``: what ``ctx.gradients`` is. ``None`` (training):
+        the parameters' current ``.grad``. Offline analysis gives the gradient of
+        the mean probe-data loss.
+    logits:
+        The last training forward's outputs (detached; ``.logits`` of a Hugging
+        Face output), kept current by the Monitor's forward hook; offline, the
+        outputs on the first probe batch. ``None`` until one is known.
+    params, names:
+        The model's trainable parameters in ``named_parameters()`` order and their
+        names (set from ``model``).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    loss_fn: Callable | None = None
+    closure: Callable | None = None
+    probe_data: object = None
+    batch_size_fn: Callable | None = None
+    gradient_fn: Callable[[], torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+    params: list[torch.Tensor] = field(init=False, repr=False)
+    names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.loss_fn is not None and self.closure is not None:
+            raise ValueError("give at most one of loss_fn and closure")
+        if self.batch_size_fn is not None and not callable(self.batch_size_fn):
+            raise TypeError(f"batch_size_fn must be callable (batch) -> int, got {type(self.batch_size_fn).__name__}")
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+
+
+class StepContext:
+    """What probes see at one step. Needs are computed on first use and shared
+    between the probes of the step (two probes that need the Hessian share one
+    operator and its cached gradient graph).
+
+    Parameters
+    ----------
+    run:
+        The run (``ctx.run``): loss, probe data, optimizer, last outputs.
+    step:
+        The step (0 for the first ``optimizer.step()``; a checkpoint's step offline).
+    due:
+        The probes due at this step: their :meth:`Probe.eigen_need` are pooled.
+
+    Attributes
+    ----------
+    model, optimizer, params, names:
+        Those of ``run``.
+    theta_before:
+        Copies of the parameters before this step's update (set for update probes).
+    """
+
+    def __init__(self, run: RunContext, step: int, due: Sequence[Probe] = ()) -> None:
+        self.run = run
+        self.step = step
+        self.due = list(due)
+        self.model, self.optimizer, self.params, self.names = run.model, run.optimizer, run.params, run.names
+        self.theta_before: list[torch.Tensor] | None = None
+        self._eigen: dict = {}
+
+    # -- needs ------------------------------------------------------------
+    @cached_property
+    def gradients(self) -> torch.Tensor:
+        """Flat ``(dim,)`` copy of the current ``.grad`` (zeros where a grad is None),
+        or ``run.gradient_fn()`` when the run gives one."""
+        if self.run.gradient_fn is not None:
+            return self.run.gradient_fn()
+        # torch.cat allocates a new tensor: it is already a copy. Gradients rarely carry a
+        # graph (only after backward(create_graph=True)); detach just those.
+        parts = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                g = torch.zeros_like(p)
+            elif g.requires_grad:
+                g = g.detach()
+            parts.append(g.reshape(-1))
+        return torch.cat(parts)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The last training forward's outputs before this step (``run.logits``)."""
+        out = self.run.logits
+        if out is None:
+            raise RuntimeError("no training forward was seen before this step")
+        return out
+
+    @property
+    def probe_batch(self):
+        """The run's fixed probe data."""
+        return self.run.probe_data
+
+    @cached_property
+    def hessian(self):
+        """The Hessian of the probe batch's loss at the current parameters (shared)."""
+        return self._hessian(None)
+
+    @cached_property
+    def hessian_before(self):
+        """The Hessian at the parameters before this step's update (update probes)."""
+        return self._hessian(self._need_before())
+
+    def _hessian(self, at):
+        from ..curvature.operators import HessianOperator
+
+        r = self.run
+        return HessianOperator(
+            r.model, r.loss_fn, r.probe_data, params=self.params, closure=r.closure, at=at,
+            batch_size_fn=r.batch_size_fn,
+        )
+
+    @cached_property
+    def update(self) -> torch.Tensor:
+        """Flat ``(dim,)`` update the optimizer applied: theta_after - theta_before."""
+        before = self._need_before()
+        return torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(self.params, before)])
+
+    def top_eigen(self, k: int, tol: float, seed: int = 0, vectors: bool = False):
+        """The top-``k`` eigenvalues (and unit eigenvectors with ``vectors``) of
+        :attr:`hessian`, as an :class:`~dyndiag.EigenResult`.
+
+        One Lanczos run per ``(tol, seed)`` and step serves every due probe: it is
+        made for the largest ``k`` that any of them declares in
+        :meth:`Probe.eigen_need` (their values agree to ``tol``), and results are
+        its leading ``k`` entries; ``num_matvecs`` is that run's.
+        """
+        from ..curvature.lanczos import eigenvalues
+        from ..curvature.results import EigenResult
+
+        key = (float(tol), int(seed))
+        res = self._eigen.get(key)
+        if res is None or res.values.numel() < k or (vectors and res.vectors is None):
+            needs = [n for n in (p.eigen_need() for p in self.due) if n is not None and (float(n[1]), int(n[2])) == key]
+            want_k = min(max([k] + [n[0] for n in needs]), self.hessian.dim - 1)
+            want_v = vectors or any(n[3] for n in needs)
+            res = eigenvalues(self.hessian, k=max(want_k, k), which="LA", tol=tol, seed=seed, return_vectors=want_v)
+            self._eigen[key] = res
+        return EigenResult(
+            values=res.values[:k],
+            vectors=None if res.vectors is None else res.vectors[:, :k],
+            num_matvecs=res.num_matvecs,
+            converged=res.converged,
+            error_bounds=res.error_bounds[:k],
+        )
+
+    @cached_property
+    def probe_loss(self) -> float:
+        """The probe batch's mean loss at the current parameters (evaluated like the Hessian)."""
+        return self.hessian.loss()
+
+    def _need_before(self) -> list[torch.Tensor]:
+        if self.theta_before is None:
+            raise RuntimeError("the update is only known to probes with phase='post' that need 'update'")
+        return self.theta_before

@@ -1,4 +1,4 @@
-"""Scale benchmark: top Hessian eigenvalue of ResNet-style CNNs with 0.7-8.6 M parameters.
+"""Scale benchmark: top Hessian eigenvalue of ResNet-style CNNs with 0.7-6.3 M parameters.
 
 Run from the repository root::
 

@@ -1,4 +1,4 @@
-"""The ``dyndiag`` command line: ``demo``, ``analyze``, ``plot``, ``landscape``.
+"""The ``dyndiag`` command line: ``demo``, ``analyze``, ``plot``, ``tensorboard``, ``landscape``.
 
 Errors are one line on stderr (``dyndiag: error: ...``) with a non-zero exit and
 no traceback unless ``--debug``.

@@ -9,11 +9,11 @@ Rule for telling them apart: ``data`` is one batch when it is a mapping, a
 tuple/list whose first item is a tensor, or a pair ``(mapping, tensor)``. Anything else iterable is a
 sequence of batches. A single batch of another shape is passed as ``[batch]``.
 
-An iterable is iterated afresh for every product; a shuffling DataLoader then
-gives a different batch order per product, which changes nothing for the mean
-over all samples, but a DataLoader with random augmentation or ``drop_last`` and
-shuffling makes the operator random — pass ``cache_data=True`` to fix the batches
-once (they are then held in memory on the operator's device).
+An iterable is iterated afresh for every product. A shuffling DataLoader changes
+nothing for the mean over all samples as long as examples do not interact; with
+BatchNorm in train mode (batch statistics), random augmentation, or ``drop_last``
+and shuffling, the operator changes with the batches — pass ``cache_data=True`` to
+fix them once (they are then held in memory on the operator's device).
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 Products are exact (no finite differences) and side-effect free:
 
-* ``matmat(V)`` multiplies ``k`` columns in one batched pass,
-  ``torch.func.vmap`` over forward-over-reverse ``jvp(grad(loss))``, in chunks of
-  ``max_batch_vectors`` columns (memory grows with the chunk, not with ``k``);
+* ``matmat(V)`` multiplies ``k`` columns in chunks of ``max_batch_vectors``
+  (memory grows with the chunk, not with ``k``). ``backend="vmap"`` (the default
+  on CUDA) runs ``torch.func.vmap`` over forward-over-reverse ``jvp(grad(loss))``;
+  ``backend="loop"`` (the default on the CPU) runs double backward column by
+  column on a gradient graph built once per batch. A model ``vmap`` cannot handle
+  falls back to the loop with one warning;
 * ``matvec(v)`` multiplies one vector by double backward, which is cheaper than
-  forward-over-reverse for a single vector;
-* a model ``vmap`` cannot handle falls back, with one warning, to double backward
-  column by column (the gradient graph is built once per batch and reused).
+  forward-over-reverse for a single vector.
 
 The model is evaluated functionally (``torch.func.functional_call``) on detached
 views of its parameters and on fresh copies of its buffers, so parameters,
@@ -315,12 +316,11 @@ def _compute_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> t
 
 
 def _preferred_backend(device: torch.device) -> str:
-    """What ``backend="auto"`` uses: measured fastest on each kind of device.
+    """What ``backend="auto"`` uses on ``device``.
 
     On CPU, double backward with the gradient graph built once per batch and reused
-    for every column costs 1.1-1.4 gradients per column on the digits MLP, at least
-    as cheap as vmap and free of torch.func's forward-AD gaps (MSE, Huber); on GPUs
-    vmap turns k small kernels into one large one.
+    for every column: free of torch.func's forward-AD gaps (MSE, Huber). On GPUs,
+    vmap, which turns k small kernels into one large one.
     """
     return "loop" if device.type == "cpu" else "vmap"
 
@@ -361,8 +361,8 @@ class HessianOperator(_ModelOperator):
         or ``"loop"``.
     cache_graph:
         Keep the gradient graph between products when ``data`` is one batch, so
-        each later double-backward product costs ~1.2 gradients instead of ~2.6
-        (what Lanczos's one-vector steps pay). The graph is rebuilt when the
+        later double-backward products skip the forward and the first backward
+        (what Lanczos pays at each of its one-vector steps). The graph is rebuilt when the
         parameters, buffers, normalisation-layer modes or batch tensors change (an
         optimizer step, ``load_state_dict``), so it is never stale. It holds the
         activations of one forward/backward between calls: ``clear_cache()``

@@ -1,7 +1,8 @@
 """dyndiag: training-dynamics diagnostics for PyTorch.
 
-Hessian spectra, traces and densities on batched Hessian-vector products, and
-(in later layers) edge-of-stability, per-example scores, landscapes and figures.
+Hessian spectra, traces and densities on batched Hessian-vector products;
+edge of stability, per-example scores and other training-dynamics quantities;
+a Monitor that records them during training; loss landscapes and figures.
 Names load on first use, so ``import dyndiag`` does not import plotting libraries.
 """
 

@@ -135,7 +135,7 @@ def analyze(
         model = model()
         if not isinstance(model, nn.Module):
             raise TypeError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
-    from .quantities._common import mean_gradient
+    from .quantities.gradients import mean_gradient
 
     run = RunContext(model, loss_fn=loss_fn, closure=closure, probe_data=probe_data)
     params = run.params

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum, is_distributed
+
 __all__ = [
     "is_single_batch",
     "iter_batches",
@@ -34,6 +36,7 @@ __all__ = [
     "batch_targets",
     "check_scalar_loss",
     "tensors_in",
+    "weighted_mean",
 ]
 
 Batch = Any
@@ -80,6 +83,28 @@ def default_batch_size(batch: Batch) -> int:
             "pass batch_size_fn=lambda batch: ..."
         )
     return int(t.shape[0])
+
+
+def weighted_mean(terms: Iterable[tuple[torch.Tensor, int]], zero: torch.Tensor) -> torch.Tensor:
+    """``sum_b n_b x_b / sum_b n_b`` over ``(x_b, n_b)`` pairs, summed over ranks.
+
+    The mean over every sample of ``data`` from per-batch means ``x_b`` of ``n_b``
+    samples. ``zero`` (zeros of the result's shape, dtype and device) is the
+    accumulator, so a rank whose shard is empty still joins the reduction; pairs
+    with ``n_b <= 0`` are skipped. ``ValueError`` when no rank saw a sample.
+    """
+    total = zero
+    count = 0
+    for value, n in terms:
+        if n > 0:
+            total.add_(value.to(total.dtype), alpha=n)
+            count += n
+    if is_distributed():
+        all_reduce_sum(total)
+        count = int(all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64, device=total.device)).item())
+    if count == 0:
+        raise ValueError("data yielded no samples")
+    return total / count
 
 
 def tensors_in(obj: object) -> Iterator[torch.Tensor]:

@@ -18,7 +18,7 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from ._random import check_count, check_operator, make_generator, multiply, rademacher
+from .vectors import check_count, check_operator, make_generator, multiply, rademacher
 
 __all__ = ["SpectralDensity", "spectral_density"]
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._random import check_count, check_operator, make_generator, multiply, rademacher
+from .vectors import check_count, check_operator, make_generator, multiply, rademacher
 from .results import TraceResult
 
 __all__ = ["trace", "diagonal"]

@@ -21,7 +21,7 @@ import numbers
 import numpy as np
 import torch
 
-from ._random import check_count, check_int, check_operator, gaussian, make_generator, multiply
+from .vectors import check_count, check_int, check_operator, gaussian, make_generator, multiply
 from .results import EigenResult
 
 __all__ = ["eigenvalues"]

@@ -28,7 +28,6 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _NormBase
@@ -42,6 +41,7 @@ from ..data import (
     make_loss_closure,
     tensors_in,
     to_device,
+    weighted_mean,
 )
 from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params, unwrap
 from .base import CurvatureOperator
@@ -213,18 +213,8 @@ class _ModelOperator(CurvatureOperator):
     # -- products ---------------------------------------------------------
     def _accumulate(self, per_batch: Callable, V: torch.Tensor) -> torch.Tensor:
         """sum_b n_b * per_batch(batch, V) / sum_b n_b, reduced over ranks."""
-        total = torch.zeros_like(V)
-        count = 0
         with self._guarded():
-            for batch, n in self._batches():
-                if n <= 0:
-                    continue
-                total.add_(per_batch(batch, V), alpha=float(n))
-                count += n
-        total, count = _all_reduce(total, count)
-        if count == 0:
-            raise ValueError("data yielded no samples")
-        return total / count
+            return weighted_mean(((per_batch(b, V), n) for b, n in self._batches() if n > 0), torch.zeros_like(V))
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._batch_matmat, V)
@@ -432,17 +422,10 @@ class HessianOperator(_ModelOperator):
         """The mean loss over ``data`` at the operator's parameters, evaluated as
         products are (dropout off, normalisation layers in the model's mode,
         buffers copied); reduced over ranks like the products."""
-        total = torch.zeros(1, dtype=torch.float64, device=self.device)
-        count = 0
         with self._guarded(), torch.no_grad():
             values = self._values()
-            for batch, n in self._batches():
-                total += n * self._loss(values, batch).double()
-                count += n
-        total, count = _all_reduce(total, count)
-        if count == 0:
-            raise ValueError("data yielded no samples")
-        return float(total.item() / count)
+            terms = ((self._loss(values, b), n) for b, n in self._batches() if n > 0)
+            return float(weighted_mean(terms, torch.zeros((), dtype=torch.float64, device=self.device)))
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
@@ -590,13 +573,3 @@ class GGNOperator(_ModelOperator):
                 [(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(parts, leaves)]
             )
         return result
-
-
-def _all_reduce(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-    """Sum a weighted product and its sample count over ranks (no-op without a group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return total, count
-    dist.all_reduce(total)
-    n = torch.tensor([float(count)], dtype=torch.float64, device=total.device)
-    dist.all_reduce(n)
-    return total, int(n.item())

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from ._random import check_operator, multiply
+from .vectors import check_operator, multiply
 from .base import CurvatureOperator
 
 __all__ = ["PreconditionedOperator"]

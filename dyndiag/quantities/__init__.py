@@ -1,7 +1,7 @@
 """Quantities: pure functions on (model, loss, data, optimizer) — sharpness and
 edge-of-stability thresholds, GraNd/EL2N, gradient coherence and GSNR, layer
 rotation, directional sharpness, Softmax Collapse, safe step radius, subspace
-overlap. Offline-usable; nothing here changes the model, its optimizer or the RNG."""
+overlap, and the mean gradient they start from. Offline-usable; nothing here changes the model, its optimizer or the RNG."""
 
 from .._lazy import lazy_exports
 
@@ -18,6 +18,7 @@ _EXPORTS = {
     "gradient_weight_cosine": ".softmax",
     "layer_rotation": ".rotation",
     "safe_step_radius": ".radius",
+    "mean_gradient": ".gradients",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

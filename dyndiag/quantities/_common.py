@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..evaluation import Evaluate, operator_mode, per_example_mode, select_params
-from ..data import check_scalar_loss, default_batch_size, iter_batches, make_loss_closure, to_device
+from ..data import default_batch_size
+from ..distributed import is_distributed
 
 __all__ = [
     "Evaluate",
@@ -33,9 +34,6 @@ __all__ = [
     "per_example_mode",
     "operator_mode",
     "split_examples",
-    "distributed",
-    "all_reduce_sum",
-    "all_reduce_max",
     "gather_scores",
     "to_float",
 ]
@@ -125,23 +123,6 @@ def split_examples(batch: object) -> Examples:
 
 
 # -- distributed ------------------------------------------------------------------
-def distributed() -> bool:
-    """Whether a process group with more than one rank is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if distributed():
-        dist.all_reduce(t)
-    return t
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def _all_gather_varlen(local: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's 1-D tensor, rank 0 first (padding to the longest shard)."""
     world = dist.get_world_size()
@@ -186,7 +167,7 @@ def gather_scores(local: torch.Tensor, indices: object | None) -> torch.Tensor:
     its first occurrence in rank order.
     """
     idx = None if indices is None else check_indices(indices, local.numel(), local.device)
-    if distributed():
+    if is_distributed():
         local = _all_gather_varlen(local)
         if idx is not None:
             idx = _all_gather_varlen(idx)
@@ -210,46 +191,3 @@ def to_float(x: object, name: str) -> float:
     if math.isnan(value):
         raise ValueError(f"{name} is NaN")
     return value
-
-
-def mean_gradient(
-    model: nn.Module,
-    loss_fn: Callable | None,
-    data: object,
-    params: Sequence[torch.Tensor] | None = None,
-    *,
-    closure: Callable | None = None,
-) -> torch.Tensor:
-    """Flat float64 ``(dim,)`` gradient of the sample-weighted mean loss over ``data``.
-
-    Evaluated as the curvature operators evaluate (dropout off, normalisation layers
-    in the model's mode, buffers copied so running statistics never move); ``.grad``
-    is never written. Under ``torch.distributed``: the gradient of the union of the
-    ranks' shards. ``ValueError`` when ``data`` yields no samples.
-    """
-    from torch.func import functional_call
-
-    fn = make_loss_closure(loss_fn, closure)
-    names, chosen = select_params(model, params)
-    device = chosen[0].device
-    evaluate = Evaluate(model, fn)
-    dim = sum(p.numel() for p in chosen)
-    total = torch.zeros(dim + 1, dtype=torch.float64, device=device)  # weighted sum, then count
-    with operator_mode(model):
-        for batch in iter_batches(data):
-            n = default_batch_size(batch)
-            if n == 0:
-                continue
-            batch = to_device(batch, device)
-            leaves = [p.detach().requires_grad_(True) for p in chosen]
-            mapping = {"model." + name: leaf for name, leaf in zip(names, leaves)}
-            mapping.update(buffer_copies(model))
-            loss = check_scalar_loss(functional_call(evaluate, mapping, (batch,)), "loss_fn/closure")
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, chosen)])
-            total[:dim] += n * flat.double()
-            total[dim] += n
-    total = all_reduce_sum(total)
-    if float(total[dim]) == 0:
-        raise ValueError("data yielded no samples")
-    return total[:dim] / total[dim]

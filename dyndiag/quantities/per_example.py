@@ -26,12 +26,11 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from ..data import batch_targets, check_scalar_loss, iter_batches, make_loss_closure, model_outputs, to_device
+from ..distributed import all_reduce_sum, is_distributed
 from ._common import (
     Evaluate,
-    all_reduce_sum,
     check_chunk_size,
     check_model,
-    distributed,
     gather_scores,
     per_example_mode,
     select_params,
@@ -319,7 +318,7 @@ def gradient_coherence(
         model, loss_fn, data, params, closure, chunk_size, progress, "coherence", consume
     )
     if not acc:
-        if not distributed():
+        if not is_distributed():
             raise ValueError("data yielded no examples")
         dim = sum(p.numel() for p in chosen)
         dtype = _accumulation_dtype(chosen[0].device, chosen[0].dtype)
@@ -401,7 +400,7 @@ def gradient_snr(
     n = acc.get("n", 0)
     mean = acc.get("mean", torch.zeros(dim, dtype=acc_dtype, device=device))
     m2 = acc.get("m2", torch.zeros(dim, dtype=acc_dtype, device=device))
-    if distributed():
+    if is_distributed():
         # Two reductions: the global mean first, then each shard's M2 about it.
         count = all_reduce_sum(torch.tensor([float(n)], dtype=acc_dtype, device=device))
         N = int(count.item())

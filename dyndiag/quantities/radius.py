@@ -20,9 +20,9 @@ from torch.func import functional_call, jvp
 
 from ..data import iter_batches, to_device
 from ..evaluation import outputs_fn
+from ..distributed import all_reduce_max
 from ._common import (
     Evaluate,
-    all_reduce_max,
     buffer_copies,
     check_at,
     check_flat,

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..curvature._random import check_int, check_operator, multiply
+from ..curvature.vectors import check_int, check_operator, multiply
 from ..curvature.base import CurvatureOperator
 from ..curvature.lanczos import eigenvalues
 from ..curvature.preconditioned import PreconditionedOperator

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ._common import check_model, mean_gradient, select_params
+from ._common import check_model, select_params
+from .gradients import mean_gradient
 
 __all__ = ["softmax_collapse", "gradient_weight_cosine"]
 

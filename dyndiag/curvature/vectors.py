@@ -1,4 +1,4 @@
-"""What the estimators share: operator and argument checks, products, seeded probe blocks.
+"""Seeded random probe vectors, and the operator checks and products every estimator uses.
 
 Every estimator draws its random vectors from a private CPU ``torch.Generator``
 seeded with the estimator's ``seed``, so results are reproducible for a seed, the

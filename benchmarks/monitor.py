@@ -17,43 +17,22 @@ the median and the minimum over interleaved repeats:
                 loses no finished step: the guarantee the record store gives)
   monitor     + dd.Monitor with GradientNorm, LayerRotation, SoftmaxCollapse every
                 step, records in memory (log_dir=None)
-  monitor+db  the same, written to the record store (log_dir=...): each step
-                appended to the spool (survives a SIGKILL when the step returns),
-                moved into SQLite by the ingest process, one transaction per step
-  monitor+db/16  monitor+db with commit_every=16: 16 spooled steps per SQLite
-                transaction (every step still spooled when it returns; readers,
-                which merge the spool, see no difference). design.md's Decision
-                is one transaction per step, the default; this shows what it costs
-  monitor+db inline  the same with the ingest on the training thread (the store's
-                `ingest="inline"`, what every write cost before the spool)
-  monitor+spool  a diagnostic: monitor+db without an ingest while it trains (the
-                store's `ingest="inline"` with `commit_every` larger than the run:
-                the spool is moved into SQLite at close, after the timing). What
-                the training thread pays for the records itself; monitor+db minus
-                this is what the ingest process, running beside it, costs it
+  monitor+db  the same, written to the record store (log_dir=...): one SQLite
+                transaction per step on the training thread (committed, readable
+                and safe from a SIGKILL when the step returns)
 
-Each repeat first runs ``--warmup`` untimed steps (default 300): the timed steps
-are the steady state of a run, while the store's ingest process starts on the
-first write and its start-up (a Python interpreter: ~0.1 s of CPU here) falls in
-those first steps, a one-time cost printed on its own line. ``--warmup 0`` times
-from the first step, as the script did before session 6.
-
-With a warm-up it also prints the ingest process's CPU time per timed step (Linux).
-It always prints how much a CPU-bound process on another core slows a plain step
-on this machine: where the cores share a physical core (SMT siblings, or a VM's
-vCPUs placed on them), any work beside training, the ingest's included, slows
-the training thread.
+Each repeat first runs ``--warmup`` untimed steps (default 300), so the timed steps
+are the steady state of a run; the first steps' own cost is printed on its own line.
 
     python benchmarks/monitor.py [--steps 200] [--warmup 300] [--repeats 15] [--threads 1] [--clock wall|thread]
-                                 [--modes plain,hand,monitor,monitor+db,monitor+spool]
+                                 [--modes plain,hand,monitor,monitor+db]
 
 ``--modes`` runs a subset (``plain`` and ``hand`` are always in it): fewer modes
 give more repeats in the same time.
 
 ``--clock thread`` times the loop with ``time.thread_time()``, the training thread's
 own CPU time (with one torch thread, all of the step's work): it leaves out time the
-thread spends preempted or waiting on a shared VM, and so also any cost another
-process (the ingest) imposes by taking the core; the default wall clock keeps both.
+thread spends preempted or waiting on a shared VM; the default wall clock keeps it.
 """
 
 from __future__ import annotations
@@ -62,8 +41,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import types
@@ -72,7 +49,6 @@ import torch
 from torch import nn
 
 import dyndiag as dd
-from dyndiag.records import RecordWriter
 from dyndiag.datasets import load_digits
 
 
@@ -129,30 +105,21 @@ def run(mode: str, steps: int, x, y, seed: int = 0, warmup: int = 0) -> float:
     elif mode.startswith("monitor"):
         probes = [dd.probes.GradientNorm(), dd.probes.LayerRotation(), dd.probes.SoftmaxCollapse()]
         log_dir = None
-        if mode.startswith(("monitor+db", "monitor+spool")):
+        if mode == "monitor+db":
             tmp = tempfile.TemporaryDirectory()
             log_dir = tmp.name
-        mon = dd.Monitor(model, opt, probes, log_dir=log_dir, commit_every=16 if mode == "monitor+db/16" else 1)
-        if mode == "monitor+db inline":  # the Monitor has no knob for it: swap its writer
-            mon._writer.close()
-            mon._writer = RecordWriter(log_dir, ingest="inline")
-        elif mode == "monitor+spool":  # inline, but never due before close()
-            mon._writer.close()
-            mon._writer = RecordWriter(log_dir, ingest="inline", commit_every=1 << 40)
+        mon = dd.Monitor(model, opt, probes, log_dir=log_dir)
     t0 = CLOCK()
     for i, idx in enumerate(batches):
         if i == warmup:
             if warmup:
                 WARMUP_TIMES.setdefault(mode, []).append((CLOCK() - t0) / warmup)
-                cpu0 = _ingest_cpu(mon) if mode == "monitor+db" else 0.0
             t0 = CLOCK()
         opt.zero_grad()
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
     elapsed = (CLOCK() - t0) / steps
     if mon is not None:
-        if mode == "monitor+db" and warmup:
-            INGEST_CPU.append((_ingest_cpu(mon) - cpu0) / steps)
         mon.close()
     for h in handles:
         h.remove()
@@ -161,35 +128,8 @@ def run(mode: str, steps: int, x, y, seed: int = 0, warmup: int = 0) -> float:
     return elapsed
 
 
-MODES = ["plain", "hand", "hand f32 cos", "hand+file", "monitor", "monitor+db", "monitor+db/16",
-         "monitor+db inline", "monitor+spool"]
-INGEST_CPU: list = []  # monitor+db: the ingest process's CPU seconds per timed step, one per repeat
+MODES = ["plain", "hand", "hand f32 cos", "hand+file", "monitor", "monitor+db"]
 WARMUP_TIMES: dict = {}  # mode -> seconds per step of each repeat's untimed first steps
-
-
-def _ingest_cpu(mon) -> float:
-    """CPU seconds (user + system) the Monitor's ingest process has used so far; NaN where unknown."""
-    proc = getattr(mon._writer._session, "proc", None)
-    try:
-        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (AttributeError, OSError, ValueError, IndexError):
-        return float("nan")
-
-
-def sibling_slowdown(x, y, rounds: int = 6, steps: int = 300) -> float:
-    """Median slowdown of a plain step while a CPU-bound Python process runs (on another core, if any)."""
-    ratios = []
-    for r in range(rounds):
-        alone = run("plain", steps, x, y, seed=r)
-        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        try:
-            time.sleep(0.1)
-            ratios.append(run("plain", steps, x, y, seed=r) / alone)
-        finally:
-            busy.kill()
-            busy.wait()
-    return statistics.median(ratios) - 1
 
 
 def main() -> None:
@@ -215,8 +155,7 @@ def main() -> None:
     times = {m: [] for m in modes}
     order = random.Random(0)
     for r in range(args.repeats):
-        # Every mode once per round, in a shuffled order: drift hits every mode alike, and
-        # no mode always follows the one whose ingest process is still finishing.
+        # Every mode once per round, in a shuffled order: drift hits every mode alike.
         for m in order.sample(modes, len(modes)):
             times[m].append(run(m, args.steps, x, y, seed=r, warmup=args.warmup))
     med = {m: statistics.median(v) for m, v in times.items()}
@@ -246,9 +185,7 @@ def main() -> None:
     print("the monitor's own cost, % of a plain step (target <= 5 %): "
           "paired = median over rounds of the same round's difference, with a 95 % bootstrap interval")
     print(f"{'mode':17s} {'vs':13s} {'paired':>7s} {'95 % interval':>15s} {'median':>7s} {'min':>7s}")
-    rows = [(m, "hand") for m in ("monitor", "monitor+db", "monitor+db/16", "monitor+db inline", "monitor+spool")]
-    rows += [(m, "hand+file") for m in ("monitor+db", "monitor+db inline")]
-    rows += [("monitor+db", "monitor+spool"), ("monitor+spool", "monitor")]
+    rows = [(m, "hand") for m in ("monitor", "monitor+db")] + [("monitor+db", "hand+file"), ("monitor+db", "monitor")]
     for m, base in rows:
         if m not in times or base not in times:
             continue
@@ -261,12 +198,6 @@ def main() -> None:
         print(f"the first {args.warmup} steps (untimed above), own cost against hand, paired: "
               + ", ".join(f"{m} {100 * paired(m, 'hand', WARMUP_TIMES):.1f} %"
                           for m in ("monitor", "monitor+db") if m in times))
-    cpu = [c for c in INGEST_CPU if c == c]
-    if cpu:
-        print(f"monitor+db: the ingest process used {statistics.median(cpu) * 1e6:.0f} us of CPU per timed step "
-              f"(median over repeats), {100 * statistics.median(cpu) / med['monitor+db']:.0f} % of a core")
-    print(f"a CPU-bound process beside training slows a plain step by {100 * sibling_slowdown(x, y):.0f} % on this machine")
-
 
 if __name__ == "__main__":
     main()

@@ -63,11 +63,6 @@ class Monitor:
         ``True`` (default): probes run from optimizer step hooks. ``False``: no
         optimizer hook is registered; call :meth:`before_step` after backward and
         :meth:`after_step` after the update (the forward hook stays).
-    commit_every:
-        Spooled steps per SQLite transaction of the record store's ingest
-        (default 1). Whatever it is, each step's records are spooled when the
-        step returns: readable, and safe from a SIGKILL (see
-        :class:`dyndiag.records.RecordWriter`).
     batch_size_fn:
         ``(batch) -> int``: how curvature probes weight the batches of
         ``probe_data`` (default: dim 0 of a batch's first tensor), e.g. the number
@@ -95,7 +90,6 @@ class Monitor:
         closure: Callable | None = None,
         start_step: int | None = None,
         step_hooks: bool = True,
-        commit_every: int = 1,
         batch_size_fn: Callable | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -106,8 +100,6 @@ class Monitor:
         needing = [p.name for p in probes if {"curvature", "probe_batch"} & set(p.needs)]
         if needing and (probe_data is None or (loss_fn is None and closure is None)):
             raise ValueError(f"probes {needing} need probe_data and a loss_fn (or closure)")
-        if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
-            raise ValueError(f"commit_every must be an int >= 1, got {commit_every!r}")
         if start_step is not None and (not isinstance(start_step, int) or start_step < 0):
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
         if not isinstance(step_hooks, bool):
@@ -126,7 +118,7 @@ class Monitor:
         if log_dir is not None:
             from .records import RecordWriter
 
-            self._writer = RecordWriter(log_dir, start_step=start_step, commit_every=commit_every)
+            self._writer = RecordWriter(log_dir, start_step=start_step)
             self.step = self._writer.next_step
         else:
             self.step = start_step or 0
@@ -266,7 +258,7 @@ class Monitor:
     def _write(self, step: int, scalars: list, arrays: list) -> None:
         if self._writer is not None:
             try:
-                self._writer._write_rows(step, scalars, arrays)
+                self._writer.write_step(step, scalars, arrays)
             except Exception as err:  # a full disk must not stop training either
                 self._warn_once("write", f"records could not be written (step {step}): {type(err).__name__}: {err}")
         else:
@@ -278,11 +270,15 @@ class Monitor:
 
     # -- lifecycle ---------------------------------------------------------------
     def records(self):
-        """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time``)."""
+        """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time``).
+
+        With a ``log_dir``, read from the store: every step written so far, by this
+        Monitor and by earlier ones on the same dir.
+        """
         if self.log_dir is not None:
             from .records import load_records
 
-            return load_records(self.log_dir)  # the database and the spool: every step written
+            return load_records(self.log_dir)
         import pandas as pd
 
         return pd.DataFrame(self._memory, columns=["step", "probe", "metric", "key", "value", "wall_time"])
@@ -291,7 +287,10 @@ class Monitor:
         """Remove every hook and close the record store. Idempotent.
 
         With ``step_hooks=False``, the state-probe rows of a step begun by
-        :meth:`before_step` but never finished are written first.
+        :meth:`before_step` but never finished are written first. The store's step
+        counter is brought up to the Monitor's (steps with no due probe write
+        nothing), so a Monitor opened later on the same ``log_dir`` continues from
+        the step after the last one trained.
         """
         if not self.step_hooks and self._pending is not None:
             self._flush_pending()
@@ -299,6 +298,8 @@ class Monitor:
             h.remove()
         self._handles = []
         if self._writer is not None:
+            if self.step > self._writer.next_step:  # an empty step: only the counter
+                self._write(self.step - 1, [], [])
             self._writer.close()
             self._writer = None
 

@@ -1,73 +1,63 @@
-"""Append-only record store: one SQLite file per log dir, readable while training writes.
+"""Append-only record store: one SQLite file per log dir, written inline, readable while training writes.
 
-What is stored
---------------
-``<log_dir>/records.sqlite`` (stdlib ``sqlite3``, WAL journal) holds three tables:
+``<log_dir>/records.sqlite`` (stdlib ``sqlite3``, WAL journal) holds ``records(step,
+probe, metric, key, value, wall_time)``, one row per scalar (``key`` ``""`` for a plain
+scalar; ``value`` a float64 stored exactly, inf and ``-0.0`` included, NaN as NULL,
+which readers turn back into NaN); ``arrays(step, probe, metric, key, wall_time,
+npy)``, one ``.npy`` blob per array (no pickle: dtype, shape and byte order come back
+exactly); and ``meta(name, value)``: ``schema_version``, and ``next_step``, the step
+after the last one written.
 
-``records(step, probe, metric, key, value, wall_time)``
-    One row per scalar, long format. ``key`` is always a string (``""`` for a plain
-    scalar). ``value`` is a float64 stored exactly, inf and ``-0.0`` included; SQLite
-    stores NaN as NULL, and the readers turn NULL back into NaN (nothing else is
-    ever stored as NULL).
-``arrays(step, probe, metric, key, wall_time, npy)``
-    One ``.npy`` blob per array (``np.save`` without pickle: dtype, shape and byte
-    order come back exactly), at most one per ``(probe, metric, key, step)``.
-``meta(name, value)``
-    ``schema_version`` (2), ``next_step``: the step after the last one stored,
-    updated in the same transaction as that step's rows, and ``spool_pos``: how far
-    the spool has been moved into the database.
-
-Writing goes through a spool: :meth:`RecordWriter.write_step` appends the whole
-step as one frame to ``<log_dir>/records.spool.NNNNNN`` — stored into a memory
-mapping of a segment whose disk blocks were reserved up front (POSIX), or with a
-single ``write()`` elsewhere — and an ingest (by default a small process of its own, see ``ingest=``)
-moves each spooled step into SQLite in one transaction: a step is stored whole or
-not at all. A step is safe from a crash of the training process (SIGKILL included)
-once ``write_step`` returns — it is in the operating system's file cache — and the
-ingest process finishes the spool even after the training process died; a spool
-left behind by a crash (the ingest killed too) is read by the readers and moved
-into the database by the next writer. Neither the spool nor SQLite
-(``synchronous=NORMAL``, WAL) fsyncs per step: the last steps may be lost if the
-operating system crashes or the power fails. Readers open the database read-only
-in one snapshot and add the spooled steps it does not hold yet, so they see whole
-steps only, never block the writer, and see a step as soon as it is spooled. A
-clean close removes the spool; SQLite may leave empty ``-wal``/``-shm`` files, and
-``records.lock`` (the one-writer lock) stays.
-
-Neither the writer nor the readers import torch; only :func:`load_records` imports
-pandas, so a training loop's hot path never loads it.
+:meth:`RecordWriter.write_step` runs one transaction on the calling thread: the step's
+rows and ``next_step`` are stored whole or not at all. In WAL mode with
+``synchronous=NORMAL`` a commit is a ``write()`` to the WAL without an fsync: once
+``write_step`` returns the step is in the operating system's file cache and survives a
+crash of the process (SIGKILL included), not necessarily one of the operating system.
+SQLite copies the WAL into the database inside a commit, every ~1000 pages. No
+thread, no helper process, no memory mapping. Readers open the file read-only, in one
+snapshot: they see whole steps only and never block the writer. Neither side imports
+torch; only :func:`load_records` imports pandas.
 """
 
 from __future__ import annotations
 
-import gc
 import io
 import math
 import operator
 import os
-import subprocess
+import sqlite3
 import sys
-import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from . import _spool, _sqlite
-from ._sqlite import DB_NAME, SCHEMA_VERSION
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 __all__ = ["RecordWriter", "load_records", "load_arrays", "is_writer", "DB_NAME", "SCHEMA_VERSION"]
 
+DB_NAME = "records.sqlite"
+LOCK_NAME = "records.lock"
+SCHEMA_VERSION = 2  # version 1 has the same tables; both are read and written as they are
+TIMEOUT = 10.0  # seconds a connection waits for a lock before raising
 COLUMNS = ("step", "probe", "metric", "key", "value", "wall_time")
-
-Scalar = tuple[str, str, str, float]
-Array = tuple[str, str, str, Any]
+# `value` has no declared type on purpose: a REAL column stores integral floats as
+# integers on disk and loses the sign of -0.0. `records` has no index: rows arrive
+# in step order (steps only grow, and a rewind first deletes every row at or after
+# its step), so rowid order is step order and the rare rewind can afford a scan.
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS records (step INTEGER NOT NULL, probe TEXT NOT NULL,"
+    " metric TEXT NOT NULL, key TEXT NOT NULL, value, wall_time REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS arrays (step INTEGER NOT NULL, probe TEXT NOT NULL,"
+    " metric TEXT NOT NULL, key TEXT NOT NULL, wall_time REAL NOT NULL, npy BLOB NOT NULL,"
+    " UNIQUE (probe, metric, key, step))",
+)
 
 
 def is_writer() -> bool:
@@ -84,7 +74,7 @@ def is_writer() -> bool:
 
 
 class RecordWriter:
-    """Writes a run's records into ``<log_dir>``: a spool append per step, SQLite behind it.
+    """Writes a run's records into ``<log_dir>``, one SQLite transaction per step.
 
     Parameters
     ----------
@@ -92,88 +82,52 @@ class RecordWriter:
         Directory of the run, created if missing. A ``ValueError`` if it is a file or
         holds a ``records.sqlite`` that is not a store or has a newer schema.
     start_step
-        ``None`` (default): a new store starts at step 0, and a store that already
-        holds records is *appended to*, from its stored counter. An explicit value
-        sets :attr:`next_step`; if it is below the stored counter, the first
-        :meth:`write_step` deletes every stored record and array with ``step >=
-        start_step`` in its own transaction (a run resumed from an earlier checkpoint
-        supersedes what the crashed run logged after it, like TensorBoard's
-        ``purge_step``); opening alone deletes nothing.
-    commit_every
-        Spooled steps per SQLite transaction (default 1: one transaction per step).
-        Every step is in the spool, readable and safe from a SIGKILL, as soon as
-        :meth:`write_step` returns, whatever this is; ``n > 1`` only makes the
-        database catch up in fewer, larger transactions.
-    ingest
-        Who moves the spool into SQLite. ``"process"``: a small ingest process
-        (standard library only, started at the first write, one per writer, at a
-        lower CPU priority), so the training thread pays only for the spool append
-        (~10-15 us a step inside a training step, instead of ~0.1 ms for a
-        transaction); it finishes what was spooled even if the training process is
-        killed. ``"inline"``: this thread, right after each append (every
-        ``commit_every`` steps). ``"auto"`` (default): ``"process"`` on POSIX
-        systems, ``"inline"`` elsewhere.
-
-    Attributes
-    ----------
-    log_dir, path : pathlib.Path
-        The directory and the database file.
-    enabled : bool
-        Whether this process writes (:func:`is_writer`).
+        ``None`` (default): continue from the stored counter (0 for a new store). A
+        value sets :attr:`next_step`; if it is below the stored counter, the first
+        :meth:`write_step` deletes every record and array with ``step >= start_step``
+        in its own transaction (a run resumed from an earlier checkpoint supersedes
+        what it logged after it); opening alone deletes nothing.
 
     Notes
     -----
-    Under ``torch.distributed`` only rank 0 touches the files. On other ranks the
-    writer validates and counts steps exactly as on rank 0 but stores nothing. When a
-    process group of several ranks is initialised and ``start_step`` is ``None``, the
-    constructor is a collective: rank 0 broadcasts its stored counter
-    (``broadcast_object_list``; with NCCL on the current CUDA device), so every rank
-    has the same :attr:`next_step` and schedules probes alike. Construct it on every
-    rank (as the Monitor does), never on rank 0 alone.
+    One writer per log dir, in this process or another: a second one raises a
+    ``RuntimeError`` while the first is open. The lock is a POSIX record lock
+    (``fcntl.lockf``) on ``<log_dir>/records.lock``, released by :meth:`close` or
+    when the process ends; forked children (DataLoader workers) do not hold it, and a
+    child's copy of a writer refuses to write and closes nothing. On Windows (no
+    fork) it is ``msvcrt.locking`` on that file.
 
-    One writer per log dir: a second one is refused with a ``RuntimeError`` while the
-    first is open (a lock on ``<log_dir>/records.lock``, released when the process
-    ends, whatever way).
-
-    A writer opened on a dir whose previous writer died first moves what that one
-    spooled into the database (so its steps count for :attr:`next_step`).
+    Under ``torch.distributed`` only rank 0 (``enabled``, :func:`is_writer`) touches
+    the files; other ranks validate and count steps alike. With several ranks and
+    ``start_step=None`` the constructor is a collective (rank 0 broadcasts its
+    counter): construct it on every rank.
     """
 
-    def __init__(
-        self,
-        log_dir: str | os.PathLike,
-        *,
-        start_step: int | None = None,
-        commit_every: int = 1,
-        ingest: str = "auto",
-    ) -> None:
-        if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
-            raise ValueError(f"commit_every must be an int >= 1, got {commit_every!r}")
-        if ingest not in ("auto", "process", "inline"):
-            raise ValueError(f"ingest must be 'auto', 'process' or 'inline', got {ingest!r}")
-        if ingest == "auto":
-            ingest = "process" if os.name == "posix" and sys.executable else "inline"
-        self.commit_every = commit_every
-        self.log_dir = _sqlite.check_dir(log_dir, "log_dir")
+    def __init__(self, log_dir: str | os.PathLike, *, start_step: int | None = None) -> None:
+        self.log_dir = _check_dir(log_dir)
         self.path = self.log_dir / DB_NAME
         if start_step is not None:
             start_step = _check_step(start_step, "start_step")
         self.enabled = is_writer()
-        self._session: _Session | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._pid = os.getpid()
         self._closed = False
         self._rewind: int | None = None
-        self._names: dict[tuple[str, str, str], int] = {}
         stored, error = 0, None
         if self.enabled:
             try:
-                self._session = _Session(self.log_dir, commit_every, ingest)
-                stored = self._session.next_step
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                lock = _lock(self.log_dir)
+                try:
+                    self._conn, stored = _open_store(self.path)
+                except BaseException:
+                    _release(None, *lock, self._pid)
+                    raise
+                # Closes the store and releases the lock also for a writer that is
+                # garbage-collected, or left open when the interpreter exits.
+                self._finalize = weakref.finalize(self, _release, self._conn, *lock, self._pid)
             except Exception as exc:  # raised below, once the other ranks have heard of it
                 error = exc
-        if self._session is not None:
-            # Ingests, removes the spool and closes the files also when the writer is
-            # garbage-collected or the interpreter exits without close().
-            self._release = weakref.finalize(self, self._session.close)
         try:
             if start_step is None:
                 stored = _broadcast_counter(stored, error)
@@ -197,107 +151,71 @@ class RecordWriter:
         return self._closed
 
     def write_step(
-        self,
-        step: int,
-        scalars: Iterable[Scalar] = (),
-        arrays: Iterable[Array] = (),
-        *,
-        wall_time: float | None = None,
+        self, step: int, scalars: Iterable[tuple] = (), arrays: Iterable[tuple] = (), *, wall_time: float | None = None
     ) -> None:
-        """Store everything of one step, whole; afterwards ``next_step == step + 1``.
+        """Store one step in one transaction; afterwards ``next_step == step + 1``.
 
-        When it returns, the step is in the spool: readers see it, and it survives a
-        SIGKILL of this process. The database holds it once the ingest has run
-        (:meth:`flush` waits for that).
+        When it returns the step is committed: readers see it and it survives a
+        SIGKILL. A step with nothing to store still advances the stored counter.
 
-        Parameters
-        ----------
-        step
-            Int, at least :attr:`next_step` (steps are written in increasing order;
-            gaps are allowed). A step with nothing to store still advances the stored
-            counter.
-        scalars
-            ``(probe, metric, key, value)`` tuples: three ``str`` (probe and metric
-            non-empty, key ``""`` for a plain scalar), and a real number (float, int,
-            bool, numpy scalar, 0-d array or tensor) stored as float64 as it is, NaN
-            and inf included.
-        arrays
-            ``(probe, metric, key, array)`` tuples: anything ``np.asarray`` takes, or a
-            tensor (detached and copied to the CPU; bfloat16, which numpy lacks, is
-            stored as float32). Object arrays are refused.
-        wall_time
-            Seconds since the epoch, stored with every row of the step; default now.
+        ``step``: an int, at least :attr:`next_step` (gaps allowed). ``scalars``:
+        ``(probe, metric, key, value)`` tuples, three ``str`` (probe and metric
+        non-empty) and a real number (float, int, bool, numpy scalar, 0-d array or
+        tensor) stored as float64, NaN and inf included. ``arrays``: ``(probe,
+        metric, key, array)`` tuples, anything ``np.asarray`` takes but object
+        arrays, or a tensor (copied to the CPU; bfloat16 stored as float32).
+        ``wall_time``: seconds since the epoch for every row of the step (default now).
 
-        Raises
-        ------
-        ValueError
-            A negative, non-finite or too small ``step``, an empty probe or metric
-            name, a ``(probe, metric, key)`` repeated within the step, or a closed
-            writer. Nothing of the step is stored.
-        TypeError
-            A name that is not a ``str``, a value that is not a real number, an item
-            that is not a 4-tuple.
-        OSError
-            The spool could not be written (a full disk); nothing of the step is stored.
+        Raises ``ValueError`` (a negative, non-finite or too small ``step``, an empty
+        name, a ``(probe, metric, key)`` repeated within the step, a closed writer or
+        a forked child's copy) or ``TypeError`` (a name that is not a ``str``, a value
+        that is not a real number, an item that is not a 4-tuple) before storing
+        anything, and ``sqlite3.Error`` if the transaction failed (a full disk) and
+        was rolled back.
         """
         step = _check_step(step, "step")
         if self._closed:
             raise ValueError(f"write_step on a closed RecordWriter ({self.path})")
+        if os.getpid() != self._pid:
+            raise ValueError(f"this RecordWriter ({self.path}) belongs to the process it was created in; "
+                             "a forked child cannot write with it")
         if step < self._next_step:
-            raise ValueError(
-                f"step must be >= next_step={self._next_step} (steps are written in increasing "
-                f"order; open a writer with start_step= to rewind), got {step}"
-            )
+            raise ValueError(f"step must be >= next_step={self._next_step} (steps are written in increasing "
+                             f"order; open a writer with start_step= to rewind), got {step}")
         t = time.time() if wall_time is None else _check_real(wall_time, "wall_time")
         if not math.isfinite(t):
             raise ValueError(f"wall_time must be finite, got {t}")
-        names = self._names
-        new: dict[tuple[str, str, str], int] = {}
-        ids, values = _scalar_ids(_iterable(scalars, "scalars"), names, new)
-        array_ids = []
+        rows = [(step, *_check_item(item, "scalars", i, True), t)
+                for i, item in enumerate(_iterable(scalars, "scalars"))]
         # Other ranks store nothing: they check names but skip serialising.
-        for i, item in enumerate(_iterable(arrays, "arrays")):
-            triple = _check_names(item, "arrays", i)
-            blob = _npy(item[3], f"arrays[{i}]") if self.enabled else b""
-            array_ids.append((_name_id(triple, names, new), blob))
-        for kind, used in (("scalars", ids), ("arrays", [i for i, _ in array_ids])):
-            if len(set(used)) != len(used):
-                raise ValueError(f"{kind} of step {step} repeat a (probe, metric, key): {_repeated(used, names, new)}")
-        if self._session is not None:
-            self._session.append(step, t, self._rewind, ids, values, array_ids, new, names)
-        names.update(new)
+        blobs = [(step, *_check_item(item, "arrays", i, False), t,
+                  _npy(item[3], f"arrays[{i}]") if self.enabled else b"")
+                 for i, item in enumerate(_iterable(arrays, "arrays"))]
+        for kind, items in (("scalars", rows), ("arrays", blobs)):
+            names = [r[1:4] for r in items]
+            if len(set(names)) != len(names):
+                repeated = next(n for i, n in enumerate(names) if n in names[:i])
+                raise ValueError(f"{kind} of step {step} repeat a (probe, metric, key): {repeated}")
+        if self._conn is not None:
+            with self._conn as c:  # COMMIT, or ROLLBACK on any exception
+                c.execute("BEGIN IMMEDIATE")
+                if self._rewind is not None:
+                    c.execute("DELETE FROM records WHERE step >= ?", (self._rewind,))
+                    c.execute("DELETE FROM arrays WHERE step >= ?", (self._rewind,))
+                if rows:
+                    c.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
+                if blobs:
+                    c.executemany("INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?)", blobs)
+                c.execute("UPDATE meta SET value = ? WHERE name = 'next_step'", (step + 1,))
         self._rewind = None
         self._next_step = step + 1
-
-    def _write_rows(self, step: int, scalars: list, arrays: list) -> None:
-        """:meth:`write_step` for rows made by the Monitor, on the training thread's budget.
-
-        The Monitor's rows are already checked (``flatten_result`` makes ``(str, str,
-        str, float)`` tuples with unique names within a step), so when every name is
-        known and there is no array, the step is packed straight into the spool;
-        anything else takes :meth:`write_step`.
-        """
-        if arrays or self._session is None or self._closed or step < self._next_step:
-            return self.write_step(step, scalars, arrays)
-        if not self._session.append_rows(step, self._rewind, scalars, self._names):
-            return self.write_step(step, scalars, arrays)  # a name new to this writer: registered there
-        self._rewind = None
-        self._next_step = step + 1
-
-    def flush(self) -> None:
-        """Bring the database up to date with the spool (readers do not need it: they read both)."""
-        if self._session is not None and not self._closed:
-            self._session.flush()
 
     def close(self) -> None:
-        """Ingest what is spooled, remove the spool and close the files (idempotent).
-
-        The spool is kept (and read by readers, and by the next writer) if the
-        database cannot take it, e.g. on a full disk; the error is raised.
-        """
+        """Close the database and release the log dir's lock (idempotent)."""
         self._closed = True
-        if self._session is not None:
-            self._release()
+        if self._conn is not None:
+            self._conn = None
+            self._finalize()
 
     def __enter__(self) -> RecordWriter:
         return self
@@ -310,291 +228,144 @@ class RecordWriter:
         return f"RecordWriter({str(self.log_dir)!r}, next_step={self._next_step}, {state})"
 
 
-class _Session:
-    """The writing end of a store: lock, database connection, spool file and ingest."""
-
-    #: Steps between checks that the ingest process is still alive.
-    CHECK_EVERY = 64
-
-    def __init__(self, log_dir, commit_every: int, ingest: str) -> None:
-        self.log_dir = log_dir
-        self.commit_every = commit_every
-        self.mode = ingest
-        self.conn = None
-        self.spool: _spool.Segment | None = None
-        self.proc: subprocess.Popen | None = None
-        self.closed = False
-        self.forked = False  # a forked child's copy: it must neither write nor finish the parent's spool
-        self._lock = threading.Lock()
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.lock_fd = _lock(log_dir / LOCK_NAME)
-        try:
-            self.conn = _sqlite.open_writer(log_dir)
-            self.ingestor = _sqlite.Ingestor(self.conn, log_dir, commit_every)
-            # What a writer that died spooled: into the database, then a new segment.
-            while True:
-                self.ingestor.advance()
-                last = max([self.ingestor.seg, *_spool.segments(log_dir)])
-                self.seg = last + 1
-                if self.ingestor._move(_spool.pack_pos(self.seg, 0)):
-                    break
-            for old in _spool.segments(log_dir):
-                if old < self.seg:
-                    _spool.segment_path(log_dir, old).unlink(missing_ok=True)
-            self.next_step = int(self.conn.execute("SELECT value FROM meta WHERE name = 'next_step'").fetchone()[0])
-            self.checkpointer = _sqlite.Checkpointer(log_dir / DB_NAME)
-            self.spool = _spool.Segment(log_dir, self.seg, {})
-        except BaseException:
-            self.close()
-            raise
-        self._writes = 0
-        _SESSIONS.add(self)
-
-    def append(self, step, t, rewind, ids, values, array_ids, new, names) -> None:
-        with self._lock:
-            self._check_open()
-            data = _spool.step_frame(step, t, rewind, ids, values, array_ids)
-            if new:
-                data = _spool.names_frame(new) + data
-            if not self.spool.fits(len(data)):
-                self._rotate({**names, **new}, len(data))
-            self.spool.append(data)
-            self._writes += 1
-            self._wrote()
-
-    def append_rows(self, step, rewind, rows, names) -> bool:
-        """:meth:`append` for checked ``(probe, metric, key, float)`` rows whose names are all
-        in ``names`` (the Monitor's usual step); False, storing nothing, if one is not.
-
-        The training thread's hot path: each Python operation here costs about 0.5 us
-        with the caches as a training step leaves them.
-        """
-        try:
-            ids = [names[row[:3]] for row in rows]
-        except KeyError:
-            return False
-        values = [row[3] for row in rows]
-        t = time.time()
-        with self._lock:
-            if self.closed or self.forked:
-                self._check_open()
-            if not self.spool.append_step(step, t, rewind, ids, values):
-                self._rotate(names, _spool.HEADER.size + _spool.step_packer(len(ids)).size)
-                self.spool.append_step(step, t, rewind, ids, values)
-            self._writes += 1
-            if self.proc is None or self._writes % self.CHECK_EVERY == 0:  # inline, or a check due
-                self._wrote()
-        return True
-
-    def _check_open(self) -> None:
-        if self.forked:
-            raise ValueError(f"this RecordWriter ({self.log_dir / DB_NAME}) belongs to the process it was "
-                             "created in; a forked child cannot write with it")
-        if self.closed:
-            raise ValueError(f"write_step on a closed RecordWriter ({self.log_dir / DB_NAME})")
-
-    def _wrote(self) -> None:
-        """After a step is spooled (and counted): ingest it inline, or look after the ingest process."""
-        if self.mode == "inline":
-            if self._writes % self.commit_every == 0:
-                self._ingest()
-        elif self.proc is None:
-            self._start()
-        elif self._writes % self.CHECK_EVERY == 0 and self.proc.poll() is not None:
-            self._lost_process()
-
-    def _rotate(self, names: dict, need: int) -> None:
-        old = self.spool
-        # The next segment exists before the old one says so, so a reader never misses it.
-        self.spool = _spool.Segment(self.log_dir, old.seg + 1, names, need)
-        self.seg = self.spool.seg
-        old.append(_spool.ROTATE)
-        old.close()
-
-    def _start(self) -> None:
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-S", _sqlite.__file__, str(self.log_dir), str(self.commit_every)],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                # Its own session: a Ctrl-C meant for training does not stop it before it has finished.
-                start_new_session=True,
-            )
-        except OSError as exc:
-            warnings.warn(f"records: the ingest process could not start ({exc}); ingesting on this thread",
-                          RuntimeWarning, stacklevel=4)
-            self.mode = "inline"
-            self._ingest()
-
-    def _lost_process(self) -> None:
-        err = self.proc.stderr.read().decode(errors="replace").strip().splitlines() if self.proc.stderr else []
-        warnings.warn(f"records: the ingest process exited with code {self.proc.returncode}"
-                      f"{': ' + err[-1] if err else ''}; ingesting on this thread", RuntimeWarning, stacklevel=4)
-        self._let_go()
-        self.mode = "inline"
-        self._ingest()
-
-    def _let_go(self) -> None:
-        """Close the ingest process's pipes (end-of-file: it ingests what is left and exits).
-
-        Not waited for: whoever lets go ingests the spool itself next (the two never
-        apply a step twice), and subprocess reaps the process later.
-        """
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            for pipe in (proc.stdin, proc.stderr):
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
-
-    def _ingest(self) -> None:
-        applied, _ = self.ingestor.advance()
-        if applied:
-            self.checkpointer.notify(64 * applied)
-
-    def flush(self) -> None:
-        with self._lock:
-            if not self.closed:
-                self._ingest()
-
-    def close(self) -> None:
-        """Finish the ingest, remove the spool once the database holds it, close everything."""
-        with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-            if self.forked:
-                return
-            try:
-                if self.spool is not None:
-                    self.spool.append(_spool.END)
-                self._let_go()
-                if self.conn is not None and self.spool is not None:
-                    if not self.ingestor.advance()[1]:
-                        raise RuntimeError(f"{self.log_dir}: the record spool ends before the writer's "
-                                           "end mark (were its files removed?); kept as it is")
-                    if self.ingestor._move(_spool.pack_pos(self.seg, _sqlite.CLOSED)):
-                        self.ingestor.close()  # no open handle on it (Windows cannot delete one)
-                        self.spool.close()
-                        _spool.segment_path(self.log_dir, self.seg).unlink(missing_ok=True)
-            finally:
-                if getattr(self, "ingestor", None) is not None:
-                    self.ingestor.close()
-                if self.spool is not None:
-                    self.spool.close()
-                    self.spool = None
-                if self.conn is not None:
-                    if getattr(self, "checkpointer", None) is not None:
-                        self.checkpointer.close()
-                    self.conn.close()  # the last connection to close checkpoints and removes the WAL
-                    self.conn = None
-                _unlock(self.lock_fd)
+# Lock files this process holds (real path -> pid). A POSIX record lock belongs to
+# the process: a second lockf() here would succeed, and closing any descriptor of
+# the file drops the lock, so a second writer is refused here before it opens one.
+# An entry with another pid is a forked child's copy of its parent's: the lock decides.
+_HELD: dict[str, int] = {}
 
 
-#: Every open session of this process, so a forked child can disown its copies.
-_SESSIONS: weakref.WeakSet = weakref.WeakSet()
+def _lock(log_dir: Path) -> tuple[str, int]:
+    """Take the log dir's writer lock: ``(lock path, descriptor)``, or a RuntimeError naming the dir."""
+    path = os.path.realpath(log_dir / LOCK_NAME)
+    busy = (f"{str(log_dir)!r} is being written by another writer; only one writer may write a log dir "
+            "at a time (close the other one first)")
+    if _HELD.get(path) == os.getpid():
+        raise RuntimeError(busy)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.name == "nt":  # pragma: no cover - Windows
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise RuntimeError(f"{busy} [{exc.strerror}]") from None
+    _HELD[path] = os.getpid()
+    return path, fd
 
 
-def _disown_after_fork() -> None:
-    for session in list(_SESSIONS):
-        session.forked = True
+def _release(conn: sqlite3.Connection | None, path: str, fd: int, pid: int) -> None:
+    """Close ``conn``, then let go of the lock; nothing in a forked child (the files are its parent's)."""
+    if os.getpid() != pid:
+        return
+    try:
+        if conn is not None:
+            conn.close()  # the last connection to close checkpoints the WAL into the database
+    finally:
+        _HELD.pop(path, None)
+        os.close(fd)  # releases the lock
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_disown_after_fork)
+def _open_store(path: Path) -> tuple[sqlite3.Connection, int]:
+    """Create (or open) the store at ``path``: the writer's connection and the stored counter."""
+    # isolation_level=None: the writer issues BEGIN itself. check_same_thread=False: a
+    # writer may be closed from another thread than the one that writes.
+    conn = sqlite3.connect(path, timeout=TIMEOUT, isolation_level=None, check_same_thread=False)
+    try:
+        _check_store(conn, path)  # before creating tables in someone else's file
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":  # some network file systems; still correct, but readers may wait
+            warnings.warn(f"{path}: SQLite cannot use WAL journaling here (got {mode!r})", stacklevel=4)
+        conn.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: no fsync per commit
+        # After a checkpoint the WAL is cut back to this size (a burst of large arrays
+        # would otherwise keep it at its peak until close).
+        conn.execute("PRAGMA journal_size_limit = 16777216")
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in SCHEMA:
+                conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('next_step', 0)",
+                         (SCHEMA_VERSION,))
+            return conn, int(_check_store(conn, path)["next_step"])
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, sqlite3.DatabaseError):
+            raise ValueError(f"log_dir: {path} is not a readable record store ({exc})") from None
+        raise
+
+
+def _check_store(conn: sqlite3.Connection, path: Path) -> dict | None:
+    """The ``meta`` table as a dict, ``None`` for a file without tables; a ValueError for
+    a foreign SQLite file or a newer schema."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return None
+    if "meta" not in tables:
+        raise ValueError(f"log_dir: {path} is an SQLite file but not a dyndiag record store "
+                         f"(tables {sorted(tables)})")
+    meta = dict(conn.execute("SELECT name, value FROM meta"))
+    version = meta.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ValueError(f"log_dir: {path} has record schema version {version}, this dyndiag reads "
+                         f"up to {SCHEMA_VERSION} (written by a newer dyndiag? upgrade it)")
+    return meta
+
+
+def _read(log_dir: object, query: Callable[[sqlite3.Connection], Any]) -> Any:
+    """``query(conn)`` in one read snapshot of the store; ``None`` while its schema is uncommitted."""
+    log_dir = _check_dir(log_dir)
+    path = log_dir / DB_NAME
+    if not path.is_file():
+        raise ValueError(f"no records in log_dir {str(log_dir)!r}: {DB_NAME} not found "
+                         f"(is it the directory a Monitor or RecordWriter wrote?)")
+    # mode=ro: a reader never writes the store nor checkpoints its WAL, so it
+    # neither blocks nor changes what the writer does.
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=TIMEOUT, isolation_level=None)
+    try:
+        conn.execute("BEGIN")  # one snapshot for every query
+        return query(conn) if _check_store(conn, path) is not None else None
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"log_dir: {path} is not a readable record store ({exc})") from None
+    finally:
+        conn.close()
 
 
 def load_records(log_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every scalar record of a run, as a long DataFrame.
+    """Every scalar record of the run in ``log_dir``, as a long DataFrame.
 
-    Safe while a writer is writing: the file is opened read-only and read in one
-    snapshot, so every step in the result is complete.
-
-    Parameters
-    ----------
-    log_dir
-        Directory a :class:`RecordWriter` (or a Monitor) wrote.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``step`` (int64), ``probe``, ``metric``, ``key`` (pandas' string
-        dtype: ``str`` in pandas 3, ``object`` before), ``value`` and ``wall_time``
-        (float64; stored NaN comes back as NaN), sorted by step, then in the order
-        written. A store with no records yet gives an empty frame with these columns
-        and dtypes.
-
-    Raises
-    ------
-    ValueError
-        ``log_dir`` holds no store (or is a file), or the store has a newer schema.
+    Columns ``step`` (int64), ``probe``, ``metric``, ``key`` (pandas' string dtype),
+    ``value`` and ``wall_time`` (float64; a stored NaN comes back NaN), sorted by step,
+    then in the order written; empty with these columns and dtypes while the store
+    has no records. Safe while a writer writes (one snapshot: whole steps only). A
+    ``ValueError`` if ``log_dir`` holds no store or one with a newer schema.
     """
     import pandas as pd
 
-    # Millions of small tuples: the cyclic GC would rescan them over and over (3x
-    # slower), and none of them can form a cycle.
-    gc_was_on = gc.isenabled()
-    gc.disable()
-    try:
-        # rowid order is step order: steps only grow, and a rewind deletes every row
-        # at or after its step before writing (checked below all the same).
-        rows, tail = _sqlite.read(log_dir, lambda conn: conn.execute(
-            "SELECT step, probe, metric, key, value, wall_time FROM records ORDER BY rowid").fetchall())
-        rows = _with_tail(rows or [], tail, lambda s: [(s.step, p, m, k, v, s.wall_time) for p, m, k, v in s.scalars])
-        cols = list(zip(*rows)) if rows else [()] * len(COLUMNS)
-        del rows
-    finally:
-        if gc_was_on:
-            gc.enable()
-    df = pd.DataFrame({
-        "step": np.array(cols[0], dtype=np.int64),
-        "probe": pd.Series(cols[1], dtype=str),
-        "metric": pd.Series(cols[2], dtype=str),
-        "key": pd.Series(cols[3], dtype=str),
-        "value": np.array(cols[4], dtype=np.float64),  # None (a stored NaN) -> NaN
-        "wall_time": np.array(cols[5], dtype=np.float64),
-    })
-    if len(df) and np.any(np.diff(df["step"].to_numpy()) < 0):
+    rows = _read(log_dir, lambda conn: conn.execute(
+        "SELECT step, probe, metric, key, value, wall_time FROM records ORDER BY rowid").fetchall())
+    # float64 turns None (a stored NaN) back into NaN.
+    df = pd.DataFrame(rows or [], columns=list(COLUMNS)).astype(
+        {"step": np.int64, "probe": str, "metric": str, "key": str, "value": np.float64, "wall_time": np.float64})
+    if len(df) and np.any(np.diff(df["step"].to_numpy()) < 0):  # rows another tool added
         df = df.sort_values("step", kind="stable", ignore_index=True)
     return df
 
 
 def load_arrays(
-    log_dir: str | os.PathLike,
-    probe: str,
-    metric: str,
-    step: int | None = None,
-    key: str | None = None,
+    log_dir: str | os.PathLike, probe: str, metric: str, step: int | None = None, key: str | None = None
 ) -> dict[int, np.ndarray]:
-    """The stored arrays of one ``(probe, metric)``, by step.
+    """The arrays stored under ``(probe, metric)``: ``{step: array}`` in step order, with
+    their stored dtype and shape (safe while a writer writes).
 
-    Safe while a writer is writing (read-only, one snapshot).
-
-    Parameters
-    ----------
-    log_dir
-        Directory a :class:`RecordWriter` (or a Monitor) wrote.
-    probe, metric
-        Names the arrays were written under.
-    step
-        Only this step (``{}`` if it has none); default every step.
-    key
-        Which key. ``None`` (default) is allowed while ``(probe, metric)`` has arrays
-        under a single key (at every stored step); with several, a ``ValueError``
-        lists them and asks for ``key=``.
-
-    Returns
-    -------
-    dict[int, numpy.ndarray]
-        ``step -> array`` in increasing step order, each with its stored dtype and
-        shape.
-
-    Raises
-    ------
-    ValueError
-        No array has this ``probe``/``metric`` (and ``key``): the message lists the
-        stored ``(probe, metric, key)``; ``key=None`` is ambiguous; no store in
-        ``log_dir``.
+    ``step`` keeps only that step (``{}`` if it has none). ``key`` chooses the key;
+    ``None`` (default) is allowed while ``(probe, metric)`` has a single one. A
+    ``ValueError`` lists the stored ``(probe, metric, key)`` when none matches, asks
+    for ``key=`` when several do, or says ``log_dir`` holds no store.
     """
     _check_name(probe, "probe")
     _check_name(metric, "metric")
@@ -602,15 +373,13 @@ def load_arrays(
         _check_name(key, "key", allow_empty=True)
     if step is not None:
         step = _check_step(step, "step")
+
     def query(conn):
-        stored = conn.execute("SELECT DISTINCT probe, metric, key FROM arrays").fetchall()
+        stored = set(conn.execute("SELECT DISTINCT probe, metric, key FROM arrays").fetchall())
         return stored, conn.execute("SELECT step, key, npy FROM arrays WHERE probe = ? AND metric = ? ORDER BY step",
                                     (probe, metric)).fetchall()
 
-    result, tail = _sqlite.read(log_dir, query)
-    stored, found = (set(result[0]), result[1]) if result is not None else (set(), [])
-    stored |= {(p, m, k) for s in tail for p, m, k, _ in s.arrays}
-    found = _with_tail(found, tail, lambda s: [(s.step, k, b) for p, m, k, b in s.arrays if (p, m) == (probe, metric)])
+    stored, found = _read(log_dir, query) or (set(), [])
     keys = sorted({k for p, m, k in stored if p == probe and m == metric})
     if key is None and len(keys) > 1:
         raise ValueError(f"probe={probe!r}, metric={metric!r} has arrays under several keys {keys}; "
@@ -619,21 +388,8 @@ def load_arrays(
         asked = f"probe={probe!r}, metric={metric!r}" + ("" if key is None else f", key={key!r}")
         raise ValueError(f"no arrays with {asked} in {str(log_dir)!r}; stored (probe, metric, key): {sorted(stored)}")
     chosen = keys[0] if key is None else key
-    found = [(s, blob) for s, k, blob in found if k == chosen and (step is None or s == step)]
-    return {s: np.load(io.BytesIO(blob), allow_pickle=False) for s, blob in found}
-
-
-def _with_tail(rows: list, tail: list, new_rows: Callable) -> list:
-    """Database ``rows`` (step first) followed by the spooled steps' ``new_rows(step)``.
-
-    A spooled step that rewinds drops every earlier row at or after its step first,
-    as its ingest transaction will.
-    """
-    for s in tail:
-        if s.rewind is not None:
-            rows = [r for r in rows if r[0] < s.rewind]
-        rows += new_rows(s)
-    return rows
+    return {s: np.load(io.BytesIO(blob), allow_pickle=False)
+            for s, k, blob in found if k == chosen and (step is None or s == step)}
 
 
 def _broadcast_counter(stored: int, error: Exception | None) -> int:
@@ -658,94 +414,53 @@ def _broadcast_counter(stored: int, error: Exception | None) -> int:
 # Cheap checks first: write_step runs on the training thread every logged step.
 
 
+def _check_dir(log_dir: object) -> Path:
+    if not isinstance(log_dir, (str, os.PathLike)):
+        raise TypeError(f"log_dir must be a path (str or os.PathLike), got {type(log_dir).__name__}")
+    path = Path(log_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"log_dir must be a directory, got the file {str(path)!r}")
+    return path
+
+
 def _check_step(step: object, name: str) -> int:
     if type(step) is int and step >= 0:
         return step
-    if isinstance(step, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    if isinstance(step, float):
-        if not math.isfinite(step):
-            raise ValueError(f"{name} must be a finite int >= 0, got {step}")
-        raise TypeError(f"{name} must be an int, got float {step}")
-    try:
-        value = operator.index(step)  # numpy and 0-d torch integers
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(step).__name__}") from None
+    if isinstance(step, float) and not math.isfinite(step):
+        raise ValueError(f"{name} must be a finite int >= 0, got {step}")
+    if isinstance(step, (bool, float)) or not hasattr(step, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(step).__name__} {step!r:.40}")
+    value = operator.index(step)  # numpy and 0-d torch integers
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 
-def _scalar_ids(scalars: Iterable, names: dict, new: dict) -> tuple[list[int], list[float]]:
-    """Name ids and values of ``(probe, metric, key, value)`` items, each item checked.
-
-    Items as the Monitor makes them (a 4-tuple of three non-empty-where-needed
-    ``str`` and a ``float``) take the fast path; anything else goes through the
-    full checks, whose messages name the item.
-    """
-    ids, values = [], []
-    for i, item in enumerate(scalars):
-        if type(item) is tuple and len(item) == 4:
-            p, m, k, v = item
-            if type(p) is str and type(m) is str and type(k) is str and type(v) is float and p and m:
-                triple = (p, m, k)
-                nid = names.get(triple)
-                ids.append(_name_id(triple, names, new) if nid is None else nid)
-                values.append(v)
-                continue
-        triple = _check_names(item, "scalars", i)
-        values.append(_check_real(item[3], f"scalars[{i}] value"))
-        ids.append(_name_id(triple, names, new))
-    return ids, values
-
-
-def _name_id(triple: tuple[str, str, str], names: dict, new: dict) -> int:
-    nid = names.get(triple)
-    if nid is None:
-        nid = new.get(triple)
-        if nid is None:
-            nid = new[triple] = len(names) + len(new)
-    return nid
-
-
-# ---------------------------------------------------------------- the writer's lock
-LOCK_NAME = "records.lock"
-
-
-def _lock(path) -> int:
-    """An exclusive lock on ``path`` held through the returned descriptor (released by the OS at exit)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if os.name == "nt":  # pragma: no cover - Windows
-            import msvcrt
-
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise RuntimeError(f"{path.parent} is being written by another writer; only one writer may "
-                           "write a log dir at a time (close the other one first)") from None
-    return fd
-
-
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the lock
+def _check_item(item: Any, kind: str, i: int, scalar: bool) -> tuple:
+    """``(probe, metric, key, float value)`` of a scalar item, ``(probe, metric, key)`` of an
+    array item. The Monitor's rows, ``(str, str, str, float)`` tuples, pass at once."""
+    if type(item) is tuple and len(item) == 4:
+        p, m, k, v = item
+        if type(p) is str and type(m) is str and type(k) is str and p and m:
+            if not scalar:
+                return p, m, k
+            if type(v) is float:
+                return item
+    if not isinstance(item, (tuple, list)) or len(item) != 4:
+        raise TypeError(f"{kind}[{i}] must be a (probe, metric, key, value) tuple, got {item!r:.80}")
+    names = (_check_name(item[0], f"{kind}[{i}] probe"), _check_name(item[1], f"{kind}[{i}] metric"),
+             _check_name(item[2], f"{kind}[{i}] key", allow_empty=True))
+    return (*names, _check_real(item[3], f"{kind}[{i}] value")) if scalar else names
 
 
 def _check_real(value: object, name: str) -> float:
-    if type(value) is float:
-        return value
     torch = sys.modules.get("torch")
-    if isinstance(value, (int, np.integer, np.floating, np.bool_)):  # int includes bool
+    if isinstance(value, (float, int, np.integer, np.floating, np.bool_)):  # int includes bool
         ok = True
     elif isinstance(value, np.ndarray):
         ok = value.ndim == 0 and value.dtype.kind in "biuf"
     elif torch is not None and isinstance(value, torch.Tensor):
-        ok = value.ndim == 0 and not value.is_complex()  # float() syncs a CUDA tensor
+        ok = value.ndim == 0 and not value.is_complex()
     else:  # a str would parse, a complex lose its imaginary part
         ok = not isinstance(value, (str, bytes, complex, np.generic)) and hasattr(value, "__float__")
     if not ok:
@@ -762,16 +477,6 @@ def _check_name(value: object, name: str, allow_empty: bool = False) -> str:
     if not value and not allow_empty:
         raise ValueError(f"{name} must be a non-empty str")
     return value
-
-
-def _check_names(item: object, kind: str, i: int) -> tuple[str, str, str]:
-    if not isinstance(item, (tuple, list)) or len(item) != 4:
-        raise TypeError(f"{kind}[{i}] must be a (probe, metric, key, value) tuple, got {item!r:.80}")
-    p, m, k = item[0], item[1], item[2]
-    if type(p) is str and type(m) is str and type(k) is str and p and m:
-        return p, m, k
-    return (_check_name(p, f"{kind}[{i}] probe"), _check_name(m, f"{kind}[{i}] metric"),
-            _check_name(k, f"{kind}[{i}] key", allow_empty=True))
 
 
 def _iterable(items: object, name: str) -> Iterable:
@@ -792,13 +497,3 @@ def _npy(array: object, name: str) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
-
-
-def _repeated(ids: list, names: dict, new: dict) -> tuple:
-    by_id = {i: k for k, i in (*names.items(), *new.items())}
-    seen = set()
-    for i in ids:
-        if i in seen:
-            return by_id[i]
-        seen.add(i)
-    return ()

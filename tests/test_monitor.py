@@ -283,25 +283,30 @@ def test_sigkill_mid_training_keeps_every_completed_step_and_resume_continues(tm
 
 
 
-def test_commit_every_records_the_same_steps_and_records_flushes(tmp_path):
-    frames = []
-    for n in (1, 4):
-        model = _mlp("plain")
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        x, y = classification_data(n=16, dtype=torch.float32)
-        mon = dd.Monitor(model, opt, [dd.probes.GradientNorm(per_layer=True)], log_dir=tmp_path / f"c{n}",
-                         commit_every=n)
-        for step in range(6):
-            opt.zero_grad()
-            CE(model(x), y).backward()
-            opt.step()
-            if step == 4:  # records() commits what is pending
-                assert sorted(mon.records().step.unique()) == [0, 1, 2, 3, 4]
-        mon.close()
-        frames.append(dd.load_records(tmp_path / f"c{n}")[["step", "probe", "metric", "key", "value"]])
-    assert frames[0].equals(frames[1])
-    with pytest.raises(ValueError, match="commit_every"):
-        dd.Monitor(model, opt, [], commit_every=0)
+def test_steps_without_a_due_probe_write_nothing_and_close_stores_the_counter(tmp_path):
+    import sqlite3
+    from contextlib import closing
+
+    def stored_counter():
+        with closing(sqlite3.connect(tmp_path / "records.sqlite")) as c:
+            return c.execute("SELECT value FROM meta WHERE name = 'next_step'").fetchone()[0]
+
+    model = _mlp("plain")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = classification_data(n=16, dtype=torch.float32)
+    mon = dd.Monitor(model, opt, [dd.probes.GradientNorm(every=4)], log_dir=tmp_path)
+    for step in range(10):
+        opt.zero_grad()
+        CE(model(x), y).backward()
+        opt.step()
+        if step == 4:  # records() reads every step written so far
+            assert sorted(mon.records().step.unique()) == [0, 4]
+    assert stored_counter() == 9  # step 8 was the last one written: step 9 wrote nothing
+    mon.close()
+    assert stored_counter() == 10  # close brings the counter up to the Monitor's
+    assert sorted(dd.load_records(tmp_path).step.unique()) == [0, 4, 8]
+    with dd.Monitor(model, opt, [dd.probes.GradientNorm(every=4)], log_dir=tmp_path) as mon:
+        assert mon.step == 10
 
 
 def test_probes_due_together_share_one_lanczos_run(monkeypatch):

@@ -1,4 +1,4 @@
-"""The record store: round trips, append/rewind, errors, crash safety, concurrent readers."""
+"""The record store: round trips, append/rewind, errors, crash safety, concurrent readers, the lock."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dyndiag import _sqlite
-from dyndiag.records import DB_NAME, RecordWriter, is_writer, load_arrays, load_records
+import dyndiag as dd
+from dyndiag.records import DB_NAME, SCHEMA_VERSION, RecordWriter, is_writer, load_arrays, load_records
 
 COLUMNS = ["step", "probe", "metric", "key", "value", "wall_time"]
 
@@ -290,10 +290,10 @@ def test_newer_schema_is_refused_by_writer_and_readers(tmp_path):
     with RecordWriter(tmp_path) as w:
         w.write_step(0, [("p", "m", "", 1.0)])
     con = sqlite3.connect(tmp_path / DB_NAME)
-    con.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (_sqlite.SCHEMA_VERSION + 1,))
+    con.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (SCHEMA_VERSION + 1,))
     con.commit(), con.close()
     for call in (RecordWriter, load_records, lambda d: load_arrays(d, "p", "m")):
-        with pytest.raises(ValueError, match=f"schema version {_sqlite.SCHEMA_VERSION + 1}.*newer dyndiag"):
+        with pytest.raises(ValueError, match=f"schema version {SCHEMA_VERSION + 1}.*newer dyndiag"):
             call(tmp_path)
 
 
@@ -358,21 +358,14 @@ def test_writer_hot_path_does_not_import_pandas_or_torch(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
-def test_wal_mode_and_background_checkpoints(tmp_path):
-    w = RecordWriter(tmp_path, ingest="inline")
-    conn, checkpointer = w._session.conn, w._session.checkpointer
-    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+def test_wal_mode_synchronous_normal_and_a_clean_close(tmp_path):
+    w = RecordWriter(tmp_path)
+    assert w._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: no fsync per commit
     c = sqlite3.connect(tmp_path / DB_NAME)
     assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     c.close()
-    checkpointer.every_bytes = 20_000
     for s in range(100):
         w.write_step(s, [("p", "m", str(j), float(j)) for j in range(20)])
-    deadline = time.monotonic() + 10
-    while checkpointer.count == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert checkpointer.count >= 1
-    assert (tmp_path / DB_NAME).stat().st_size > 8192  # rows reached the database file before close
     closer = threading.Thread(target=w.close)  # closing from another thread is fine
     closer.start(), closer.join()
     assert w.closed and not (tmp_path / f"{DB_NAME}-wal").exists()  # a clean close checkpoints the WAL away
@@ -423,23 +416,14 @@ def test_only_rank_0_writes_and_every_rank_gets_its_counter(tmp_path):
 def test_a_forgotten_writer_is_released_when_collected(tmp_path):
     import gc
 
-    w = RecordWriter(tmp_path / "inline", ingest="inline")
-    w._session.checkpointer.every_bytes = 1
+    w = RecordWriter(tmp_path)
     w.write_step(0, [("p", "m", "", 1.0)])
-    thread = w._session.checkpointer._thread
-    assert thread is not None and thread.is_alive()
-    p = RecordWriter(tmp_path / "process", ingest="process")
-    p.write_step(0, [("p", "m", "", 1.0)])
-    proc = p._session.proc
-    assert proc is not None and proc.poll() is None
-    del w, p
+    del w
     gc.collect()
-    assert not thread.is_alive() and not (tmp_path / "inline" / f"{DB_NAME}-wal").exists()
-    assert proc.wait(timeout=30) == 0  # the ingest process saw the end and exited
-    for d in ("inline", "process"):
-        assert not _spool_files(tmp_path / d)
-        assert _stored(tmp_path / d) == [(0, 1.0)]
-        assert RecordWriter(tmp_path / d).next_step == 1
+    assert not (tmp_path / f"{DB_NAME}-wal").exists()  # closed: the WAL is checkpointed away
+    with RecordWriter(tmp_path) as w:  # the lock went with it
+        assert w.next_step == 1
+    assert load_records(tmp_path)["value"].tolist() == [1.0]
 
 
 def test_load_records_sorts_by_step_whatever_the_file_order(tmp_path):
@@ -454,185 +438,25 @@ def test_load_records_sorts_by_step_whatever_the_file_order(tmp_path):
     assert list(df.index) == [0, 1, 2, 3]
 
 
-def test_commit_every_batches_the_database_while_every_step_is_readable_at_once(tmp_path):
-    w = RecordWriter(tmp_path, commit_every=3, ingest="inline")
-    for step in range(2):
-        w.write_step(step, [("p", "m", "", float(step))], [("p", "a", "", np.arange(step + 1))])
-    assert _stored(tmp_path) == []  # not in the database yet ...
-    assert load_records(tmp_path).value.tolist() == [0.0, 1.0]  # ... but read from the spool
-    assert list(load_arrays(tmp_path, "p", "a")) == [0, 1]
+def test_a_failed_transaction_stores_nothing_of_the_step_and_the_writer_goes_on(tmp_path):
+    w = RecordWriter(tmp_path)
+    w.write_step(0, [("p", "m", "", 0.0)])
+    c = sqlite3.connect(tmp_path / DB_NAME)  # a row that fails half-way through a step, as a full disk would
+    c.execute("CREATE TRIGGER fail BEFORE INSERT ON records WHEN NEW.value = 13.0 "
+              "BEGIN SELECT RAISE(ABORT, 'no space'); END")
+    c.commit(), c.close()
+    with pytest.raises(sqlite3.Error, match="no space"):
+        w.write_step(1, [("p", "m", "", 1.0), ("p", "n", "", 13.0)], [("p", "a", "", np.ones(2))])
+    assert w.next_step == 1
     w.write_step(2, [("p", "m", "", 2.0)])
-    assert _stored(tmp_path) == [(0, 0.0), (1, 1.0), (2, 2.0)]  # one transaction at the third step
-    w.write_step(3, [("p", "m", "", 3.0)])
-    w.flush()
-    assert [s for s, _ in _stored(tmp_path)] == [0, 1, 2, 3]
-    w.write_step(4, [("p", "m", "", 4.0)])
-    w.close()  # close ingests what is pending and removes the spool
-    assert [s for s, _ in _stored(tmp_path)] == [0, 1, 2, 3, 4] and not _spool_files(tmp_path)
-    assert list(load_arrays(tmp_path, "p", "a")) == [0, 1]
-    assert RecordWriter(tmp_path).next_step == 5
-    for bad in (0, -1, True, 1.5):
-        with pytest.raises(ValueError, match="commit_every"):
-            RecordWriter(tmp_path, commit_every=bad)
-    with pytest.raises(ValueError, match="ingest"):
-        RecordWriter(tmp_path, ingest="thread")
-
-
-def _stored(log_dir) -> list[tuple[int, float]]:
-    """(step, value) rows of the database alone, without the spool."""
-    c = sqlite3.connect(log_dir / DB_NAME)
-    try:
-        return c.execute("SELECT step, value FROM records ORDER BY rowid").fetchall()
-    finally:
-        c.close()
-
-
-def _spool_files(log_dir) -> list[str]:
-    return sorted(p.name for p in log_dir.glob("records.spool.*"))
-
-
-# ---------------------------------------------------------------- the spool and its ingest
-
-KILL_BOTH_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    from dyndiag.records import RecordWriter
-    w = RecordWriter(sys.argv[1], ingest="process")
-    for s in range(100_000):
-        w.write_step(s, [("train", f"m{j}", "", s * 100.0 + j) for j in range(int(sys.argv[2]))])
-        if s == 0:
-            print("ingest", w._session.proc.pid, flush=True)
-        print(s, flush=True)
-        time.sleep(0.002)
-    """
-)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
-def _run_and_kill(tmp_path, kill_ingest: bool):
-    script = tmp_path / "writer.py"
-    script.write_text(KILL_BOTH_SCRIPT)
-    log_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(script), str(log_dir), str(ROWS)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reported, child = [], None
-    try:
-        while len(reported) < 30:
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-            if line.startswith("ingest"):
-                child = int(line.split()[1])
-            else:
-                reported.append(int(line))
-    finally:
-        if kill_ingest and child is not None:
-            os.kill(child, signal.SIGKILL)
-        proc.send_signal(signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=30)
-    reported += [int(x) for x in rest.split()]
-    return log_dir, reported, child
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_ingest_process_finishes_the_spool_after_the_writer_is_killed(tmp_path):
-    log_dir, reported, child = _run_and_kill(tmp_path, kill_ingest=False)
-    deadline = time.monotonic() + 30
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _alive(child)  # it noticed the writer was gone and exited
-    stored = sorted({s for s, _ in _stored(log_dir)})
-    assert set(reported) <= set(stored) and stored == list(range(len(stored)))  # the database alone
-    assert _check_complete(load_records(log_dir)) == stored
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_killing_writer_and_ingest_together_loses_no_completed_step(tmp_path):
-    log_dir, reported, _ = _run_and_kill(tmp_path, kill_ingest=True)
-    assert _spool_files(log_dir)  # what the database lacks is still spooled ...
-    steps = _check_complete(load_records(log_dir))  # ... and readers read it
-    assert set(reported) <= set(steps) and steps[-1] <= reported[-1] + 1
-    with RecordWriter(log_dir, ingest="inline") as w:  # the next writer ingests it first
-        assert w.next_step == steps[-1] + 1
-        assert sorted({s for s, _ in _stored(log_dir)}) == steps
-        assert _spool_files(log_dir) == [f"records.spool.{w._session.seg:06d}"]  # only its own
-    assert not _spool_files(log_dir)
-
-
-@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "write"])
-def test_a_torn_last_frame_is_ignored_by_readers_and_the_next_writer(tmp_path, mapped):
-    code = textwrap.dedent(
-        f"""
-        import os
-        from dyndiag import _spool
-        from dyndiag.records import RecordWriter
-        _spool.MAP = _spool.MAP and {mapped}
-        w = RecordWriter({str(tmp_path)!r}, ingest="inline", commit_every=100)
-        assert (w._session.spool.mm is not None) == _spool.MAP
-        for s in range(3):
-            w.write_step(s, [("p", "m", "", float(s))])
-        w._session.spool.append(b"dS" + b"S" + (500).to_bytes(4, "little") + b"half a frame")
-        os._exit(0)  # a crash: no close, nothing ingested
-        """
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-    assert _stored(tmp_path) == []
-    assert load_records(tmp_path)["value"].tolist() == [0.0, 1.0, 2.0]
-    with RecordWriter(tmp_path) as w:
-        assert w.next_step == 3
-        w.write_step(3, [("p", "m", "", 3.0)])
-    assert _stored(tmp_path) == [(s, float(s)) for s in range(4)]
-
-
-@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "write"])
-@pytest.mark.parametrize("ingest", ["inline", "process"])
-def test_spool_segments_rotate_and_are_removed_once_ingested(tmp_path, monkeypatch, ingest, mapped):
-    from dyndiag import _spool
-
-    monkeypatch.setattr(_spool, "SEGMENT_BYTES", 2000)
-    monkeypatch.setattr(_spool, "MAP", _spool.MAP and mapped)
-    w = RecordWriter(tmp_path, ingest=ingest, commit_every=1000 if ingest == "inline" else 1)
-    for s in range(100):
-        w.write_step(s, [("p", "m", str(j), s + j / 10) for j in range(5)],
-                     [("p", "a", "", np.full(3, s))] if s % 10 == 0 else [])
-    if ingest == "inline":
-        assert len(_spool_files(tmp_path)) > 5 and _stored(tmp_path) == []
-    df = load_records(tmp_path)  # across every segment
-    assert df["step"].tolist() == [s for s in range(100) for _ in range(5)]
-    assert np.array_equal(df["value"], [s + j / 10 for s in range(100) for j in range(5)])
-    assert sorted(load_arrays(tmp_path, "p", "a")) == list(range(0, 100, 10))
-    w.flush()
-    assert len(_stored(tmp_path)) == 500 and len(_spool_files(tmp_path)) == 1  # the one being written
     w.close()
-    assert not _spool_files(tmp_path) and len(_stored(tmp_path)) == 500
-    assert load_records(tmp_path).equals(df.assign(wall_time=load_records(tmp_path)["wall_time"]))
+    assert load_records(tmp_path)["step"].tolist() == [0, 2]
+    with pytest.raises(ValueError, match="no arrays"):
+        load_arrays(tmp_path, "p", "a")
+    assert RecordWriter(tmp_path).next_step == 3
 
 
-def test_two_ingestors_apply_every_step_once(tmp_path):
-    w = RecordWriter(tmp_path, ingest="inline", commit_every=10_000)
-    conns = [sqlite3.connect(tmp_path / DB_NAME, isolation_level=None) for _ in range(2)]
-    ingestors = [_sqlite.Ingestor(c, tmp_path) for c in conns]
-    for s in range(60):
-        w.write_step(s, [("p", "m", "", float(s))])
-        if s % 7 == 0:
-            ingestors[s % 2].advance()  # each sometimes behind the other
-    for ing in ingestors:
-        ing.advance()
-        ing.close()
-    for c in conns:
-        c.close()
-    assert _stored(tmp_path) == [(s, float(s)) for s in range(60)]
-    w.close()
-    assert _stored(tmp_path) == [(s, float(s)) for s in range(60)]
-
-
-def test_a_version_1_store_is_read_and_upgraded_by_the_next_writer(tmp_path):
+def test_a_version_1_store_is_read_and_appended_to(tmp_path):
     c = sqlite3.connect(tmp_path / DB_NAME)
     c.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
     c.execute("CREATE TABLE records (step INTEGER NOT NULL, probe TEXT NOT NULL, metric TEXT NOT NULL,"
@@ -647,133 +471,120 @@ def test_a_version_1_store_is_read_and_upgraded_by_the_next_writer(tmp_path):
         assert w.next_step == 3
         w.write_step(3, [("p", "m", "", 3.0)])
     assert load_records(tmp_path)["step"].tolist() == [2, 3]
-    c = sqlite3.connect(tmp_path / DB_NAME)
-    assert c.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == _sqlite.SCHEMA_VERSION
-    c.close()
 
 
-def test_a_dead_ingest_process_is_replaced_by_this_thread_with_a_warning(tmp_path):
-    from dyndiag.records import _Session
+# ---------------------------------------------------------------- the one-writer lock and fork
 
-    w = RecordWriter(tmp_path, ingest="process")
-    w.write_step(0, [("p", "m", "", 0.0)])
-    w._session.proc.kill()
-    w._session.proc.wait()
-    with pytest.warns(RuntimeWarning, match="ingest process exited"):
-        for s in range(1, _Session.CHECK_EVERY + 1):
-            w.write_step(s, [("p", "m", "", float(s))])
-    assert w._session.mode == "inline"
-    n = _Session.CHECK_EVERY + 1
-    assert _stored(tmp_path) == [(s, float(s)) for s in range(n)]
-    w.close()
-    assert load_records(tmp_path)["step"].tolist() == list(range(n))
+
+def test_the_lock_refuses_another_process_and_names_the_dir(tmp_path):
+    code = textwrap.dedent(f"""
+        from dyndiag.records import RecordWriter
+        try:
+            RecordWriter({str(tmp_path)!r})
+        except RuntimeError as err:
+            print(err)
+        """)
+    with RecordWriter(tmp_path):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "another writer" in out and str(tmp_path) in out
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == ""  # released at close
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_does_not_close_the_parents_spool(tmp_path):
+def test_a_forked_child_holds_no_lock_and_leaves_the_parents_store_alone(tmp_path):
     w = RecordWriter(tmp_path)
     w.write_step(0, [("p", "m", "", 0.0)])
+    go_on, child_done = os.pipe()
     pid = os.fork()
-    if pid == 0:  # a forked worker: its copy of the writer refuses to write, then is collected
+    if pid == 0:  # a forked worker: its copy refuses to write, closing it changes nothing
         code = 1
         try:
-            w.write_step(1, [("p", "m", "", -1.0)])
-        except ValueError as err:
-            code = 0 if "forked child" in str(err) else 2
-        finally:
+            try:
+                w.write_step(1, [("p", "m", "", -1.0)])
+            except ValueError as err:
+                code = 0 if "forked child" in str(err) else 2
             w.close()
+            os.read(go_on, 1)  # alive until the parent has reopened the dir
+        finally:
             os._exit(code)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    w.write_step(1, [("p", "m", "", 1.0)])
-    assert _spool_files(tmp_path)  # still the parent's
-    w.close()
-    assert load_records(tmp_path)["value"].tolist() == [0.0, 1.0] and not _spool_files(tmp_path)
-
-
-@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "write"])
-def test_the_monitors_fast_path_stores_what_write_step_stores(tmp_path, monkeypatch, mapped):
-    """``_write_rows`` (the Monitor's path) against ``write_step`` on the same steps: new
-    names appearing mid-run, arrays on some steps, a changing number of rows, a rewind,
-    segment rotation, and a frame larger than a whole segment."""
-    from dyndiag import _spool
-
-    monkeypatch.setattr(_spool, "SEGMENT_BYTES", 4096)
-    monkeypatch.setattr(_spool, "MAP", _spool.MAP and mapped)
-
-    def steps():
-        for s in range(120):
-            rows = [("p", "m", str(j), s + j / 8) for j in range(1 + s % 3)]
-            if s >= 50:
-                rows.append(("q", "late", "", float(-s)))
-            arrays = [("p", "big", "", np.arange(1000.0) + s)] if s in (7, 90) else []
-            yield s, rows, arrays
-
-    out = {}
-    for how in ("fast", "plain"):
-        d = tmp_path / how
-        with RecordWriter(d, ingest="inline", commit_every=7) as w:
-            assert (w._session.spool.mm is not None) == _spool.MAP
-            for s, rows, arrays in steps():
-                (w._write_rows if how == "fast" else w.write_step)(s, rows, arrays)
-        with RecordWriter(d, start_step=100, ingest="inline") as w:  # a rewind through each path
-            rows = [("p", "m", "0", 1e9)]
-            (w._write_rows if how == "fast" else w.write_step)(100, rows, [])
-        out[how] = load_records(d).drop(columns="wall_time"), load_arrays(d, "p", "big")
-        assert not _spool_files(d)
-    fast, plain = out["fast"], out["plain"]
-    pd.testing.assert_frame_equal(fast[0], plain[0])
-    assert fast[0]["step"].max() == 100 and len(fast[0]) == sum(
-        len(r) for s, r, _ in steps() if s < 100) + 1
-    assert sorted(fast[1]) == [7, 90] and all(np.array_equal(fast[1][s], plain[1][s]) for s in (7, 90))
-
-
-@pytest.mark.skipif(not __import__("dyndiag._spool", fromlist=["MAP"]).MAP, reason="no mapped spool here")
-def test_a_mapped_segment_is_reserved_up_front_and_read_up_to_its_last_frame(tmp_path):
-    from dyndiag import _spool
-
-    w = RecordWriter(tmp_path, ingest="inline", commit_every=1000)
-    if w._session.spool.mm is None:
+    try:
+        w.write_step(1, [("p", "m", "", 1.0)])
         w.close()
-        pytest.skip("this file system cannot reserve blocks (posix_fallocate)")
-    for s in range(5):
-        w._write_rows(s, [("p", "m", "", float(s))], [])
-    path = _spool.segment_path(tmp_path, w._session.seg)
-    assert path.stat().st_size == _spool.SEGMENT_BYTES  # reserved: no SIGBUS on a full disk later
-    assert os.stat(path).st_blocks * 512 >= _spool.SEGMENT_BYTES
-    assert load_records(tmp_path)["value"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # the zeros end it
-    w.close()
-    assert not _spool_files(tmp_path)
+        with RecordWriter(tmp_path) as again:  # while the child lives
+            again.write_step(2, [("p", "m", "", 2.0)])
+    finally:
+        os.write(child_done, b"x")
+        status = os.waitpid(pid, 0)[1]
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert load_records(tmp_path)["value"].tolist() == [0.0, 1.0, 2.0]
 
 
-def test_a_full_disk_at_rotation_stores_nothing_of_the_step_and_the_writer_goes_on(tmp_path, monkeypatch):
-    import errno
+def _train_step(model, opt, x, y):
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
 
-    from dyndiag import _spool
 
-    monkeypatch.setattr(_spool, "SEGMENT_BYTES", 1000)
-    w = RecordWriter(tmp_path, ingest="inline", commit_every=1000)
-    real = getattr(os, "posix_fallocate", None)
-    full = [False]
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_persistent_dataloader_workers_do_not_keep_the_log_dir_locked(tmp_path):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=16, num_workers=2, persistent_workers=True,
+                                         multiprocessing_context="fork")
+    model = torch.nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = dd.Monitor(model, opt, [dd.probes.GradientNorm()], log_dir=tmp_path)
+    try:
+        for x, y in loader:  # forks the workers while the Monitor's writer is open
+            _train_step(model, opt, x, y)
+        workers = loader._iterator._workers
+        mon.close()
+        assert len(workers) == 2 and all(p.is_alive() for p in workers)
+        with dd.Monitor(model, opt, [dd.probes.GradientNorm()], log_dir=tmp_path) as mon:
+            assert mon.step == 4 and all(p.is_alive() for p in workers)
+            for x, y in loader:
+                _train_step(model, opt, x, y)
+        assert loader._iterator._workers == workers  # the same workers throughout
+    finally:
+        mon.close()
+        loader._iterator._shutdown_workers()
+    assert sorted(load_records(tmp_path)["step"].unique()) == list(range(8))
 
-    def fallocate(fd, offset, length):
-        if full[0]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, offset, length)
 
-    if real is not None:
-        monkeypatch.setattr(os, "posix_fallocate", fallocate)
-    written, failed = [], []
-    for s in range(60):
-        full[0] = 20 <= s < 40
+def _threads_and_children() -> tuple:
+    """Python threads, OS threads and child processes of this process (Linux)."""
+    me = str(os.getpid())
+    children = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            w._write_rows(s, [("p", "m", "", float(s))], []) if s % 2 else w.write_step(s, [("p", "m", "", float(s))])
-            written.append(s)
-        except OSError as err:
-            assert err.errno == errno.ENOSPC
-            failed.append(s)
-    if real is not None and _spool.MAP:
-        assert failed  # rotations fell into the full stretch
-    assert sorted(written + failed) == list(range(60)) and written[-1] == 59
-    assert load_records(tmp_path)["step"].tolist() == written  # whole steps, none of the failed ones
-    w.close()
-    assert load_records(tmp_path)["step"].tolist() == written and not _spool_files(tmp_path)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[1] == me:
+                    children.add(int(pid))
+        except (OSError, IndexError):
+            pass
+    return threading.active_count(), len(os.listdir("/proc/self/task")), children
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_monitor_with_a_log_dir_starts_no_process_and_no_thread(tmp_path):
+    import multiprocessing
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_step(model, opt, x, y)  # torch's own thread pools exist before counting
+    before = _threads_and_children()
+    kids = multiprocessing.active_children()
+    mon = dd.Monitor(model, opt, [dd.probes.GradientNorm(), dd.probes.LayerRotation(), dd.probes.SoftmaxCollapse()],
+                     log_dir=tmp_path)
+    seen = [_threads_and_children()]
+    for _ in range(5):
+        _train_step(model, opt, x, y)
+        seen.append(_threads_and_children())
+    assert len(mon.records()) > 0
+    mon.close()
+    seen.append(_threads_and_children())
+    assert all(s == before for s in seen), (before, seen)
+    assert multiprocessing.active_children() == kids

@@ -36,6 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .arrays import to_numpy
+from .distributed import is_distributed, is_writer
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -58,19 +61,6 @@ SCHEMA = (
     " metric TEXT NOT NULL, key TEXT NOT NULL, wall_time REAL NOT NULL, npy BLOB NOT NULL,"
     " UNIQUE (probe, metric, key, step))",
 )
-
-
-def is_writer() -> bool:
-    """Whether this process writes records: ``True`` without a process group, or on rank 0.
-
-    torch is consulted only when it is already imported (no process group can exist
-    otherwise), so this never imports torch.
-    """
-    if "torch" not in sys.modules:
-        return True
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class RecordWriter:
@@ -394,12 +384,10 @@ def load_arrays(
 
 def _broadcast_counter(stored: int, error: Exception | None) -> int:
     """Rank 0's counter on every rank: a collective when a process group of several ranks runs."""
-    if "torch" not in sys.modules:
+    if not is_distributed():
         return stored
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return stored
     # Rank 0 sends its error instead of a counter, so no rank goes on alone.
     payload: list = [stored if error is None else f"{type(error).__name__}: {error}"]
     dist.broadcast_object_list(payload, src=0)
@@ -488,10 +476,7 @@ def _iterable(items: object, name: str) -> Iterable:
 
 def _npy(array: object, name: str) -> bytes:
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(array, torch.Tensor):
-        array = array.detach().cpu().resolve_conj().resolve_neg()
-        array = (array.float() if array.dtype == torch.bfloat16 else array).numpy()
-    a = np.asarray(array)
+    a = to_numpy(array) if torch is not None and isinstance(array, torch.Tensor) else np.asarray(array)
     if a.dtype.hasobject:
         raise TypeError(f"{name} must be a numeric array, got dtype {a.dtype}")
     buf = io.BytesIO()

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..arrays import to_numpy
 from ._axes import figure_and_axes, style_width
 
 __all__ = ["scores"]
 
 
 def _array(x, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
+    arr = to_numpy(x)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}")
     return arr

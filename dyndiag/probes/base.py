@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from ..arrays import to_numpy
+from ..distributed import all_reduce_max, is_distributed
 from ..state import preserve_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -173,11 +174,11 @@ def run_probes(probes: Sequence[Probe], ctx: StepContext, warned: set) -> tuple[
             scalars += s
             arrays += a
     flags = [p in failed for p in probes]
-    if probes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if probes and is_distributed():
         # Disable on every rank together: a rank that skipped a probe would skip its collectives.
-        t = torch.tensor(flags, dtype=torch.float32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flags = [bool(v) for v in t.tolist()]
+        # On the parameters' device, which the process group's backend serves (NCCL: CUDA only).
+        device = ctx.params[0].device if ctx.params else None
+        flags = [bool(v) for v in all_reduce_max(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()]
     for p, flag in zip(probes, flags):
         if flag:
             p.enabled = False
@@ -207,18 +208,11 @@ def flatten_result(probe: str, result: Mapping[str, Any]) -> tuple[list[tuple], 
                 scalars.append((probe, metric, str(key), _scalar(probe, metric, v)))
         elif isinstance(value, (torch.Tensor, np.ndarray)) and np.ndim(value) >= 1:
             # A copy: the record store may write it after the probe's tensors change.
-            arr = _to_numpy(value) if isinstance(value, torch.Tensor) else np.array(value)
+            arr = to_numpy(value)
             arrays.append((probe, metric, "", arr))
         else:
             scalars.append((probe, metric, "", _scalar(probe, metric, value)))
     return scalars, arrays
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-        t = t.float()
-    return t.numpy().copy()
 
 
 def _scalar(probe: str, metric: str, value: Any) -> float:

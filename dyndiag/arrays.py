@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["to_numpy"]
+__all__ = ["to_numpy", "to_floats"]
 
 
 def to_numpy(x: object) -> np.ndarray:
@@ -21,3 +21,22 @@ def to_numpy(x: object) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.numpy().copy()
+
+
+def to_floats(tensors: list) -> list[float]:
+    """The values of 0-d tensors (any dtypes and devices) as Python floats, in one
+    device-to-host copy.
+
+    Values of one dtype are stacked as they are; mixed dtypes are widened to float64
+    first (exact for every floating type). Nothing else synchronises with the device.
+    """
+    import torch
+
+    if not tensors:
+        return []
+    first = tensors[0]
+    if all(t.dtype == first.dtype and t.device == first.device for t in tensors):
+        flat = torch.stack(tensors)
+    else:
+        flat = torch.stack([t.to(device=first.device, dtype=torch.float64) for t in tensors])
+    return [float(v) for v in flat.tolist()]

@@ -14,12 +14,17 @@ with gradients enabled and PyTorch's MATH attention kernel — the only
 scaled-dot-product kernel with a double backward on CPU. Models are called through
 :class:`Evaluate` and ``torch.func.functional_call`` with copied buffers, so their
 parameters and running statistics are never written.
+
+Both also mark their block as dyndiag's own (:func:`probing`, as the probe runner
+does): a Monitor's hooks ignore the forwards and backwards made there, whichever
+Monitor or quantity made them (:func:`is_probing`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -28,7 +33,29 @@ from torch.nn.modules.batchnorm import _NormBase
 from .data import model_outputs
 from .state import preserve_state
 
-__all__ = ["Evaluate", "math_attention", "operator_mode", "per_example_mode", "select_params", "outputs_fn", "unwrap"]
+__all__ = [
+    "Evaluate", "math_attention", "operator_mode", "per_example_mode", "probing", "is_probing", "select_params",
+    "outputs_fn", "unwrap",
+]
+
+# A context variable, not a Monitor's attribute: two Monitors on one model (or a quantity
+# called inside a training step) must not take each other's evaluations for training.
+_PROBING: ContextVar[bool] = ContextVar("dyndiag_probing", default=False)
+
+
+@contextmanager
+def probing() -> Iterator[None]:
+    """Mark the block as dyndiag's own evaluation of the model (nestable)."""
+    token = _PROBING.set(True)
+    try:
+        yield
+    finally:
+        _PROBING.reset(token)
+
+
+def is_probing() -> bool:
+    """Whether the calling code runs inside :func:`probing` (a probe, an operator, a quantity)."""
+    return _PROBING.get()
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -70,7 +97,7 @@ def operator_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off, normalisation layers in the model's mode; restored on exit."""
     # Modes and RNG are the only live state an evaluation could touch: parameters
     # are read through detached views, buffers through copies, .grad never.
-    with preserve_state(model, grads=False, buffers=True, rng=True):
+    with preserve_state(model, grads=False, buffers=True, rng=True), probing():
         for m in model.modules():
             if not isinstance(m, _NormBase):
                 m.training = False
@@ -81,7 +108,7 @@ def operator_mode(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def per_example_mode(model: nn.Module) -> Iterator[None]:
     """Every module in eval mode (restored on exit), gradients enabled, MATH attention."""
-    with preserve_state(model, grads=False, buffers=True, rng=True):
+    with preserve_state(model, grads=False, buffers=True, rng=True), probing():
         for m in model.modules():
             m.training = False
         with math_attention(), torch.enable_grad():

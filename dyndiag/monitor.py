@@ -12,23 +12,33 @@ optimizer steps may run forward and backward inside ``step()``. Every probe runs
 bit-identical weights to training without one.
 
 Probes see the run through one :class:`~dyndiag.probes.RunContext` (``mon.run``,
-whose ``logits`` the forward hook keeps current) and run through
+whose ``logits`` the forward hook keeps current, and whose parameters are re-read
+from the optimizer's param groups at every step) and run through
 :func:`~dyndiag.probes.base.run_probes`, with its failure policy: a probe that
 raises is reported once as a ``RuntimeWarning`` and disabled (on every rank
 together under ``torch.distributed``); training goes on. A NaN or inf value is
 recorded as it is, with one warning per probe and metric.
+
+No host synchronisation on cheap steps: probes with ``syncs = False`` (the
+per-step ``GradientNorm``, ``LayerRotation``, ``SoftmaxCollapse``) leave their
+values on the device; finished steps wait in a queue that :meth:`Monitor.flush`
+brings to the host in one copy and writes, every ``sync_every`` steps, around a
+step whose probes synchronise anyway (curvature), and at ``close()`` (also from
+``with``, on an exception, and at interpreter exit).
 """
 
 from __future__ import annotations
 
+import atexit
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .evaluation import unwrap
-from .probes.base import Probe, check_probes, run_probes, warn_once
+from .evaluation import is_probing, unwrap
+from .probes.base import Probe, check_probes, resolve_rows, run_probes, warn_once
 from .probes.context import RunContext, StepContext
 
 __all__ = ["Monitor"]
@@ -67,6 +77,17 @@ class Monitor:
         ``(batch) -> int``: how curvature probes weight the batches of
         ``probe_data`` (default: dim 0 of a batch's first tensor), e.g. the number
         of non-padding tokens of a dict batch.
+    sync_every:
+        Bring the values of probes that leave them on the device (``syncs =
+        False``) to the host, and write their steps, at least every this many steps
+        (default 50; also around any step whose probes synchronise anyway, and at
+        :meth:`flush`, :meth:`records` and :meth:`close`). Steps not yet written are
+        lost if the process is killed; 1 writes every step as it ends.
+    grad_scaler:
+        The ``torch.amp.GradScaler`` of a mixed-precision loop, so that
+        ``grad_norm_before_clip`` (taken at the end of backward, where gradients are
+        still scaled) is divided by its scale. Its scale tensor is read on the
+        device, without a synchronisation.
 
     Attributes
     ----------
@@ -91,6 +112,8 @@ class Monitor:
         start_step: int | None = None,
         step_hooks: bool = True,
         batch_size_fn: Callable | None = None,
+        sync_every: int = 50,
+        grad_scaler: object = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -104,6 +127,10 @@ class Monitor:
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
         if not isinstance(step_hooks, bool):
             raise TypeError(f"step_hooks must be a bool, got {type(step_hooks).__name__}")
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        if grad_scaler is not None and not (hasattr(grad_scaler, "unscale_") and hasattr(grad_scaler, "is_enabled")):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
         # Probes evaluate the module inside a DDP wrapper (never arming its gradient sync);
         # the forward hook on it still sees every training forward.
@@ -122,7 +149,9 @@ class Monitor:
             self.step = self._writer.next_step
         else:
             self.step = start_step or 0
-        self._running = False
+        self.sync_every = sync_every
+        self.grad_scaler = grad_scaler
+        self._queue: list[tuple] = []  # finished steps not yet written: (step, wall_time, scalars, arrays)
         self._pending = None
         self._warned: set = set()
         self.step_hooks = step_hooks
@@ -132,12 +161,22 @@ class Monitor:
                 optimizer.register_step_pre_hook(self._pre_step),
                 optimizer.register_step_post_hook(self._post_step),
             ]
+        # grad_norm_before_clip: post-accumulate-grad hooks on the measured parameters
+        # queue one snapshot of the gradient norms for the end of each backward.
+        self._snapshots = any("before_clip" in p.needs for p in probes)
+        self._grad_hooks: dict[int, object] = {}
+        self._snapshot_queued = False
+        self._hook_params()
         for p in probes:
             p.setup(self.run)
+        # A monitor that is never closed still writes its last steps when Python exits.
+        ref = weakref.ref(self)
+        self._close_at_exit = lambda: (lambda m: m is not None and m.close())(ref())
+        atexit.register(self._close_at_exit)
 
     # -- hooks --------------------------------------------------------------
     def _capture(self, module, inputs, output) -> None:
-        if self._running:  # probes' own forwards must not overwrite the training one
+        if is_probing():  # a probe's own forward (this Monitor's or another's) is not training's
             return
         if isinstance(output, torch.Tensor):  # the usual case first: no getattr, which raises inside for a tensor
             self.run.logits = output.detach()
@@ -154,11 +193,58 @@ class Monitor:
     def _post_step(self, optimizer, args, kwargs) -> None:
         self._finish()
 
+    def _hook_params(self) -> None:
+        if self._snapshots:
+            for p in self.run.params:
+                if id(p) not in self._grad_hooks:
+                    self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _on_grad(self, param) -> None:
+        # Once per backward (the first parameter whose gradient is accumulated), and only
+        # when the coming step has a due probe that reads the snapshot.
+        if self._snapshot_queued or is_probing():
+            return
+        step = self.step
+        if not any(p.enabled and "before_clip" in p.needs and p.due(step) for p in self.probes):
+            return
+        self._snapshot_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._snapshot)
+
+    def _snapshot(self) -> None:
+        """At the end of a backward: the norms of the accumulated gradients, on the device."""
+        self._snapshot_queued = False
+        self._refresh()  # parameters unfrozen since the last step have gradients now
+        params = [p for p in self.run.params if p.grad is not None]
+        with torch.no_grad():
+            norms = torch._foreach_norm([p.grad for p in params]) if params else []
+            scaler = self.grad_scaler
+            scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+            if scale is not None and norms:  # the loss was scaled: gradients are scale x the true ones
+                norms = torch._foreach_div(norms, scale.to(norms[0].device))
+        self.run.norms_before_clip = {id(p): n for p, n in zip(params, norms)}
+
+    def _refresh(self) -> None:
+        """Follow the optimizer: parameters added or unfrozen enter, frozen ones leave."""
+        if not self.run.refresh():
+            return
+        self._hook_params()
+        for probe in self.probes:
+            if probe.enabled:
+                try:
+                    probe.params_changed(self.run)
+                except Exception as err:  # the failure policy of run_probes
+                    probe.enabled = False
+                    self._warn_once(("failed", probe.name), f"probe {probe.name!r} failed at step {self.step} "
+                                    f"and is disabled: {type(err).__name__}: {err}")
+
     def _begin(self, closure_step: bool) -> None:
         """Run the state probes due at ``self.step``; keep their rows for :meth:`_finish`."""
         step = self.step
+        self._refresh()
         due = [p for p in self.probes if p.enabled and p.due(step)]
         self._pending = None
+        if not self.run.params:  # nothing is trained (yet): only probes that need no parameters
+            due = [p for p in due if not {"gradients", "before_clip", "curvature", "update"} & set(p.needs)]
         if not due:
             return
         if closure_step:
@@ -169,28 +255,35 @@ class Monitor:
                 "are skipped on such steps (use the Lightning or Hugging Face callback, which "
                 "run after backward)",
             )
+        syncs = any(p.syncs for p in due)
+        if syncs:  # this step waits for the device anyway: write the steps that wait first
+            self.flush()
         ctx = StepContext(self.run, step, due)
-        pre = [p for p in due if p.phase == "pre" and not (closure_step and "gradients" in p.needs)]
+        pre = [p for p in due if p.phase == "pre" and not (closure_step and {"gradients", "before_clip"} & set(p.needs))]
         post = [p for p in due if p.phase == "post"]
         if post:
             ctx.theta_before = [p.detach().clone() for p in ctx.params]
         scalars, arrays = self._run(pre, ctx)
-        self._pending = (ctx, post, scalars, arrays)
+        self._pending = (ctx, post, scalars, arrays, syncs)
 
     def _finish(self) -> list[tuple]:
-        """Run the pending update probes, write the step, advance the counter; the scalar rows."""
+        """Run the pending update probes, queue the step, advance the counter; the rows written."""
         step = self.step
         self.step += 1
-        if self._pending is None:
-            return []
-        ctx, post, scalars, arrays = self._pending
-        self._pending = None
-        if post:
-            s, a = self._run(post, ctx)
-            scalars += s
-            arrays += a
-        self._write(step, scalars, arrays)
-        return scalars
+        self.run.norms_before_clip = None  # the snapshot belonged to this step
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            ctx, post, scalars, arrays, syncs = pending
+            if post:
+                s, a = self._run(post, ctx)
+                scalars += s
+                arrays += a
+            self._queue.append((step, time.time(), scalars, arrays))
+            if syncs:
+                return self.flush()
+        if self._queue and step - self._queue[0][0] + 1 >= self.sync_every:
+            return self.flush()
+        return []
 
     # -- manual driving (step_hooks=False) ------------------------------------
     def before_step(self, step: int | None = None) -> None:
@@ -221,15 +314,17 @@ class Monitor:
             self.step = step
         self._begin(closure_step=False)
 
-    def after_step(self) -> list[tuple[str, str, str, float]]:
-        """Run the update probes (after the optimizer's update) and write the step.
+    def after_step(self) -> list[tuple[int, str, str, str, float]]:
+        """Run the update probes (after the optimizer's update) and finish the step.
 
-        For ``step_hooks=False``: call it once the update is applied.
+        For ``step_hooks=False``: call it once the update is applied. The step is
+        written with the others when the Monitor next flushes (see ``sync_every``).
 
         Returns
         -------
-        list of ``(probe, metric, key, value)``
-            The scalar rows recorded for the step (empty when no probe was due).
+        list of ``(step, probe, metric, key, value)``
+            The scalar rows written by this call: those of every step flushed now
+            (this one's, when it was flushed; empty otherwise).
         """
         self._need_manual("after_step")
         return self._finish()
@@ -241,28 +336,42 @@ class Monitor:
             )
 
     def _flush_pending(self) -> None:
-        """Write the state-probe rows of a step whose update never came (no update probes)."""
-        ctx, _, scalars, arrays = self._pending
+        """Queue the state-probe rows of a step whose update never came (no update probes)."""
+        ctx, _, scalars, arrays, _ = self._pending
         self._pending = None
         self.step = ctx.step + 1
-        self._write(ctx.step, scalars, arrays)
+        self._queue.append((ctx.step, time.time(), scalars, arrays))
 
-    # -- running probes ------------------------------------------------------
+    # -- running probes and writing ----------------------------------------------
     def _run(self, probes: list[Probe], ctx: StepContext) -> tuple[list, list]:
-        self._running = True
-        try:
-            return run_probes(probes, ctx, self._warned)
-        finally:
-            self._running = False
+        return run_probes(probes, ctx, self._warned, defer=True)
 
-    def _write(self, step: int, scalars: list, arrays: list) -> None:
+    def flush(self) -> list[tuple[int, str, str, str, float]]:
+        """Bring the values waiting on the device to the host, in one copy, and write their steps.
+
+        Returns
+        -------
+        list of ``(step, probe, metric, key, value)``
+            The scalar rows written, in step order (empty when nothing waited).
+        """
+        if not self._queue:
+            return []
+        queue, self._queue = self._queue, []
+        resolved = resolve_rows([(step, scalars) for step, _, scalars, _ in queue], self._warned)
+        rows = []
+        for (step, wall_time, _, arrays), scalars in zip(queue, resolved):
+            self._write(step, scalars, arrays, wall_time)
+            rows += [(step, *row) for row in scalars]
+        return rows
+
+    def _write(self, step: int, scalars: list, arrays: list, wall_time: float | None = None) -> None:
         if self._writer is not None:
             try:
-                self._writer.write_step(step, scalars, arrays)
+                self._writer.write_step(step, scalars, arrays, wall_time=wall_time)
             except Exception as err:  # a full disk must not stop training either
                 self._warn_once("write", f"records could not be written (step {step}): {type(err).__name__}: {err}")
         else:
-            now = time.time()
+            now = time.time() if wall_time is None else wall_time
             self._memory += [(step, probe, metric, key, value, now) for probe, metric, key, value in scalars]
 
     def _warn_once(self, key, message: str) -> None:
@@ -273,8 +382,9 @@ class Monitor:
         """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time``).
 
         With a ``log_dir``, read from the store: every step written so far, by this
-        Monitor and by earlier ones on the same dir.
+        Monitor and by earlier ones on the same dir. Flushes first.
         """
+        self.flush()
         if self.log_dir is not None:
             from .records import load_records
 
@@ -283,25 +393,35 @@ class Monitor:
 
         return pd.DataFrame(self._memory, columns=["step", "probe", "metric", "key", "value", "wall_time"])
 
-    def close(self) -> None:
-        """Remove every hook and close the record store. Idempotent.
+    def close(self) -> list[tuple[int, str, str, str, float]]:
+        """Write what waits, remove every hook and close the record store. Idempotent.
 
         With ``step_hooks=False``, the state-probe rows of a step begun by
         :meth:`before_step` but never finished are written first. The store's step
         counter is brought up to the Monitor's (steps with no due probe write
         nothing), so a Monitor opened later on the same ``log_dir`` continues from
         the step after the last one trained.
+
+        Returns
+        -------
+        list of ``(step, probe, metric, key, value)``
+            The scalar rows written by this call (as :meth:`flush`).
         """
         if not self.step_hooks and self._pending is not None:
             self._flush_pending()
-        for h in self._handles:
+        rows = self.flush()
+        for h in self._handles + list(self._grad_hooks.values()):
             h.remove()
         self._handles = []
+        self._grad_hooks = {}
+        self._snapshots = False
+        atexit.unregister(self._close_at_exit)
         if self._writer is not None:
             if self.step > self._writer.next_step:  # an empty step: only the counter
                 self._write(self.step - 1, [], [])
             self._writer.close()
             self._writer = None
+        return rows
 
     def __enter__(self) -> Monitor:
         return self

@@ -94,12 +94,13 @@ def test_training_is_bit_identical_and_records_and_log_history_have_the_steps(tm
     # Through Trainer.log: one entry per probe step, "step" = that step, next to the Trainer's own logs.
     history = [h for h in trainer.state.log_history if "gradient_norm/grad_norm" in h]
     assert [h["step"] for h in history] == [0, 1, 2, 3]
-    gn = df[df.probe == "gradient_norm"].sort_values("step")
+    gn = df[df.metric == "grad_norm"].sort_values("step")
     assert [h["gradient_norm/grad_norm"] for h in history] == pytest.approx(gn.value.tolist(), rel=1e-6)
-    sharp = df[df.metric == "sharpness"].sort_values("step")
-    assert [h["edge_of_stability/sharpness"] for h in history if "edge_of_stability/sharpness" in h] == pytest.approx(
-        sharp.value.tolist()
-    )
+    # The Trainer's AdamW has two param groups (decay, no decay): one row per group.
+    sharp = df[df.metric == "sharpness"].sort_values(["step", "key"])
+    assert set(sharp.key) == {"0", "1"}
+    logged = [h[f"edge_of_stability/sharpness/{g}"] for h in history for g in "01" if f"edge_of_stability/sharpness/{g}" in h]
+    assert logged == pytest.approx(sharp.value.tolist())
     assert any("loss" in h and "gradient_norm/grad_norm" not in h for h in trainer.state.log_history)
     assert not any(k.startswith("layer_rotation/rotation/") for h in history for k in h)  # filtered out
     assert cb.trainer is trainer  # found without being passed
@@ -139,7 +140,7 @@ def test_gradient_accumulation_probes_optimizer_steps_only(tmp_path, monkeypatch
     assert len([w for w in caught if "pass trainer=" in str(w.message)]) == 1
     assert trainer.state.global_step == 2
     df = dd.load_records(tmp_path / "run")
-    assert df.groupby("step").size().to_dict() == {0: 2, 1: 2}
+    assert df.groupby("step").size().to_dict() == {0: 3, 1: 3}
     history = [h for h in trainer.state.log_history if "directional_sharpness/directional_sharpness" in h]
     assert [h["step"] for h in history] == [0, 1]
 

@@ -244,7 +244,8 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-mon = dd.Monitor(model, opt, [dd.probes.GradientNorm(), dd.probes.LayerRotation()], log_dir=sys.argv[1])
+mon = dd.Monitor(model, opt, [dd.probes.GradientNorm(), dd.probes.LayerRotation()], log_dir=sys.argv[1],
+                 sync_every=1)  # every step written as it ends
 print("start", mon.step, flush=True)
 while True:
     opt.zero_grad()
@@ -294,7 +295,7 @@ def test_steps_without_a_due_probe_write_nothing_and_close_stores_the_counter(tm
     model = _mlp("plain")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = classification_data(n=16, dtype=torch.float32)
-    mon = dd.Monitor(model, opt, [dd.probes.GradientNorm(every=4)], log_dir=tmp_path)
+    mon = dd.Monitor(model, opt, [dd.probes.GradientNorm(every=4)], log_dir=tmp_path, sync_every=1)
     for step in range(10):
         opt.zero_grad()
         CE(model(x), y).backward()

@@ -17,21 +17,21 @@ import torch
 
 __all__: list[str] = []
 
-Row = tuple[str, str, str, float]
-
-
 def metric_name(probe: str, metric: str, key: str) -> str:
     """The name a record row is logged under: ``probe/metric``, or ``probe/metric/key``."""
     return f"{probe}/{metric}/{key}" if key else f"{probe}/{metric}"
 
 
-def rows_to_metrics(rows: Iterable[Row], log_filter: Callable[[str, str, str], bool] | None = None) -> dict[str, float]:
-    """``{metric_name: value}`` for the scalar rows of one step that pass ``log_filter``."""
-    return {
-        metric_name(probe, metric, key): float(value)
-        for probe, metric, key, value in rows
-        if log_filter is None or log_filter(probe, metric, key)
-    }
+def rows_by_step(
+    rows: Iterable[tuple], log_filter: Callable[[str, str, str], bool] | None = None
+) -> list[tuple[int, dict[str, float]]]:
+    """``(step, {metric_name: value})`` per step, in order, for ``(step, probe, metric,
+    key, value)`` rows that pass ``log_filter`` (steps with no such row left out)."""
+    out: dict[int, dict[str, float]] = {}
+    for step, probe, metric, key, value in rows:
+        if log_filter is None or log_filter(probe, metric, key):
+            out.setdefault(step, {})[metric_name(probe, metric, key)] = float(value)
+    return list(out.items())
 
 
 def torch_optimizer(optimizer: object, name: str = "optimizer") -> torch.optim.Optimizer:

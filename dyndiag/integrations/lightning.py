@@ -8,15 +8,20 @@
 
 When things run
 ---------------
-Lightning always calls ``optimizer.step(closure)``: forward and backward happen
-inside ``step()``, so an optimizer pre-step hook would see the previous step's
-gradients. The callback therefore runs the *state* probes from
-``on_before_optimizer_step`` (after backward — and after AMP unscaling — but before
-gradient clipping and the update) and the *update* probes from a step post-hook it
-registers on the torch optimizer, which fires right after the update was applied and
-never for a step a gradient scaler skipped. Under gradient accumulation both run only
-on the batches where the optimizer actually steps. The step of a record is
-``trainer.global_step`` (optimizer steps, from 0).
+Lightning calls ``optimizer.step(closure)``: forward, backward, AMP unscaling,
+``on_before_optimizer_step`` and gradient clipping all happen inside the closure,
+inside ``step()``. The callback registers a step pre-hook on the torch optimizer
+that wraps that closure: the *state* probes run right after it returns (after
+clipping, before the update), so ``GradientNorm`` sees the gradient the update
+applies, as in a plain loop and in the Hugging Face Trainer. (With a gradient
+scaler Lightning runs the closure itself and then calls ``scaler.step(optimizer)``
+without one; the pre-hook then runs the probes directly — the same point.) The
+*update* probes run from a step post-hook, right after the update was applied and
+never for a step a gradient scaler skipped. Under gradient accumulation both run
+only on the batches where the optimizer actually steps. The step of a record is
+``trainer.global_step`` (optimizer steps, from 0). ``grad_norm_before_clip`` is
+taken at the end of the last backward, divided by the precision plugin's gradient
+scaler when there is one.
 
 What is logged
 --------------
@@ -27,6 +32,8 @@ of the Trainer (``logger.log_metrics(metrics, step=step)`` on global rank 0) as
 :func:`dyndiag.integrations.tensorboard.export_scalars`. Loggers are called
 directly, not through ``LightningModule.log``, so ``log_every_n_steps`` does not
 thin out probe steps and the values do not enter ``trainer.callback_metrics``.
+Values of the cheap per-step probes stay on the device and reach the records and the
+loggers (with their own steps) when the Monitor flushes, every ``sync_every`` steps.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from ..data import is_single_batch, to_device
 from ..monitor import Monitor
-from . import check_callback_args, clone_batch, rows_to_metrics, torch_optimizer
+from . import check_callback_args, clone_batch, rows_by_step, torch_optimizer
 
 __all__ = ["DiagnosticsCallback"]
 
@@ -82,6 +89,9 @@ class DiagnosticsCallback(pl.Callback):
     batch_size_fn:
         ``(batch) -> int`` weighting the probe batches in curvature probes (default:
         dim 0 of a batch's first tensor; e.g. count non-padding tokens instead).
+    sync_every:
+        Passed to the :class:`~dyndiag.Monitor`: how many steps the values of the
+        cheap probes may wait on the device before they are written and logged.
 
     Attributes
     ----------
@@ -101,6 +111,7 @@ class DiagnosticsCallback(pl.Callback):
         log_to_loggers: bool = True,
         log_filter: Callable[[str, str, str], bool] | None = None,
         batch_size_fn: Callable | None = None,
+        sync_every: int = 50,
     ) -> None:
         super().__init__()
         self.probes = check_callback_args(probes, loss_fn, closure, log_filter)
@@ -113,9 +124,10 @@ class DiagnosticsCallback(pl.Callback):
         self.log_to_loggers = log_to_loggers
         self.log_filter = log_filter
         self.batch_size_fn = batch_size_fn
+        self.sync_every = sync_every
         self.monitor: Monitor | None = None
         self._active = False
-        self._hook = None
+        self._hooks: list = []
         self._trainer: pl.Trainer | None = None
         self._module: pl.LightningModule | None = None
 
@@ -123,6 +135,9 @@ class DiagnosticsCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._active:
             self._attach(trainer, pl_module, batch)
+        # The step this batch's backward belongs to (the Monitor takes its gradient
+        # snapshot only when a probe is due then).
+        self.monitor.step = max(self.monitor.step, trainer.global_step)
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if len(trainer.optimizers) != 1:
@@ -142,17 +157,19 @@ class DiagnosticsCallback(pl.Callback):
         self.monitor = Monitor(
             pl_module, optimizer, self.probes, loss_fn=self.loss_fn, probe_data=probe_data,
             log_dir=self.log_dir, closure=closure, start_step=trainer.global_step, step_hooks=False,
-            batch_size_fn=self.batch_size_fn,
+            batch_size_fn=self.batch_size_fn, sync_every=self.sync_every,
+            grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
         )
-        self._hook = optimizer.register_step_post_hook(self._after_update)
+        self._hooks = [optimizer.register_step_pre_hook(self._before_update),
+                       optimizer.register_step_post_hook(self._after_update)]
         self._trainer, self._module, self._active = trainer, pl_module, True
 
     def _detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self.monitor is not None:
-            self.monitor.close()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._active:
+            self._log(self.monitor.close())
         self._active = False
         self._trainer = self._module = None
 
@@ -163,27 +180,43 @@ class DiagnosticsCallback(pl.Callback):
         self._detach()  # also after an exception, when on_train_end is not called
 
     # -- the two phases ------------------------------------------------------------
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if not self._active or torch_optimizer(optimizer) is not self.monitor.optimizer:
-            return
-        with silenced_logging(pl_module):
-            self.monitor.before_step(trainer.global_step)
+    def _before_update(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict):
+        if not self._active:
+            return None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:  # the closure already ran (AMP: scaler.step(optimizer)): gradients are final
+            self._state_probes()
+            return None
+        ran = []
+
+        def probed_closure():
+            loss = closure()  # forward, backward, on_before_optimizer_step, clipping
+            if not ran:  # LBFGS calls it again at moved parameters: only the first is this step's
+                ran.append(True)
+                self._state_probes()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": probed_closure}
+        return (args[0], probed_closure, *args[2:]), kwargs
+
+    def _state_probes(self) -> None:
+        with silenced_logging(self._module):
+            self.monitor.before_step(self._trainer.global_step)
 
     def _after_update(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if not self._active:
             return
-        step = self.monitor.step
         with silenced_logging(self._module):
             rows = self.monitor.after_step()
-        if rows and self.log_to_loggers:
-            self._log(rows, step)
+        self._log(rows)
 
-    def _log(self, rows: list, step: int) -> None:
+    def _log(self, rows: list) -> None:
+        """Send ``(step, probe, metric, key, value)`` rows to the loggers, one call per step."""
         trainer = self._trainer
-        if not trainer.is_global_zero:
+        if not rows or not self.log_to_loggers or trainer is None or not trainer.is_global_zero:
             return
-        metrics = rows_to_metrics(rows, self.log_filter)
-        if metrics:
+        for step, metrics in rows_by_step(rows, self.log_filter):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 

@@ -8,7 +8,9 @@
 When things run
 ---------------
 The *state* probes run from ``on_pre_optimizer_step``: after backward and gradient
-clipping, before the update, so they see the gradient the optimizer applies. The
+clipping, before the update, so they see the gradient the optimizer applies
+(``grad_norm``); ``grad_norm_before_clip`` is taken at the end of the last backward
+(divided by Accelerate's gradient scaler under fp16, when the Trainer is known). The
 *update* probes run from a step post-hook on the torch optimizer inside the Trainer's
 (Accelerate) wrapper, which fires right after the update and never for a step the
 gradient scaler skipped (``on_optimizer_step`` is called for those too). Under
@@ -36,7 +38,10 @@ reporting integration (``report_to``). Callbacks are not given the Trainer: pass
 that owns the ``TrainerState`` it is called with (through the garbage collector's
 referrers, once per ``train()``), and if none is found it appends to
 ``state.log_history`` directly, with a warning that reporting integrations will
-not see the values.
+not see the values. ``Trainer.log`` stamps the Trainer's current step, so while
+logging to the Trainer every step's values come to the host as the step ends
+(``sync_every=1``); with ``log_to_trainer=False`` the cheap probes' values wait on
+the device and are written every ``sync_every`` steps.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from ..data import to_device
 from ..monitor import Monitor
 from ..state import rng_state, set_rng_state
-from . import check_callback_args, clone_batch, rows_to_metrics, torch_optimizer
+from . import check_callback_args, clone_batch, rows_by_step, torch_optimizer
 
 __all__ = ["DiagnosticsCallback", "model_loss"]
 
@@ -94,6 +99,9 @@ class DiagnosticsCallback(transformers.TrainerCallback):
     batch_size_fn:
         ``(batch) -> int`` weighting the probe batches in curvature probes (default:
         dim 0 of a batch's first tensor; e.g. count non-padding tokens instead).
+    sync_every:
+        Passed to the :class:`~dyndiag.Monitor` when ``log_to_trainer=False``
+        (logging through the Trainer needs each step's values at that step: 1).
 
     Attributes
     ----------
@@ -114,6 +122,7 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         log_to_trainer: bool = True,
         log_filter: Callable[[str, str, str], bool] | None = None,
         batch_size_fn: Callable | None = None,
+        sync_every: int = 50,
     ) -> None:
         self.probes = check_callback_args(probes, loss_fn, closure, log_filter)
         if trainer is not None and not isinstance(trainer, transformers.Trainer):
@@ -128,6 +137,7 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         self.log_to_trainer = log_to_trainer
         self.log_filter = log_filter
         self.batch_size_fn = batch_size_fn
+        self.sync_every = sync_every
         self.monitor: Monitor | None = None
         self._hook = None
         self._state = None
@@ -146,14 +156,16 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         if self.loss_fn is None and closure is None:
             closure = model_loss
         inner = torch_optimizer(optimizer, "the Trainer's optimizer")
+        if self.trainer is None or self.trainer.state is not state:  # to log through, and for its scaler
+            self.trainer = _find_trainer(state) or self.trainer  # a later train() may be another Trainer's
+        accelerator = getattr(self.trainer, "accelerator", None)
         self.monitor = Monitor(
             model, inner, self.probes, loss_fn=self.loss_fn, probe_data=probe_data, log_dir=self.log_dir,
             closure=closure, start_step=state.global_step, step_hooks=False, batch_size_fn=self.batch_size_fn,
+            sync_every=1 if self.log_to_trainer else self.sync_every, grad_scaler=getattr(accelerator, "scaler", None),
         )
         self._hook = inner.register_step_post_hook(self._after_update)
         self._state = state
-        if self.log_to_trainer and (self.trainer is None or self.trainer.state is not state):
-            self.trainer = _find_trainer(state) or self.trainer  # a later train() may be another Trainer's
 
     def on_train_end(self, args, state, control, **kwargs):
         self._detach()
@@ -162,37 +174,38 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.monitor is not None:
-            self.monitor.close()
+            self._log(self.monitor.close())
 
     # -- the two phases ---------------------------------------------------------------
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._hook is not None:  # the step this backward belongs to (for the gradient snapshot)
+            self.monitor.step = max(self.monitor.step, state.global_step)
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._hook is not None:
             self.monitor.before_step(state.global_step)
 
     def _after_update(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        step = self.monitor.step
-        rows = self.monitor.after_step()
-        if rows and self.log_to_trainer:
-            self._log(rows, step)
+        self._log(self.monitor.after_step())
 
-    def _log(self, rows: list, step: int) -> None:
-        metrics = rows_to_metrics(rows, self.log_filter)
-        if not metrics:
+    def _log(self, rows: list) -> None:
+        if not rows or not self.log_to_trainer:
             return
-        trainer = self.trainer
-        if trainer is not None and trainer.state is self._state:
-            trainer.log(metrics)  # on_log for every reporting integration; "step" is global_step
-            return
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                "DiagnosticsCallback could not find its Trainer (pass trainer=): probe values are appended to "
-                "state.log_history, but reporting integrations (report_to) do not see them",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self._state.log_history.append({**metrics, "epoch": self._state.epoch, "step": step})
+        for step, metrics in rows_by_step(rows, self.log_filter):
+            trainer = self.trainer
+            if trainer is not None and trainer.state is self._state:
+                if step == self._state.global_step:  # Trainer.log stamps global_step
+                    trainer.log(metrics)  # on_log for every reporting integration
+                    continue
+            elif not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "DiagnosticsCallback could not find its Trainer (pass trainer=): probe values are appended to "
+                    "state.log_history, but reporting integrations (report_to) do not see them",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._state.log_history.append({**metrics, "epoch": self._state.epoch, "step": step})
 
 
 def model_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:

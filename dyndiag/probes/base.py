@@ -16,6 +16,11 @@ it runs (``every=``), whether it runs before the optimizer's update (``phase =
 a :class:`~dyndiag.probes.StepContext` at every step it is due (both in
 :mod:`dyndiag.probes.context`).
 
+A probe with ``syncs = False`` promises that ``compute`` never waits for the device
+(no ``float()``, ``.item()``, ``.tolist()``, no data-dependent branch): its values
+are 0-d tensors, which the Monitor brings to the host in one copy every few steps
+(:func:`resolve_rows`). The cheap per-step probes are such probes.
+
 The Monitor and offline analysis both run a phase's due probes through
 :func:`run_probes`, so a probe fails the same way in both. Failure policy: a probe
 that raises is reported once as a ``RuntimeWarning`` with its error and disabled
@@ -38,17 +43,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..arrays import to_numpy
+from ..arrays import to_floats, to_numpy
 from ..distributed import all_reduce_max, is_distributed
+from ..evaluation import probing
 from ..state import preserve_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import RunContext, StepContext
 
-__all__ = ["Probe", "NEEDS", "check_probes", "run_probes", "warn_once", "flatten_result"]
+__all__ = ["Probe", "NEEDS", "check_probes", "run_probes", "resolve_rows", "warn_once", "flatten_result"]
 
-#: What a probe may declare in ``needs``.
-NEEDS = frozenset({"gradients", "logits", "update", "curvature", "probe_batch"})
+#: What a probe may declare in ``needs``. ``before_clip``: the gradient norms at the end
+#: of the last backward (:attr:`StepContext.norms_before_clip`), which the Monitor then
+#: snapshots from its backward hooks.
+NEEDS = frozenset({"gradients", "before_clip", "logits", "update", "curvature", "probe_batch"})
 
 
 def _snake(name: str) -> str:
@@ -75,6 +83,11 @@ class Probe:
     #: states every step it runs. The built-in probes set False: they only read,
     #: and the operators and quantities they call restore modes and RNG themselves.
     modifies_state: bool = True
+    #: Whether ``compute`` may synchronise with the device. False: its values are 0-d
+    #: tensors left on the device (see the module docstring); a Monitor runs such
+    #: probes without a host synchronisation and copies their values every
+    #: ``sync_every`` steps.
+    syncs: bool = True
 
     def __init__(self, every: int | Callable[[int], bool] = 1, name: str | None = None) -> None:
         self._every = 0  # an int schedule's period; 0 for a callable one
@@ -104,6 +117,11 @@ class Probe:
         """Called once before the first step with the run's context (the Monitor at
         attach, :func:`~dyndiag.analyze` at the first checkpoint), e.g. to snapshot
         the initial weights ``run.model``."""
+
+    def params_changed(self, run: RunContext) -> None:
+        """Called when ``run.params`` changed (the Monitor re-reads the optimizer's
+        param groups at every step): parameters added or unfrozen entered, frozen
+        ones left. E.g. take references for the new ones."""
 
     def eigen_need(self) -> tuple[int, float, int, bool] | None:
         """``(k, tol, seed, vectors)`` if ``compute`` will call
@@ -136,53 +154,92 @@ def check_probes(probes: Iterable[Probe]) -> list[Probe]:
     return probes
 
 
-def run_probes(probes: Sequence[Probe], ctx: StepContext, warned: set) -> tuple[list[tuple], list[tuple]]:
+def run_probes(
+    probes: Sequence[Probe], ctx: StepContext, warned: set, *, defer: bool = False
+) -> tuple[list[tuple], list[tuple]]:
     """Run ``probes`` (the due probes of one phase) on ``ctx`` under the failure policy.
 
     Probes with ``modifies_state`` run under :func:`~dyndiag.state.preserve_state`
     of ``ctx.model`` and ``ctx.optimizer``; read-only probes run unguarded (every
-    operator and quantity they call restores modes and RNG itself).
+    operator and quantity they call restores modes and RNG itself). All of them run
+    under :func:`~dyndiag.evaluation.probing`, so no Monitor takes their forwards
+    for training's.
 
     Parameters
     ----------
     warned:
         The keys already warned about in this run; updated (each warning is given once).
+    defer:
+        Leave 0-d tensor values on the device (the caller passes the rows to
+        :func:`resolve_rows` later); otherwise they are resolved here, in one copy.
 
     Returns
     -------
     (scalars, arrays)
-        Rows ``(probe, metric, key, float)`` and ``(probe, metric, key, ndarray)``
-        of the probes that did not fail.
+        Rows ``(probe, metric, key, value)`` and ``(probe, metric, key, ndarray)``
+        of the probes that did not fail; ``value`` is a float, or with ``defer`` a
+        float or a 0-d tensor.
     """
     scalars: list = []
     arrays: list = []
     failed = []
     guard = any(p.modifies_state for p in probes)
-    with preserve_state(ctx.model, ctx.optimizer) if guard else nullcontext():
+    with preserve_state(ctx.model, ctx.optimizer) if guard else nullcontext(), probing():
         for probe in probes:
             try:
-                s, a = flatten_result(probe.name, probe.compute(ctx))
+                s, a = flatten_result(probe.name, probe.compute(ctx), keep_tensors=True)
             except Exception as err:  # a probe must never stop training
                 failed.append(probe)
                 warn_once(warned, ("failed", probe.name), f"probe {probe.name!r} failed at step {ctx.step} and is "
                           f"disabled: {type(err).__name__}: {err}")
                 continue
-            for row in s:
-                if not math.isfinite(row[3]):
-                    warn_once(warned, ("nonfinite", probe.name, row[1]),
-                              f"probe {probe.name!r} recorded a non-finite {row[1]} ({row[3]}) at step {ctx.step}")
             scalars += s
             arrays += a
-    flags = [p in failed for p in probes]
-    if probes and is_distributed():
+    # Only probes that may synchronise take part in the all-reduce (itself a synchronisation):
+    # the others enter no collective, so a rank may disable them alone.
+    shared = [p for p in probes if p.syncs]
+    flags = [p in failed for p in shared]
+    if shared and is_distributed():
         # Disable on every rank together: a rank that skipped a probe would skip its collectives.
         # On the parameters' device, which the process group's backend serves (NCCL: CUDA only).
         device = ctx.params[0].device if ctx.params else None
         flags = [bool(v) for v in all_reduce_max(torch.tensor(flags, dtype=torch.float32, device=device)).tolist()]
-    for p, flag in zip(probes, flags):
+    for p in failed:
+        p.enabled = False
+    for p, flag in zip(shared, flags):
         if flag:
             p.enabled = False
+    if not defer:
+        scalars = resolve_rows([(ctx.step, scalars)], warned)[0]
     return scalars, arrays
+
+
+def resolve_rows(steps: Sequence[tuple[int, list[tuple]]], warned: set) -> list[list[tuple]]:
+    """The scalar rows of several steps with every value a float, in one device-to-host copy.
+
+    ``steps``: ``(step, rows)`` pairs, rows ``(probe, metric, key, value)`` whose
+    value is a float or a 0-d tensor. A non-finite value is kept, with one
+    ``RuntimeWarning`` per probe and metric (``warned`` as in :func:`run_probes`).
+
+    Returns
+    -------
+    list
+        The rows of each step, in the order given.
+    """
+    pending = [row[3] for _, rows in steps for row in rows if type(row[3]) is not float]
+    values = iter(to_floats(pending))
+    out = []
+    for step, rows in steps:
+        done = []
+        for probe, metric, key, value in rows:
+            if type(value) is not float:
+                value = next(values)
+            if not math.isfinite(value):
+                warn_once(warned, ("nonfinite", probe, metric),
+                          f"probe {probe!r} recorded a non-finite {metric} ({value}) at step {step}")
+            done.append((probe, metric, key, value))
+        out.append(done)
+    return out
 
 
 def warn_once(warned: set, key: Hashable, message: str) -> None:
@@ -192,8 +249,14 @@ def warn_once(warned: set, key: Hashable, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def flatten_result(probe: str, result: Mapping[str, Any]) -> tuple[list[tuple], list[tuple]]:
-    """``compute``'s dict -> (scalar rows ``(probe, metric, key, value)``, array rows)."""
+def flatten_result(
+    probe: str, result: Mapping[str, Any], keep_tensors: bool = False
+) -> tuple[list[tuple], list[tuple]]:
+    """``compute``'s dict -> (scalar rows ``(probe, metric, key, value)``, array rows).
+
+    Scalar values become floats; with ``keep_tensors``, 0-d tensors stay as they are
+    (no host synchronisation; see :func:`resolve_rows`).
+    """
     if not isinstance(result, Mapping):
         raise TypeError(f"probe {probe!r}: compute() must return a dict {{metric: value}}, got {type(result).__name__}")
     scalars, arrays = [], []
@@ -205,20 +268,22 @@ def flatten_result(probe: str, result: Mapping[str, Any]) -> tuple[list[tuple], 
             raise TypeError(f"probe {probe!r}: metric names must be strings, got {metric!r}")
         if isinstance(value, Mapping):
             for key, v in value.items():
-                scalars.append((probe, metric, str(key), _scalar(probe, metric, v)))
+                scalars.append((probe, metric, str(key), _scalar(probe, metric, v, keep_tensors)))
         elif isinstance(value, (torch.Tensor, np.ndarray)) and np.ndim(value) >= 1:
             # A copy: the record store may write it after the probe's tensors change.
             arr = to_numpy(value)
             arrays.append((probe, metric, "", arr))
         else:
-            scalars.append((probe, metric, "", _scalar(probe, metric, value)))
+            scalars.append((probe, metric, "", _scalar(probe, metric, value, keep_tensors)))
     return scalars, arrays
 
 
-def _scalar(probe: str, metric: str, value: Any) -> float:
+def _scalar(probe: str, metric: str, value: Any, keep_tensors: bool = False) -> float | torch.Tensor:
     if type(value) is float:  # the common case, first: this runs for every row of every step
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if keep_tensors and value.dim() == 0:
+            return value.detach() if value.requires_grad else value
         return float(value.item())
     if isinstance(value, (numbers.Real, np.floating, np.integer)):
         return float(value)

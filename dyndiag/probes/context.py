@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Probe
@@ -45,8 +46,14 @@ class RunContext:
         Face output), kept current by the Monitor's forward hook; offline, the
         outputs on the first probe batch. ``None`` until one is known.
     params, names:
-        The model's trainable parameters in ``named_parameters()`` order and their
-        names (set from ``model``).
+        The parameters probes measure and their names, in ``named_parameters()``
+        order: those of the optimizer's param groups that require gradients (every
+        parameter with ``requires_grad`` when there is no optimizer). Re-read by
+        :meth:`refresh`, which the Monitor calls at every step.
+    norms_before_clip:
+        ``{id(param): 0-d tensor}``: the gradient norms at the end of the last
+        backward before this step (unscaled), kept by the Monitor's backward hooks
+        for probes that need ``before_clip``; ``None`` when none was taken.
     """
 
     model: nn.Module
@@ -57,6 +64,7 @@ class RunContext:
     batch_size_fn: Callable | None = None
     gradient_fn: Callable[[], torch.Tensor] | None = None
     logits: torch.Tensor | None = None
+    norms_before_clip: dict[int, torch.Tensor] | None = None
     params: list[torch.Tensor] = field(init=False, repr=False)
     names: list[str] = field(init=False)
 
@@ -65,9 +73,39 @@ class RunContext:
             raise ValueError("give at most one of loss_fn and closure")
         if self.batch_size_fn is not None and not callable(self.batch_size_fn):
             raise TypeError(f"batch_size_fn must be callable (batch) -> int, got {type(self.batch_size_fn).__name__}")
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
+        for name, p in self.model.named_parameters():
+            if is_lazy(p):
+                raise ValueError(f"model has uninitialised parameters (lazy modules, e.g. {name!r}): run one "
+                                 "forward to materialise them before attaching dyndiag")
+            if p.is_meta:
+                raise ValueError(f"model has parameters on the meta device (e.g. {name!r}), which hold no values: "
+                                 "materialise them (model.to_empty(device=...) and initialise, or load weights) "
+                                 "before attaching dyndiag")
+        self._chosen: set[int] | None = None
+        self.params, self.names = [], []
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Re-read :attr:`params` and :attr:`names` from the optimizer's param groups.
+
+        Parameters added to the optimizer (``add_param_group``) or unfrozen
+        (``requires_grad_(True)``) enter, frozen ones leave. Returns whether they
+        changed; the lists are then new objects (probes may cache on their identity).
+        """
+        opt = self.optimizer
+        chosen = None
+        if opt is not None:
+            chosen = {id(p) for g in opt.param_groups for p in g["params"] if p.requires_grad}
+            if chosen == self._chosen:
+                return False
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and (chosen is None or id(p) in chosen)]
+        self._chosen = chosen
+        names = [n for n, _ in named]
+        if names == self.names and all(a is b for a, b in zip(self.params, (p for _, p in named))):
+            return False
+        self.names = names
         self.params = [p for _, p in named]
+        return True
 
 
 class StepContext:
@@ -102,22 +140,45 @@ class StepContext:
 
     # -- needs ------------------------------------------------------------
     @cached_property
+    def grads(self) -> list[torch.Tensor | None]:
+        """The gradient of each parameter of ``params`` (``None`` where a ``.grad`` is
+        None): the ``.grad`` tensors themselves (detached, never copied: read only),
+        or views of ``run.gradient_fn()`` when the run gives one."""
+        if self.run.gradient_fn is not None:
+            flat = self.run.gradient_fn()
+            return [g.view_as(p) for g, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params)]
+        # Gradients rarely carry a graph (only after backward(create_graph=True)); detach just those.
+        return [None if p.grad is None else p.grad.detach() if p.grad.requires_grad else p.grad for p in self.params]
+
+    @cached_property
     def gradients(self) -> torch.Tensor:
         """Flat ``(dim,)`` copy of the current ``.grad`` (zeros where a grad is None),
         or ``run.gradient_fn()`` when the run gives one."""
         if self.run.gradient_fn is not None:
             return self.run.gradient_fn()
-        # torch.cat allocates a new tensor: it is already a copy. Gradients rarely carry a
-        # graph (only after backward(create_graph=True)); detach just those.
-        parts = []
+        # torch.cat allocates a new tensor: it is already a copy.
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, self.grads)])
+
+    @property
+    def norms_before_clip(self) -> list[torch.Tensor | None] | None:
+        """Per parameter of ``params``, the 0-d norm of its gradient at the end of the
+        last backward before this step (``None`` for a parameter without one), or
+        ``None`` when no backward was seen (offline: no clipping to undo)."""
+        snap = self.run.norms_before_clip
+        if snap is None:
+            return None
+        return [snap.get(id(p)) for p in self.params]
+
+    def param_groups(self) -> list[tuple[int, list[torch.Tensor]]]:
+        """``(group index, its parameters among params)`` for each optimizer param
+        group holding any of ``params``, parameters in ``params`` order."""
+        if self.optimizer is None:
+            return [(0, list(self.params))]
+        where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        groups: dict[int, list] = {}
         for p in self.params:
-            g = p.grad
-            if g is None:
-                g = torch.zeros_like(p)
-            elif g.requires_grad:
-                g = g.detach()
-            parts.append(g.reshape(-1))
-        return torch.cat(parts)
+            groups.setdefault(where.get(id(p), -1), []).append(p)
+        return sorted((i, ps) for i, ps in groups.items() if i >= 0)
 
     @property
     def logits(self) -> torch.Tensor:
@@ -142,13 +203,18 @@ class StepContext:
         """The Hessian at the parameters before this step's update (update probes)."""
         return self._hessian(self._need_before())
 
-    def _hessian(self, at):
+    def hessian_of(self, params: Sequence[torch.Tensor]):
+        """The Hessian block of the probe batch's loss on ``params`` (a subset of
+        ``params``, in its order) at the current parameters."""
+        return self._hessian(None, params)
+
+    def _hessian(self, at, params=None):
         from ..curvature.operators import HessianOperator
 
         r = self.run
         return HessianOperator(
-            r.model, r.loss_fn, r.probe_data, params=self.params, closure=r.closure, at=at,
-            batch_size_fn=r.batch_size_fn,
+            r.model, r.loss_fn, r.probe_data, params=self.params if params is None else params, closure=r.closure,
+            at=at, batch_size_fn=r.batch_size_fn,
         )
 
     @cached_property

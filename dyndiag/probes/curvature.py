@@ -52,7 +52,13 @@ class EdgeOfStability(Probe):
     own ``threshold`` (2/lr for SGD, momentum-aware; read from its param groups at
     every step, so schedules are followed), ``loss`` at the same parameters, and for
     Adam-type optimizers ``preconditioned_sharpness`` with the preconditioner this
-    step is about to apply."""
+    step is about to apply.
+
+    With several param groups, one row per group (``key`` = the group index): the
+    sharpness of that group's diagonal Hessian block (preconditioned for Adam)
+    against that group's threshold; ``group=`` records only that group. With one
+    group the key is ``""``.
+    """
 
     modifies_state = False
 
@@ -60,21 +66,42 @@ class EdgeOfStability(Probe):
 
     def __init__(self, every=1, name=None, *, tol: float = 1e-4, group: int | None = None, seed: int = 0) -> None:
         super().__init__(every, name)
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
+            raise ValueError(f"group must be an int >= 0 (an index into optimizer.param_groups), got {group!r}")
         self.tol, self.group, self.seed = tol, group, seed
 
     def compute(self, ctx: StepContext) -> Mapping:
+        from ..curvature.lanczos import eigenvalues
         from ..quantities.sharpness import preconditioned_sharpness, stability_threshold
 
-        H = ctx.hessian
-        out = {
-            "sharpness": float(ctx.top_eigen(1, self.tol, self.seed).values[0]),
-            "threshold": stability_threshold(ctx.optimizer, group=self.group),
-            "loss": ctx.probe_loss,
-        }
-        if isinstance(ctx.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            out["preconditioned_sharpness"] = preconditioned_sharpness(
-                H, ctx.optimizer, gradient=ctx.gradients, group=self.group, tol=self.tol, seed=self.seed
-            )
+        groups = ctx.param_groups()
+        several = len(ctx.optimizer.param_groups) > 1 if ctx.optimizer is not None else False
+        if self.group is not None:
+            stability_threshold(ctx.optimizer, group=self.group)  # checks the index
+            groups = [(i, ps) for i, ps in groups if i == self.group]
+            if not groups:
+                raise ValueError(f"param group {self.group} holds no trained parameter (all frozen?)")
+        adam = isinstance(ctx.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        where = {id(p): i for i, p in enumerate(ctx.params)}
+        out: dict = {"sharpness": {}, "threshold": {}, "loss": ctx.probe_loss}
+        if adam:
+            out["preconditioned_sharpness"] = {}
+        for i, ps in groups:
+            key = str(i) if several else ""
+            if len(ps) == len(ctx.params):  # the whole model: the step's shared operator and Lanczos run
+                H = ctx.hessian
+                out["sharpness"][key] = float(ctx.top_eigen(1, self.tol, self.seed).values[0])
+            else:  # the group's diagonal block
+                H = ctx.hessian_of(ps)
+                top = H.to_dense() if H.dim == 1 else eigenvalues(H, k=1, which="LA", tol=self.tol, seed=self.seed).values
+                out["sharpness"][key] = float(top.reshape(-1)[0])
+            out["threshold"][key] = stability_threshold(ctx.optimizer, group=i)
+            if adam:
+                grads = [ctx.grads[where[id(p)]] for p in ps]
+                g = torch.cat([(torch.zeros_like(p) if gp is None else gp).reshape(-1) for p, gp in zip(ps, grads)])
+                out["preconditioned_sharpness"][key] = preconditioned_sharpness(
+                    H, ctx.optimizer, gradient=g.to(H.dtype), tol=self.tol, seed=self.seed
+                )
         return out
 
     def eigen_need(self):

@@ -13,24 +13,48 @@ __all__ = ["GradientNorm", "GradientCoherence"]
 
 
 class GradientNorm(Probe):
-    """``grad_norm``: the L2 norm of the current training gradient (all parameters),
-    and per parameter tensor (keys = parameter names) when ``per_layer=True``."""
+    """``grad_norm``: the L2 norm of the gradient the optimizer's step applies (all
+    parameters; after clipping and unscaling: read just before the update), and per
+    parameter tensor (keys = parameter names) when ``per_layer=True``;
+    ``grad_norm_before_clip``: the norm of the gradient accumulated by the end of the
+    last backward before the step (divided by the Monitor's ``grad_scaler`` scale;
+    equal to ``grad_norm`` offline and when no backward was seen).
+
+    Computed in the gradients' dtype with foreach kernels; the values stay on the
+    device (``syncs = False``)."""
 
     modifies_state = False
+    syncs = False
 
-    needs = frozenset({"gradients"})
+    needs = frozenset({"gradients", "before_clip"})
 
     def __init__(self, every=1, name=None, *, per_layer: bool = False) -> None:
         super().__init__(every, name)
         self.per_layer = per_layer
 
     def compute(self, ctx: StepContext) -> Mapping:
-        g = ctx.gradients
-        out: dict = {"grad_norm": float(torch.linalg.vector_norm(g))}
+        grads = ctx.grads
+        present = [g for g in grads if g is not None]
+        with torch.no_grad():
+            norms = iter(torch._foreach_norm(present) if present else [])
+            per = [None if g is None else next(norms) for g in grads]
+        total = _l2(per)
+        before = ctx.norms_before_clip
+        out: dict = {"grad_norm": total, "grad_norm_before_clip": total if before is None else _l2(before)}
         if self.per_layer:
-            parts = torch.split(g, [p.numel() for p in ctx.params])
-            out["grad_norm"] = {"": out["grad_norm"], **{n: float(torch.linalg.vector_norm(t)) for n, t in zip(ctx.names, parts)}}
+            zero = torch.zeros((), dtype=ctx.params[0].dtype, device=ctx.params[0].device) if ctx.params else 0.0
+            out["grad_norm"] = {"": total, **{n: zero if v is None else v for n, v in zip(ctx.names, per)}}
         return out
+
+
+def _l2(norms: list) -> torch.Tensor | float:
+    """The L2 combination of per-tensor norms (0-d tensors; ``None`` skipped), on the device."""
+    norms = [n for n in norms if n is not None]
+    if not norms:
+        return 0.0
+    if len({(n.dtype, n.device) for n in norms}) > 1:  # mixed dtypes or devices: combine in float64
+        norms = [n.to(norms[0].device, torch.float64) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 class GradientCoherence(Probe):

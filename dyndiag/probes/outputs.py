@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..quantities.softmax import softmax_collapse
+from ..quantities.softmax import collapsed_fraction
 from .base import Probe
 from .context import StepContext
 
@@ -15,15 +15,17 @@ __all__ = ["SoftmaxCollapse", "DataScores"]
 
 class SoftmaxCollapse(Probe):
     """``collapsed_fraction``: the fraction of the last training forward's rows whose
-    top softmax probability is exactly 1 in the logits' dtype."""
+    top softmax probability is exactly 1 in the logits' dtype (the value stays on
+    the device: ``syncs = False``)."""
 
     modifies_state = False
+    syncs = False
 
     needs = frozenset({"logits"})
 
     def compute(self, ctx: StepContext) -> Mapping:
         logits = ctx.logits
-        return {"collapsed_fraction": softmax_collapse(logits.reshape(-1, logits.shape[-1]))}
+        return {"collapsed_fraction": collapsed_fraction(logits.reshape(-1, logits.shape[-1]))}
 
 
 class DataScores(Probe):

@@ -18,7 +18,7 @@ from torch import nn
 from ._common import check_model, select_params
 from .gradients import mean_gradient
 
-__all__ = ["softmax_collapse", "gradient_weight_cosine"]
+__all__ = ["softmax_collapse", "collapsed_fraction", "gradient_weight_cosine"]
 
 
 def softmax_collapse(logits: torch.Tensor) -> float:
@@ -44,6 +44,18 @@ def softmax_collapse(logits: torch.Tensor) -> float:
     float
         The collapsed fraction in ``[0, 1]``.
     """
+    return float(collapsed_fraction(logits))
+
+
+def collapsed_fraction(logits: torch.Tensor) -> torch.Tensor:
+    """:func:`softmax_collapse` as a 0-d float64 tensor on the logits' device (float32 on MPS), computed
+    without a host synchronisation (what the SoftmaxCollapse probe records).
+
+    Parameters
+    ----------
+    logits
+        As for :func:`softmax_collapse`: ``(n, C)`` floating point, ``n, C >= 1``.
+    """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -55,7 +67,8 @@ def softmax_collapse(logits: torch.Tensor) -> float:
         raise ValueError(f"logits must have at least one row and one column, got shape {tuple(logits.shape)}")
     z = logits.detach()
     s = torch.exp(z - z.amax(dim=1, keepdim=True)).sum(dim=1)
-    return float((s == 1).sum().item()) / n
+    # An exact count divided in float64: the same number as float(count) / n (MPS has no float64).
+    return (s == 1).sum(dtype=torch.float32 if z.device.type == "mps" else torch.float64) / n
 
 
 def gradient_weight_cosine(

@@ -53,7 +53,7 @@ def _probes():
     ]
 
 
-def _fit(tmp_path, callbacks=(), steps=6, opt="sgd", accumulate=1, logger=False):
+def _fit(tmp_path, callbacks=(), steps=6, opt="sgd", accumulate=1, logger=False, clip=None, plugins=None):
     """Seeded training on a shuffling loader; returns the trained module and its trainer."""
     L.seed_everything(0, verbose=False)
     x, y = classification_data(n=64, dtype=torch.float32)
@@ -63,6 +63,7 @@ def _fit(tmp_path, callbacks=(), steps=6, opt="sgd", accumulate=1, logger=False)
         accelerator="cpu", devices=1, max_steps=steps, callbacks=list(callbacks), logger=logger,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         accumulate_grad_batches=accumulate, default_root_dir=tmp_path, log_every_n_steps=1,
+        gradient_clip_val=clip, plugins=plugins,
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -135,6 +136,31 @@ def test_gradient_accumulation_probes_the_optimizer_steps_only(tmp_path):
     df = dd.load_records(tmp_path / "run")
     assert sorted(set(df.step)) == [0, 1, 2]
     assert df.groupby("step").size().tolist() == [3, 3, 3]  # grad_norm, grad_norm_before_clip, directional
+
+
+@pytest.mark.parametrize("accumulate,scaler", [(1, False), (2, False), (2, True)])
+def test_gradient_clip_val_grad_norm_is_the_applied_gradient_and_before_clip_the_accumulated_one(
+    tmp_path, accumulate, scaler
+):
+    """With a gradient scaler Lightning runs the closure itself, then scaler.step(optimizer):
+    the other path of the callback; the snapshot at the end of backward is divided by the scale."""
+    plugins = None
+    if scaler:
+        amp = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        plugins = [L.pytorch.plugins.MixedPrecision("16-mixed", "cpu", scaler=amp)]
+    before = []
+
+    class Spy(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):  # after unscaling, before clipping
+            before.append(float(torch.cat([p.grad.reshape(-1) for p in module.parameters()]).norm()))
+
+    cb = DiagnosticsCallback([P.GradientNorm(), P.EdgeOfStability(every=2)], log_dir=tmp_path / "run")
+    _fit(tmp_path, [Spy(), cb], steps=3, accumulate=accumulate, clip=0.05, plugins=plugins)
+    df = dd.load_records(tmp_path / "run")
+    values = lambda metric: df[df.metric == metric].sort_values("step").value.tolist()  # noqa: E731
+    assert min(before) > 0.05  # every step was clipped
+    assert values("grad_norm_before_clip") == pytest.approx(before, rel=1e-6)
+    assert values("grad_norm") == pytest.approx([b * 0.05 / (b + 1e-6) for b in before], rel=1e-5)
 
 
 def test_scalars_reach_the_trainers_logger_and_probes_do_not_log_through_the_module(tmp_path):

@@ -43,12 +43,12 @@ def _model():
     return transformers.BertForSequenceClassification(config)
 
 
-def _train(tmp_path, callbacks=(), steps=4, accumulate=1, with_trainer=False, strict=True):
+def _train(tmp_path, callbacks=(), steps=4, accumulate=1, with_trainer=False, strict=True, **options):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=accumulate, learning_rate=5e-3, use_cpu=True, report_to=[],
-        save_strategy="no", logging_strategy="steps", logging_steps=2, disable_tqdm=True, seed=0,
-        dataloader_num_workers=0,
+        save_strategy="no", logging_strategy="steps", disable_tqdm=True, seed=0,
+        dataloader_num_workers=0, **{"logging_steps": 2, **options},
     )
     model = _model()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Sentences(), callbacks=list(callbacks))
@@ -127,6 +127,18 @@ def test_probe_batch_is_the_first_examples_and_gradients_are_the_clipped_ones(tm
         expected = float(model(**batch).loss)
     loss = df[(df.probe == "edge_of_stability") & (df.metric == "loss")]
     assert list(loss.step) == [0] and loss.value.iloc[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_max_grad_norm_grad_norm_is_the_applied_gradient_and_before_clip_the_trainers_own(tmp_path):
+    cb = DiagnosticsCallback([P.GradientNorm()], log_dir=tmp_path / "run")
+    _, trainer = _train(tmp_path, [cb], steps=3, accumulate=2, with_trainer=True, max_grad_norm=0.05, logging_steps=1)
+    df = dd.load_records(tmp_path / "run")
+    values = lambda metric: df[df.metric == metric].sort_values("step").value.tolist()  # noqa: E731
+    # The Trainer logs the norm clip_grad_norm_ returned (before clipping) after each step.
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(logged) == 3 and min(logged) > 0.05
+    assert values("grad_norm_before_clip") == pytest.approx(logged, rel=1e-5)
+    assert values("grad_norm") == pytest.approx([b * 0.05 / (b + 1e-6) for b in logged], rel=1e-5)
 
 
 def test_gradient_accumulation_probes_optimizer_steps_only(tmp_path, monkeypatch):

@@ -265,6 +265,25 @@ def test_layer_rotation_of_a_rotated_and_rescaled_copy(dtype, angle, tol):
     assert all(abs(v - want) <= tol * want for v in res.values()), res
 
 
+@pytest.mark.parametrize("n", [10, 1000, 100_000])
+def test_rotation_meter_in_float32_stays_within_its_documented_floor_of_float64(n):
+    from dyndiag.quantities.rotation import RotationMeter
+
+    g = torch.Generator().manual_seed(n)
+    for angle in (1e-7, 1e-5, 1e-3, 1e-1, 2.0):
+        for scale in (1.0, 0.5, 3.0):
+            w0 = torch.randn(n, generator=g, dtype=F64) * 0.05 + 0.01
+            u = torch.randn(n, generator=g, dtype=F64)
+            u = u - (u @ w0) / (w0 @ w0) * w0
+            w = scale * (math.cos(angle) * w0 + math.sin(angle) * u / u.norm() * w0.norm())
+            w32, w0_32 = w.float(), w0.float()  # the same float32 numbers, judged in both dtypes
+            (exact,) = RotationMeter([w32.double()], [w0_32.double()], dtype=F64)()
+            (got,) = RotationMeter([w32], [w0_32])()
+            assert got.dtype == torch.float32
+            r = float(exact)
+            assert abs(float(got) - r) <= 1e-12 + 2e-7 * math.sqrt(r) + 1e-5 * r, (angle, scale, float(got), r)
+
+
 def test_layer_rotation_bad_references():
     model = tanh_mlp()
     sd = {k: v.clone() for k, v in model.state_dict().items()}

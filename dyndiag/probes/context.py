@@ -163,7 +163,7 @@ class StepContext:
     def norms_before_clip(self) -> list[torch.Tensor | None] | None:
         """Per parameter of ``params``, the 0-d norm of its gradient at the end of the
         last backward before this step (``None`` for a parameter without one), or
-        ``None`` when no backward was seen (offline: no clipping to undo)."""
+        ``None`` when no backward was seen (offline, always)."""
         snap = self.run.norms_before_clip
         if snap is None:
             return None

@@ -17,8 +17,9 @@ class GradientNorm(Probe):
     parameters; after clipping and unscaling: read just before the update), and per
     parameter tensor (keys = parameter names) when ``per_layer=True``;
     ``grad_norm_before_clip``: the norm of the gradient accumulated by the end of the
-    last backward before the step (divided by the Monitor's ``grad_scaler`` scale;
-    equal to ``grad_norm`` offline and when no backward was seen).
+    last backward before the step (divided by the Monitor's ``grad_scaler`` scale);
+    recorded when a backward was seen since the previous step (not offline, where
+    the gradient is dyndiag's own and never clipped).
 
     Computed in the gradients' dtype with foreach kernels; the values stay on the
     device (``syncs = False``)."""
@@ -39,8 +40,10 @@ class GradientNorm(Probe):
             norms = iter(torch._foreach_norm(present) if present else [])
             per = [None if g is None else next(norms) for g in grads]
         total = _l2(per)
+        out: dict = {"grad_norm": total}
         before = ctx.norms_before_clip
-        out: dict = {"grad_norm": total, "grad_norm_before_clip": total if before is None else _l2(before)}
+        if before is not None:
+            out["grad_norm_before_clip"] = _l2(before)
         if self.per_layer:
             zero = torch.zeros((), dtype=ctx.params[0].dtype, device=ctx.params[0].device) if ctx.params else 0.0
             out["grad_norm"] = {"": total, **{n: zero if v is None else v for n, v in zip(ctx.names, per)}}

@@ -93,11 +93,14 @@ class RotationMeter:
 
     ``1 - cos(w, w_ref) = ||w/||w|| - w_ref/||w_ref|| ||^2 / 2`` per tensor with
     foreach kernels, in ``dtype`` (default: each tensor's own, at least float32).
-    Nothing is brought to the host: a call returns 0-d tensors. The formula has no
-    cancellation: in float32 its error against float64 stays below about
-    ``1e-13 + 1e-6 * value`` (rounding of the normalised tensors: ``eps^2`` plus
-    ``eps * sqrt(value / n)``; tested), where ``1 - cos`` computed directly would
-    round to 0 below about 1e-7.
+    Nothing is brought to the host: a call returns 0-d tensors.
+
+    Precision floor: the formula has no cancellation. In float32 the error against
+    float64 stays below ``1e-12 + 2e-7 * sqrt(r) + 1e-5 * r`` for a rotation ``r``
+    (measured at half that bound or less for tensors of 10 to 10^6 elements, angles
+    1e-7 to 2 rad, norms changed by factors 0.5 to 3; tested): the rounding of the
+    normalised tensors (``eps * sqrt(r / n)``) and of the norms' sums. A direct
+    ``1 - cos`` in float32 rounds to 0 below ``r`` of about 6e-8.
 
     Parameters
     ----------

@@ -1,38 +1,43 @@
-"""Monitor overhead on a digits MLP training step (a benchmark, not a test).
+"""Monitor overhead on real training steps (a benchmark, not a test).
 
-design.md: the Monitor's own cost (scheduling, shared needs, state guard, record
-writing) beyond hand-written hooks that compute the same numbers must be at most
-5 % of a step. The cheap probes' arithmetic itself is not the monitor's cost.
+design.md: the Monitor's own cost beyond hand-written hooks that compute the same
+numbers in the same dtype with foreach kernels, records on disk, at most 5 % of a
+step; the default probe set of ``dyndiag demo`` with curvature every 100 steps at
+most 10 % amortised on the CNN.
 
-Measures, per training step (MLP 64-48-10, batch 128, SGD with momentum, float32),
-the median and the minimum over interleaved repeats:
-  plain       the training step alone
-  hand        + hand-written hooks computing the same numbers every step (grad norm,
-                per-layer rotation as dyndiag computes it: float64 ||u - u0||^2 / 2,
-                Softmax-Collapse fraction), appended to a Python list
-  hand f32 cos  the same with rotation as a float32 cosine (cheaper, less precise at
-                small angles), for reference
-  hand+file   hand, and each step's numbers also appended to a CSV file with one
-                os.write() (in the page cache when the hook returns, so a SIGKILL
-                loses no finished step: the guarantee the record store gives)
-  monitor     + dd.Monitor with GradientNorm, LayerRotation, SoftmaxCollapse every
-                step, records in memory (log_dir=None)
-  monitor+db  the same, written to the record store (log_dir=...): one SQLite
-                transaction per step on the training thread (committed, readable
-                and safe from a SIGKILL when the step returns)
+Models (float32, batch 128, random-index mini-batches):
+  mlp   64-512-512-10 (0.30 M parameters) on the digits, Adam (lr 1e-3)
+  cnn   the CIFAR-style ResNet of benchmarks/scale.py at width 19 (1.0 M parameters),
+        random 32x32x3 inputs and labels, SGD with momentum 0.9
 
-Each repeat first runs ``--warmup`` untimed steps (default 300), so the timed steps
-are the steady state of a run; the first steps' own cost is printed on its own line.
+Modes, per training step:
+  plain    the step alone
+  hand     + hooks written by hand: a forward hook keeping the logits, an optimizer
+           pre-step hook computing the gradient norm (torch._foreach_norm), the
+           rotation of every parameter tensor as ||w/|w| - w0/|w0| ||^2 / 2 (foreach,
+           float32) and the Softmax-Collapse fraction, kept on the device; every 50
+           steps one copy to the host and one os.write() of CSV lines
+  monitor  + dd.Monitor with GradientNorm, LayerRotation, SoftmaxCollapse every step,
+           log_dir on disk (SQLite; sync_every=50, the default). It also records
+           grad_norm_before_clip, from its end-of-backward snapshot (the hooks do not)
+  demo     + dd.Monitor with the probe set of `dyndiag demo` (GradientNorm(per_layer),
+           SoftmaxCollapse every step, LayerRotation every 10) with every other probe
+           (EdgeOfStability, HessianSpectrum k=5 with density, GradientCoherence,
+           DataScores on 512 examples, DirectionalSharpness, SafeStepRadius,
+           SubspaceOverlap k=10) every 100 steps, probe batch = a training batch;
+           timed on its cheap steps (those between curvature steps).
 
-    python benchmarks/monitor.py [--steps 200] [--warmup 300] [--repeats 15] [--threads 1] [--clock wall|thread]
-                                 [--modes plain,hand,monitor,monitor+db]
+The amortised demo cost is (one step with every probe due + 99 cheap steps) / 100
+plain steps - 1: the step with everything due is timed on its own (``--curvature``
+repeats of it; on the CNN on a CPU that step takes minutes, so it is measured only
+with ``--cnn-curvature``).
 
-``--modes`` runs a subset (``plain`` and ``hand`` are always in it): fewer modes
-give more repeats in the same time.
+Rounds interleave the modes in a shuffled order, each after ``--warmup`` untimed
+steps; overheads are paired (the median over rounds of the same round's difference,
+divided by that round's plain step) with a 95 % bootstrap interval.
 
-``--clock thread`` times the loop with ``time.thread_time()``, the training thread's
-own CPU time (with one torch thread, all of the step's work): it leaves out time the
-thread spends preempted or waiting on a shared VM; the default wall clock keeps it.
+    python benchmarks/monitor.py [--models mlp,cnn] [--rounds R] [--steps S] [--clock wall|thread]
+                                 [--threads 1] [--cnn-curvature] [--quick]
 """
 
 from __future__ import annotations
@@ -41,163 +46,207 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
-import types
 
 import torch
 from torch import nn
 
-import dyndiag as dd
-from dyndiag.datasets import load_digits
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dyndiag as dd  # noqa: E402
+from scale import resnet  # noqa: E402
 
+P = dd.probes
+SYNC_EVERY = 50
 CLOCK = time.perf_counter
 
 
-def run(mode: str, steps: int, x, y, seed: int = 0, warmup: int = 0) -> float:
-    """Seconds per step over ``steps`` timed steps, after ``warmup`` untimed ones (whose
-    seconds per step go to ``WARMUP_TIMES[mode]`` when ``warmup`` > 0)."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+def make(name: str, quick: bool):
+    """(model, optimizer, x, y): a fresh seeded setup."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        from dyndiag.datasets import load_digits
+
+        x, y, _, _ = load_digits()
+        model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3), x, y
+    model = resnet(6 if quick else 19)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1024, 3, 32, 32, generator=g), torch.randint(0, 10, (1024,), generator=g)
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), x, y
+
+
+class Hand:
+    """The cheap probes' numbers, written by hand in the same dtype with foreach kernels."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
+        self.params = list(model.parameters())
+        with torch.no_grad():
+            w0 = [p.detach().clone() for p in self.params]
+            self.u0 = torch._foreach_div(w0, torch._foreach_norm(w0))
+        self.values: list = []
+        self.step = 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.handles = [model.register_forward_hook(self.keep), opt.register_step_pre_hook(self.measure)]
+
+    def keep(self, module, inputs, output) -> None:
+        self.logits = output.detach()
+
+    @torch.no_grad()
+    def measure(self, opt, args, kwargs) -> None:
+        grad = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.params])))
+        u = torch._foreach_div(self.params, torch._foreach_norm(self.params))
+        torch._foreach_sub_(u, self.u0)
+        rotation = torch.stack(torch._foreach_norm(u)) ** 2 / 2
+        z = self.logits
+        collapsed = (torch.exp(z - z.amax(1, keepdim=True)).sum(1) == 1).sum(dtype=torch.float64) / len(z)
+        self.values.append((self.step, torch.cat([grad[None], rotation, collapsed[None].float()])))
+        self.step += 1
+        if len(self.values) == SYNC_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.values:
+            rows = torch.stack([v for _, v in self.values]).tolist()  # one copy
+            os.write(self.fd, "".join(f"{s},{','.join(map(repr, r))}\n" for (s, _), r in zip(self.values, rows)).encode())
+            self.values = []
+
+    def close(self) -> None:
+        self.flush()
+        for h in self.handles:
+            h.remove()
+        os.close(self.fd)
+
+
+def demo_probes(x, y, every: int = 100):
+    return [
+        P.GradientNorm(per_layer=True), P.LayerRotation(every=10), P.SoftmaxCollapse(),
+        P.EdgeOfStability(every=every), P.HessianSpectrum(every=every, k=5, density=True),
+        P.GradientCoherence(every=every), P.DataScores((x[:512], y[:512]), every=every),
+        P.DirectionalSharpness(every=every), P.SafeStepRadius(every=every), P.SubspaceOverlap(every=every, k=10),
+    ]
+
+
+def run(name: str, mode: str, steps: int, warmup: int, quick: bool, seed: int = 0) -> list[float]:
+    """Seconds of each timed step (after ``warmup`` untimed ones)."""
+    model, opt, x, y = make(name, quick)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, len(y), (128,), generator=gen) for _ in range(warmup + steps)]
-    rows: list = []
-    mon = None
-    handles = []
-    tmp = None
-    if mode.startswith("hand"):
-        fd = None
-        if mode == "hand+file":
-            tmp = tempfile.TemporaryDirectory()
-            fd = os.open(os.path.join(tmp.name, "rows.csv"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            handles.append(types.SimpleNamespace(remove=lambda: os.close(fd)))
-        step = [0]
-        init = [p.detach().clone() for p in model.parameters()]
-        names = [n for n, _ in model.named_parameters()]
-        # The same number dyndiag records: 1 - cos as ||u - u0||^2 / 2 in float64.
-        unit0 = [(w0.reshape(-1).double() / w0.double().norm()) for w0 in init]
-        last = {}
-        handles.append(model.register_forward_hook(lambda m, i, o: last.__setitem__("logits", o.detach())))
-
-        def pre_hook(optimizer, args, kwargs):
-            g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-            rows.append(("grad_norm", float(torch.linalg.vector_norm(g))))
-            for n, p, w0, u0 in zip(names, model.parameters(), init, unit0):
-                if mode == "hand f32 cos":  # a cheaper, less precise number (for reference)
-                    cos = torch.nn.functional.cosine_similarity(p.detach().reshape(1, -1), w0.reshape(1, -1))
-                    rows.append((n, float(1 - cos)))
-                else:  # as cheaply as dyndiag does it: in place, one dot product
-                    w = p.detach().reshape(-1).double()
-                    d = w.div_(torch.linalg.vector_norm(w)).sub_(u0)
-                    rows.append((n, 0.5 * float(torch.dot(d, d))))
-            z = last["logits"]
-            collapsed = (torch.exp(z - z.max(1, keepdim=True).values).sum(1) == 1).float().mean()
-            rows.append(("collapsed", float(collapsed)))
-            if fd is not None:  # this step's rows (the last 1 + len(names) + 1), one line each
-                s = step[0]
-                os.write(fd, "".join(f"{s},{n},{v!r}\n" for n, v in rows[-len(names) - 2:]).encode())
-            step[0] += 1
-
-        handles.append(opt.register_step_pre_hook(pre_hook))
-    elif mode.startswith("monitor"):
-        probes = [dd.probes.GradientNorm(), dd.probes.LayerRotation(), dd.probes.SoftmaxCollapse()]
-        log_dir = None
-        if mode == "monitor+db":
-            tmp = tempfile.TemporaryDirectory()
-            log_dir = tmp.name
-        mon = dd.Monitor(model, opt, probes, log_dir=log_dir)
-    t0 = CLOCK()
+    tmp = tempfile.TemporaryDirectory()
+    attached = None
+    if mode == "hand":
+        attached = Hand(model, opt, os.path.join(tmp.name, "rows.csv"))
+    elif mode == "monitor":
+        attached = dd.Monitor(model, opt, [P.GradientNorm(), P.LayerRotation(), P.SoftmaxCollapse()], log_dir=tmp.name)
+    elif mode == "demo":  # its cheap steps: from step 1, and the other probes never due
+        attached = dd.Monitor(model, opt, demo_probes(x, y, every=10**9), loss_fn=loss_fn,
+                              probe_data=(x[batches[0]], y[batches[0]]), log_dir=tmp.name, start_step=1)
+    times = []
     for i, idx in enumerate(batches):
-        if i == warmup:
-            if warmup:
-                WARMUP_TIMES.setdefault(mode, []).append((CLOCK() - t0) / warmup)
-            t0 = CLOCK()
+        t0 = CLOCK()
         opt.zero_grad()
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
-    elapsed = (CLOCK() - t0) / steps
-    if mon is not None:
+        if i >= warmup:
+            times.append(CLOCK() - t0)
+    attached is not None and attached.close()
+    tmp.cleanup()
+    return times
+
+
+def curvature_step(name: str, quick: bool, repeats: int) -> list[float]:
+    """Seconds of a step at which every demo probe is due (step 0 of a Monitor), after 3 plain steps."""
+    out = []
+    for r in range(repeats):
+        model, opt, x, y = make(name, quick)
+        loss_fn = nn.CrossEntropyLoss()
+        gen = torch.Generator().manual_seed(r)
+        batches = [torch.randint(0, len(y), (128,), generator=gen) for _ in range(4)]
+        tmp = tempfile.TemporaryDirectory()
+        mon = None
+        for i, idx in enumerate(batches):
+            if i == 3:
+                mon = dd.Monitor(model, opt, demo_probes(x, y), loss_fn=loss_fn, probe_data=(x[idx], y[idx]),
+                                 log_dir=tmp.name)
+            t0 = CLOCK()
+            opt.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+            elapsed = CLOCK() - t0
         mon.close()
-    for h in handles:
-        h.remove()
-    if tmp is not None:
         tmp.cleanup()
-    return elapsed
+        out.append(elapsed)
+    return out
 
 
-MODES = ["plain", "hand", "hand f32 cos", "hand+file", "monitor", "monitor+db"]
-WARMUP_TIMES: dict = {}  # mode -> seconds per step of each repeat's untimed first steps
+def paired(times: dict, m: str, base: str) -> list[float]:
+    """(m - base) / plain per round, all from the same round."""
+    return [(a - b) / c for a, b, c in zip(times[m], times[base], times["plain"])]
+
+
+def interval(d: list[float]) -> tuple[float, float]:
+    boot = random.Random(1)
+    meds = sorted(statistics.median(boot.choices(d, k=len(d))) for _ in range(2000))
+    return meds[50], meds[1949]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=300,
-                    help="untimed steps per repeat before the timed ones (0: time from the first step)")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--rounds", type=int, default=None, help="default: mlp 9, cnn 3")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round; default: mlp 150, cnn 4")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per round; default: mlp 50, cnn 2")
+    ap.add_argument("--curvature", type=int, default=1, help="timed steps with every demo probe due (mlp)")
+    ap.add_argument("--cnn-curvature", action="store_true",
+                    help="also time a CNN step with every demo probe due (minutes on a CPU)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
+    ap.add_argument("--quick", action="store_true", help="CNN at width 6, fewer rounds and steps (a smoke run)")
     args = ap.parse_args()
-    chosen = {m.strip() for m in args.modes.split(",") if m.strip()}
-    if chosen - set(MODES):
-        ap.error(f"--modes: unknown {sorted(chosen - set(MODES))}; choose from {', '.join(MODES)}")
-    modes = [m for m in MODES if m in chosen | {"plain", "hand"}]
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(args.threads)
-    x, y, _, _ = load_digits()
-    for m in modes:  # warm-up of the process (imports, allocator), not recorded
-        run(m, 20, x, y)
-    times = {m: [] for m in modes}
-    order = random.Random(0)
-    for r in range(args.repeats):
-        # Every mode once per round, in a shuffled order: drift hits every mode alike.
-        for m in order.sample(modes, len(modes)):
-            times[m].append(run(m, args.steps, x, y, seed=r, warmup=args.warmup))
-    med = {m: statistics.median(v) for m, v in times.items()}
-    low = {m: min(v) for m, v in times.items()}  # noise only adds time: the fastest repeat is one estimate
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.steps} steps x {args.repeats} repeats "
-          f"after {args.warmup} untimed steps each, {args.clock} clock")
-    print(f"{'mode':17s} {'median ms/step':>15s} {'min ms/step':>12s} {'min vs plain':>13s}")
-    for m in modes:
-        print(f"{m:17s} {med[m] * 1e3:15.4f} {low[m] * 1e3:12.4f} {low[m] / low['plain']:13.3f}")
-
-    def differences(m: str, base: str, t: dict = times) -> list:
-        """(m - base) / plain in each round, all three from the same round."""
-        return [(a - b) / c for a, b, c in zip(t[m], t[base], t["plain"])]
-
-    def paired(m: str, base: str, t: dict = times) -> float:
-        """Median over rounds of the same round's difference: the estimate least moved
-        by the machine's drift between rounds."""
-        return statistics.median(differences(m, base, t))
-
-    def interval(m: str, base: str) -> tuple:
-        """95 % percentile-bootstrap interval of the paired median (rounds resampled)."""
-        d = differences(m, base)
-        boot = random.Random(1)
-        meds = sorted(statistics.median(boot.choices(d, k=len(d))) for _ in range(2000))
-        return meds[50], meds[1949]
-
-    print("the monitor's own cost, % of a plain step (target <= 5 %): "
-          "paired = median over rounds of the same round's difference, with a 95 % bootstrap interval")
-    print(f"{'mode':17s} {'vs':13s} {'paired':>7s} {'95 % interval':>15s} {'median':>7s} {'min':>7s}")
-    rows = [(m, "hand") for m in ("monitor", "monitor+db")] + [("monitor+db", "hand+file"), ("monitor+db", "monitor")]
-    for m, base in rows:
-        if m not in times or base not in times:
-            continue
-        lo, hi = interval(m, base)
-        own = [100 * (t[m] - t[base]) / t["plain"] for t in (med, low)]
-        print(f"{m:17s} {base:13s} {100 * paired(m, base):7.1f} {f'[{100 * lo:.1f}, {100 * hi:.1f}]':>15s} "
-              + " ".join(f"{v:7.1f}" for v in own))
-    print(f"the probes' arithmetic itself (hand vs plain): paired {100 * paired('hand', 'plain'):.1f} %")
-    if args.warmup:
-        print(f"the first {args.warmup} steps (untimed above), own cost against hand, paired: "
-              + ", ".join(f"{m} {100 * paired(m, 'hand', WARMUP_TIMES):.1f} %"
-                          for m in ("monitor", "monitor+db") if m in times))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, {os.cpu_count()} CPUs")
+    for name in args.models.split(","):
+        cnn = name == "cnn"
+        rounds = args.rounds or (2 if args.quick else 3 if cnn else 9)
+        steps = args.steps or (3 if args.quick else 4 if cnn else 150)
+        warmup = args.warmup if args.warmup is not None else (2 if cnn else 50)
+        model = make(name, args.quick)[0]
+        dim = sum(p.numel() for p in model.parameters())
+        modes = ["plain", "hand", "monitor", "demo"]
+        for m in modes:  # the process's own warm-up (allocator, imports), not recorded
+            run(name, m, 2, 0, args.quick)
+        times: dict = {m: [] for m in modes}
+        order = random.Random(0)
+        for r in range(rounds):
+            for m in order.sample(modes, len(modes)):
+                times[m].append(statistics.mean(run(name, m, steps, warmup, args.quick, seed=r)))
+        print(f"\n{name}: {dim / 1e6:.2f} M parameters, batch 128, {steps} steps x {rounds} rounds "
+              f"after {warmup} untimed steps each")
+        print(f"{'mode':9s} {'median ms/step':>15s}")
+        for m in modes:
+            print(f"{m:9s} {1e3 * statistics.median(times[m]):15.2f}")
+        print(f"{'':9s} {'vs':6s} {'paired %':>9s} {'95 % interval':>16s}")
+        for m, base, what in (("hand", "plain", "the arithmetic itself"), ("monitor", "hand", "target <= 5 %"),
+                              ("demo", "plain", "cheap steps of the demo set")):
+            d = paired(times, m, base)
+            lo, hi = interval(d)
+            print(f"{m:9s} {base:6s} {100 * statistics.median(d):9.2f} {f'[{100 * lo:.2f}, {100 * hi:.2f}]':>16s}  {what}")
+        if not cnn or args.cnn_curvature:
+            step = statistics.median(curvature_step(name, args.quick, 1 if cnn else args.curvature))
+            plain, cheap = statistics.median(times["plain"]), statistics.median(times["demo"])
+            amortised = (step + 99 * cheap) / (100 * plain) - 1
+            print(f"demo, a step with every probe due: {step:.2f} s = {step / plain:.0f} plain steps; amortised "
+                  f"over 100 steps: {100 * amortised:.1f} % of a plain step (target <= 10 % on the CNN)")
+            # ((step - plain) + (N - 1) (cheap - plain)) / (N plain) <= 10 %  <=>  N >= ...
+            room = 0.1 * plain - (cheap - plain)
+            needed = f"every {(step - cheap) / room:.0f} steps or more" if room > 0 else "no period (the cheap steps alone cost more)"
+            print(f"   the 10 % target needs the probes other than the cheap ones {needed}")
 
 if __name__ == "__main__":
     main()

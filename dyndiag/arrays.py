@@ -27,16 +27,24 @@ def to_floats(tensors: list) -> list[float]:
     """The values of 0-d tensors (any dtypes and devices) as Python floats, in one
     device-to-host copy.
 
-    Values of one dtype are stacked as they are; mixed dtypes are widened to float64
-    first (exact for every floating type). Nothing else synchronises with the device.
+    Tensors of one dtype and device are stacked as they are; several kinds are each
+    stacked, widened to float64 (exact for every floating type) and joined on the
+    first tensor's device. Nothing else synchronises with the device.
     """
     import torch
 
     if not tensors:
         return []
-    first = tensors[0]
-    if all(t.dtype == first.dtype and t.device == first.device for t in tensors):
-        flat = torch.stack(tensors)
-    else:
-        flat = torch.stack([t.to(device=first.device, dtype=torch.float64) for t in tensors])
-    return [float(v) for v in flat.tolist()]
+    kinds: dict = {}
+    for i, t in enumerate(tensors):
+        kinds.setdefault((t.dtype, t.device), []).append(i)
+    if len(kinds) == 1:
+        return [float(v) for v in torch.stack(tensors).tolist()]
+    device = tensors[0].device
+    order = [i for idx in kinds.values() for i in idx]
+    flat = torch.cat([torch.stack([tensors[i] for i in idx]).to(device, torch.float64) for idx in kinds.values()])
+    values = flat.tolist()  # the one copy
+    out = [0.0] * len(tensors)
+    for i, v in zip(order, values):
+        out[i] = float(v)
+    return out

@@ -43,14 +43,17 @@ __all__ = [
 _PROBING: ContextVar[bool] = ContextVar("dyndiag_probing", default=False)
 
 
-@contextmanager
-def probing() -> Iterator[None]:
-    """Mark the block as dyndiag's own evaluation of the model (nestable)."""
-    token = _PROBING.set(True)
-    try:
-        yield
-    finally:
-        _PROBING.reset(token)
+class probing:  # noqa: N801 - used like a function: ``with probing():``
+    """Mark the block as dyndiag's own evaluation of the model (nestable).
+
+    A class rather than a generator context manager: it wraps every step's probes.
+    """
+
+    def __enter__(self) -> None:
+        self._token = _PROBING.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        _PROBING.reset(self._token)
 
 
 def is_probing() -> bool:

@@ -124,6 +124,8 @@ class RotationMeter:
             # The same ops as for the current weights below: an unmoved tensor gives exactly 0.
             self.u0 = torch._foreach_div(w0, norms) if w0 else []
             self.ref_norm = torch.stack([n.to(norms[0].device) for n in norms]) if norms else None
+            self.ref_zero = self.ref_norm == 0 if norms else None
+        self.devices = len({t.device for t in self.tensors}) > 1
 
     def __call__(self) -> list[torch.Tensor]:
         """The rotation of each tensor, as 0-d tensors in ``[0, 2]`` (NaN for non-finite weights)."""
@@ -137,12 +139,11 @@ class RotationMeter:
             u = torch._foreach_div(w, norms)
             torch._foreach_sub_(u, self.u0)
             dist, a = torch._foreach_norm(u), norms
-            if len({n.device for n in norms}) > 1:  # a model split over devices: combine on one
+            if self.devices:  # a model split over devices: combine on one
                 dist, a = [d.to(self.ref_norm.device) for d in dist], [n.to(self.ref_norm.device) for n in a]
             dist, a = torch.stack(dist), torch.stack(a)
             # A zero tensor on either side has cosine similarity 0 with the other (torch's
             # convention): rotation 1, or 0 when both are zero (0/0 above gave NaN there).
             # Non-finite weights give NaN.
-            degenerate = (a == 0) | (self.ref_norm == 0)
-            rot = torch.where(degenerate, (a != self.ref_norm).to(dist.dtype), dist * dist / 2)
+            rot = torch.where((a == 0) | self.ref_zero, a != self.ref_norm, dist.square_().mul_(0.5))
         return list(rot.unbind())

@@ -30,6 +30,7 @@ step whose probes synchronise anyway (curvature), and at ``close()`` (also from
 from __future__ import annotations
 
 import atexit
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -50,7 +51,8 @@ class Monitor:
     Parameters
     ----------
     model:
-        The trained module.
+        The trained module. Parameters on the meta device or uninitialised (lazy
+        modules before their first forward) are refused (``ValueError``).
     optimizer:
         Its optimizer; ``step`` counts its ``step()`` calls from 0.
     probes:
@@ -93,8 +95,10 @@ class Monitor:
     ----------
     run:
         The :class:`~dyndiag.probes.RunContext` the probes see: the model (the
-        module inside a DDP wrapper), optimizer, loss, probe data, trainable
-        parameters and the last training forward's outputs.
+        module inside a DDP wrapper), optimizer, loss, probe data, the parameters
+        the optimizer trains (re-read at every step: parameters added with
+        ``add_param_group`` or unfrozen enter every probe, frozen ones leave) and
+        the last training forward's outputs.
     step:
         The step the next ``optimizer.step()`` records under.
     """
@@ -170,8 +174,7 @@ class Monitor:
         for p in probes:
             p.setup(self.run)
         # A monitor that is never closed still writes its last steps when Python exits.
-        ref = weakref.ref(self)
-        self._close_at_exit = lambda: (lambda m: m is not None and m.close())(ref())
+        self._close_at_exit = _closer(weakref.ref(self))
         atexit.register(self._close_at_exit)
 
     # -- hooks --------------------------------------------------------------
@@ -432,3 +435,17 @@ class Monitor:
     def __repr__(self) -> str:
         return f"Monitor(step={self.step}, probes={[p.name for p in self.probes]}, log_dir={self.log_dir!r})"
 
+
+def _closer(ref: weakref.ref) -> Callable[[], None]:
+    """``close()`` of the Monitor behind ``ref`` if it still lives; at interpreter exit,
+    where an error (a log dir already deleted) can only be reported, not acted on."""
+
+    def close() -> None:
+        mon = ref()
+        if mon is not None:
+            try:
+                mon.close()
+            except Exception as err:  # pragma: no cover - depends on what exit tore down
+                print(f"dyndiag: a Monitor could not write its last steps at exit: {err}", file=sys.stderr)
+
+    return close

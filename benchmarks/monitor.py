@@ -12,14 +12,14 @@ Models (float32, batch 128, random-index mini-batches):
 
 Modes, per training step:
   plain    the step alone
-  hand     + hooks written by hand: a forward hook keeping the logits, an optimizer
-           pre-step hook computing the gradient norm (torch._foreach_norm), the
-           rotation of every parameter tensor as ||w/|w| - w0/|w0| ||^2 / 2 (foreach,
-           float32) and the Softmax-Collapse fraction, kept on the device; every 50
-           steps one copy to the host and one os.write() of CSV lines
+  hand     + hooks written by hand: a forward hook keeping the logits, gradient hooks
+           taking the gradient norm at the end of backward (before clipping), an
+           optimizer pre-step hook computing the gradient norm (torch._foreach_norm),
+           the rotation of every parameter tensor as ||w/|w| - w0/|w0| ||^2 / 2
+           (foreach, float32) and the Softmax-Collapse fraction, kept on the device;
+           every 50 steps one copy to the host and one os.write() of CSV lines
   monitor  + dd.Monitor with GradientNorm, LayerRotation, SoftmaxCollapse every step,
-           log_dir on disk (SQLite; sync_every=50, the default). It also records
-           grad_norm_before_clip, from its end-of-backward snapshot (the hooks do not)
+           log_dir on disk (SQLite; sync_every=50, the default): the same numbers
   demo     + dd.Monitor with the probe set of `dyndiag demo` (GradientNorm(per_layer),
            SoftmaxCollapse every step, LayerRotation every 10) with every other probe
            (EdgeOfStability, HessianSpectrum k=5 with density, GradientCoherence,
@@ -34,7 +34,11 @@ with ``--cnn-curvature``).
 
 Rounds interleave the modes in a shuffled order, each after ``--warmup`` untimed
 steps; overheads are paired (the median over rounds of the same round's difference,
-divided by that round's plain step) with a 95 % bootstrap interval.
+divided by that round's plain step) with a 95 % bootstrap interval. The Monitor's
+own cost is given twice: from whole steps (everything, but as noisy as the machine)
+and from the time spent inside the hooks of each (the Monitor's forward, gradient
+and optimizer hooks against the hand-written ones; precise, but blind to indirect
+costs such as cache misses the hooks cause in the step).
 
     python benchmarks/monitor.py [--models mlp,cnn] [--rounds R] [--steps S] [--clock wall|thread]
                                  [--threads 1] [--cnn-curvature] [--quick]
@@ -89,11 +93,23 @@ class Hand:
             self.u0 = torch._foreach_div(w0, torch._foreach_norm(w0))
         self.values: list = []
         self.step = 0
+        self.queued = False
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.handles = [model.register_forward_hook(self.keep), opt.register_step_pre_hook(self.measure)]
+        self.handles += [p.register_post_accumulate_grad_hook(self.on_grad) for p in self.params]
 
     def keep(self, module, inputs, output) -> None:
         self.logits = output.detach()
+
+    def on_grad(self, param) -> None:  # the gradient norm before clipping: at the end of backward
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.before_clip)
+
+    @torch.no_grad()
+    def before_clip(self) -> None:
+        self.queued = False
+        self.before = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.params])))
 
     @torch.no_grad()
     def measure(self, opt, args, kwargs) -> None:
@@ -103,7 +119,7 @@ class Hand:
         rotation = torch.stack(torch._foreach_norm(u)) ** 2 / 2
         z = self.logits
         collapsed = (torch.exp(z - z.amax(1, keepdim=True)).sum(1) == 1).sum(dtype=torch.float64) / len(z)
-        self.values.append((self.step, torch.cat([grad[None], rotation, collapsed[None].float()])))
+        self.values.append((self.step, torch.cat([grad[None], self.before[None], rotation, collapsed[None].float()])))
         self.step += 1
         if len(self.values) == SYNC_EVERY:
             self.flush()
@@ -121,6 +137,26 @@ class Hand:
         os.close(self.fd)
 
 
+IN_HOOKS = [0.0]  # seconds spent inside the hooks of the monitor or the hand-written ones
+
+
+def _in_hooks(method):
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            IN_HOOKS[0] += time.perf_counter() - t0
+
+    return timed
+
+
+for _name in ("_capture", "_on_grad", "_snapshot", "_pre_step", "_post_step"):
+    setattr(dd.Monitor, _name, _in_hooks(getattr(dd.Monitor, _name)))
+for _name in ("keep", "on_grad", "before_clip", "measure"):
+    setattr(Hand, _name, _in_hooks(getattr(Hand, _name)))
+
+
 def demo_probes(x, y, every: int = 100):
     return [
         P.GradientNorm(per_layer=True), P.LayerRotation(every=10), P.SoftmaxCollapse(),
@@ -130,8 +166,8 @@ def demo_probes(x, y, every: int = 100):
     ]
 
 
-def run(name: str, mode: str, steps: int, warmup: int, quick: bool, seed: int = 0) -> list[float]:
-    """Seconds of each timed step (after ``warmup`` untimed ones)."""
+def run(name: str, mode: str, steps: int, warmup: int, quick: bool, seed: int = 0) -> tuple[float, float]:
+    """Seconds per timed step (after ``warmup`` untimed ones), and of that inside hooks."""
     model, opt, x, y = make(name, quick)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
@@ -145,17 +181,16 @@ def run(name: str, mode: str, steps: int, warmup: int, quick: bool, seed: int = 
     elif mode == "demo":  # its cheap steps: from step 1, and the other probes never due
         attached = dd.Monitor(model, opt, demo_probes(x, y, every=10**9), loss_fn=loss_fn,
                               probe_data=(x[batches[0]], y[batches[0]]), log_dir=tmp.name, start_step=1)
-    times = []
     for i, idx in enumerate(batches):
-        t0 = CLOCK()
+        if i == warmup:
+            t0, IN_HOOKS[0] = CLOCK(), 0.0
         opt.zero_grad()
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
-        if i >= warmup:
-            times.append(CLOCK() - t0)
+    elapsed, hooks = CLOCK() - t0, IN_HOOKS[0]
     attached is not None and attached.close()
     tmp.cleanup()
-    return times
+    return elapsed / steps, hooks / steps
 
 
 def curvature_step(name: str, quick: bool, repeats: int) -> list[float]:
@@ -200,7 +235,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="default: mlp 9, cnn 3")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round; default: mlp 150, cnn 4")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per round; default: mlp 50, cnn 2")
-    ap.add_argument("--curvature", type=int, default=1, help="timed steps with every demo probe due (mlp)")
+    ap.add_argument("--curvature", type=int, default=1, help="timed steps with every demo probe due (0: none)")
     ap.add_argument("--cnn-curvature", action="store_true",
                     help="also time a CNN step with every demo probe due (minutes on a CPU)")
     ap.add_argument("--threads", type=int, default=1)
@@ -222,22 +257,30 @@ def main() -> None:
         for m in modes:  # the process's own warm-up (allocator, imports), not recorded
             run(name, m, 2, 0, args.quick)
         times: dict = {m: [] for m in modes}
+        hooks: dict = {m: [] for m in modes}
         order = random.Random(0)
         for r in range(rounds):
             for m in order.sample(modes, len(modes)):
-                times[m].append(statistics.mean(run(name, m, steps, warmup, args.quick, seed=r)))
+                step, inside = run(name, m, steps, warmup, args.quick, seed=r)
+                times[m].append(step)
+                hooks[m].append(inside)
         print(f"\n{name}: {dim / 1e6:.2f} M parameters, batch 128, {steps} steps x {rounds} rounds "
               f"after {warmup} untimed steps each")
-        print(f"{'mode':9s} {'median ms/step':>15s}")
+        print(f"{'mode':9s} {'median ms/step':>15s} {'in hooks ms':>12s}")
         for m in modes:
-            print(f"{m:9s} {1e3 * statistics.median(times[m]):15.2f}")
+            inside = f"{1e3 * statistics.median(hooks[m]):12.3f}" if m in ("hand", "monitor") else ""
+            print(f"{m:9s} {1e3 * statistics.median(times[m]):15.2f} {inside}")
         print(f"{'':9s} {'vs':6s} {'paired %':>9s} {'95 % interval':>16s}")
         for m, base, what in (("hand", "plain", "the arithmetic itself"), ("monitor", "hand", "target <= 5 %"),
                               ("demo", "plain", "cheap steps of the demo set")):
             d = paired(times, m, base)
             lo, hi = interval(d)
             print(f"{m:9s} {base:6s} {100 * statistics.median(d):9.2f} {f'[{100 * lo:.2f}, {100 * hi:.2f}]':>16s}  {what}")
-        if not cnn or args.cnn_curvature:
+        d = [(a - b) / c for a, b, c in zip(hooks["monitor"], hooks["hand"], times["plain"])]
+        lo, hi = interval(d)
+        print(f"{'monitor':9s} {'hand':6s} {100 * statistics.median(d):9.2f} {f'[{100 * lo:.2f}, {100 * hi:.2f}]':>16s}"
+              "  time inside the hooks only (target <= 5 %)")
+        if args.curvature and (not cnn or args.cnn_curvature):
             step = statistics.median(curvature_step(name, args.quick, 1 if cnn else args.curvature))
             plain, cheap = statistics.median(times["plain"]), statistics.median(times["demo"])
             amortised = (step + 99 * cheap) / (100 * plain) - 1

@@ -170,6 +170,7 @@ class Monitor:
         self._snapshots = any("before_clip" in p.needs for p in probes)
         self._grad_hooks: dict[int, object] = {}
         self._snapshot_queued = False
+        self._refreshed = -1  # the step whose parameters were last re-read
         self._hook_params()
         for p in probes:
             p.setup(self.run)
@@ -228,6 +229,9 @@ class Monitor:
 
     def _refresh(self) -> None:
         """Follow the optimizer: parameters added or unfrozen enter, frozen ones leave."""
+        if self._refreshed == self.step:  # once per step: at the end of its backward, or at the step
+            return
+        self._refreshed = self.step
         if not self.run.refresh():
             return
         self._hook_params()

@@ -35,10 +35,12 @@ class GradientNorm(Probe):
 
     def compute(self, ctx: StepContext) -> Mapping:
         grads = ctx.grads
-        present = [g for g in grads if g is not None]
         with torch.no_grad():
-            norms = iter(torch._foreach_norm(present) if present else [])
-            per = [None if g is None else next(norms) for g in grads]
+            if all(g is not None for g in grads):  # the usual case (`in` would compare tensors)
+                per = list(torch._foreach_norm(grads)) if grads else []
+            else:
+                norms = iter(torch._foreach_norm([g for g in grads if g is not None]))
+                per = [None if g is None else next(norms) for g in grads]
         total = _l2(per)
         out: dict = {"grad_norm": total}
         before = ctx.norms_before_clip
@@ -52,10 +54,12 @@ class GradientNorm(Probe):
 
 def _l2(norms: list) -> torch.Tensor | float:
     """The L2 combination of per-tensor norms (0-d tensors; ``None`` skipped), on the device."""
-    norms = [n for n in norms if n is not None]
+    if any(n is None for n in norms):
+        norms = [n for n in norms if n is not None]
     if not norms:
         return 0.0
-    if len({(n.dtype, n.device) for n in norms}) > 1:  # mixed dtypes or devices: combine in float64
+    first = norms[0]
+    if any(n.dtype != first.dtype or n.device != first.device for n in norms):  # mixed: combine in float64
         norms = [n.to(norms[0].device, torch.float64) for n in norms]
     return torch.linalg.vector_norm(torch.stack(norms))
 

@@ -125,6 +125,8 @@ class RotationMeter:
             self.u0 = torch._foreach_div(w0, norms) if w0 else []
             self.ref_norm = torch.stack([n.to(norms[0].device) for n in norms]) if norms else None
             self.ref_zero = self.ref_norm == 0 if norms else None
+            # Known once, on the host: the common case (no zero reference) then needs fewer kernels.
+            self.any_ref_zero = bool(self.ref_zero.any()) if norms else False
         self.devices = len({t.device for t in self.tensors}) > 1
 
     def __call__(self) -> list[torch.Tensor]:
@@ -145,5 +147,9 @@ class RotationMeter:
             # A zero tensor on either side has cosine similarity 0 with the other (torch's
             # convention): rotation 1, or 0 when both are zero (0/0 above gave NaN there).
             # Non-finite weights give NaN.
-            rot = torch.where((a == 0) | self.ref_zero, a != self.ref_norm, dist.square_().mul_(0.5))
+            rot = dist.square_().mul_(0.5)
+            if self.any_ref_zero:
+                rot = torch.where((a == 0) | self.ref_zero, a != self.ref_norm, rot)
+            else:
+                rot = torch.where(a == 0, 1.0, rot)
         return list(rot.unbind())

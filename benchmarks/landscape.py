@@ -4,9 +4,9 @@ and grid (a benchmark, not a test).
 Models, each trained for 200 SGD steps on the digits (float32):
 
 * ``mlp``: the demo's digits MLP, 64-48-10 with tanh (3.6k parameters);
-* ``resnet``: a ResNet-style digits CNN on 1x8x8 images: a 3x3 stem, a BasicBlock
-  at 16 channels and one at 32 with stride 2 (BatchNorm, residual connections),
-  global average pooling and a linear head (19.7k parameters), in eval mode.
+* ``resnet``: the CIFAR-style ResNet-18 layout of ``benchmarks/scale.py`` (BatchNorm,
+  residual connections) at base width ``--width`` (8: 0.17M parameters), in eval
+  mode, on the digits as 3x8x8 images (the grey level in each channel).
 
 loss-landscapes draws its own random directions inside ``random_plane``, so values
 are not compared point by point (only cost); both grids are steps x steps
@@ -22,7 +22,7 @@ spell of a shared machine cancels out within a round. Above 1: dyndiag is faster
 
     pip install --no-deps loss-landscapes==3.0.6   # needs only numpy
     python benchmarks/landscape.py [--steps 25] [--repeats 5] [--samples 128,512]
-                                   [--models mlp,resnet]
+                                   [--models mlp,resnet] [--width 8]
 """
 
 from __future__ import annotations
@@ -37,36 +37,12 @@ from torch import nn
 import dyndiag as dd
 from dyndiag.datasets import load_digits
 from dyndiag.demo import digits_mlp
+from scale import resnet  # this folder is on sys.path when the script runs
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.skip = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.bn1(self.conv1(x)).relu()
-        return (self.bn2(self.conv2(out)) + self.skip(x)).relu()
-
-
-def digits_resnet(width: int = 16) -> nn.Module:
-    """A ResNet-style CNN for 1x8x8 digit images (19.7k parameters at width 16)."""
+def trained(name: str, x: torch.Tensor, y: torch.Tensor, width: int) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10),
-    )
-
-
-def trained(name: str, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
-    model = digits_mlp() if name == "mlp" else digits_resnet()
+    model = digits_mlp() if name == "mlp" else resnet(width)
     opt = torch.optim.SGD(model.parameters(), lr=0.5 if name == "mlp" else 0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     model.train()
@@ -84,6 +60,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--samples", default="128,512", help="comma-separated sample counts (one batch each)")
     ap.add_argument("--models", default="mlp,resnet", help="comma-separated: mlp, resnet")
+    ap.add_argument("--width", type=int, default=8, help="the ResNet's base width")
     args = ap.parse_args()
     import loss_landscapes
     import loss_landscapes.metrics
@@ -96,8 +73,8 @@ def main() -> None:
     print(f"{'model':22s} {'samples':>7s} {'dyndiag (chunk)':>16s} {'per point':>9s} {'loss-landscapes':>15s} "
           f"{'ratio (range)':>18s}  unchanged")
     for name in args.models.split(","):
-        inputs = x.reshape(-1, 1, 8, 8) if name == "resnet" else x
-        model = trained(name, inputs, y)
+        inputs = x.reshape(-1, 1, 8, 8).expand(-1, 3, 8, 8).contiguous() if name == "resnet" else x
+        model = trained(name, inputs, y, args.width)
         label = f"{name} ({sum(p.numel() for p in model.parameters())} params)"
         dirs = dd.landscape.random_directions(model, n=2, seed=0)
         for n in (int(s) for s in args.samples.split(",")):

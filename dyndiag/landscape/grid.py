@@ -25,12 +25,13 @@ in one of two ways that agree to float rounding:
   parameters with ``functional_call`` for every point.
 
 The rule for ``batch_points="auto"``: the most points (at most 128) whose
-stacked largest tensor stays within ``2**20`` elements, and the per-point loop
-on the CPU where that is under 16 points. A point's largest tensor is the biggest
-module output of one plain forward on the largest batch (a loader: its first), or
-the parameter vector if that is bigger. Beyond that budget a chunk's
-intermediates outgrow the CPU caches and cost more in memory traffic than
-batching saves; under 16 points vmap's fixed cost per call is not paid back. The
+stacked largest module output stays within ``2**20`` elements and stacked
+parameters within ``2**26``, and the per-point loop on the CPU where that is
+under 16 points. The largest module output comes from one plain forward on the
+largest batch (a loader: its first). Beyond the first budget a chunk's
+activations outgrow the CPU caches and cost more in memory traffic than batching
+saves; the second bounds the memory of the stacked parameters (256 MiB in
+float32); under 16 points vmap's fixed cost per call is not paid back. The
 choice depends only on the model, the device and the batch shapes, so repeated
 calls give the same bits. Not tuned on GPUs.
 
@@ -97,7 +98,8 @@ __all__ = ["Surface", "surface"]
 _FORMAT = "dyndiag-landscape-v1"
 # The "auto" rule (module docstring).
 _MAX_CHUNK = 128
-_ACTIVATION_ELEMENTS = 2**20  # a chunk's largest tensor: 4 MiB in float32
+_ACTIVATION_ELEMENTS = 2**20  # a chunk's largest module output: 4 MiB in float32
+_PARAMETER_ELEMENTS = 2**26  # a chunk's stacked parameters: 256 MiB in float32
 _CPU_MIN_CHUNK = 16
 
 
@@ -308,14 +310,13 @@ def _unbatchable(model: nn.Module, closure: Callable | None) -> str | None:
 
 
 def _auto_chunk(model: nn.Module, point_fn: Callable, batches: object, dim: int, device: torch.device) -> int:
-    """Points per chunk for ``"auto"`` (1: per point), by the module docstring's rule:
-    one plain forward on the largest batch (a loader: its first) finds the largest
-    tensor a point makes, a module's output or the ``dim`` parameters."""
+    """Points per chunk for ``"auto"`` (1: per point), by the module docstring's rule;
+    ``dim`` is the number of parameters the directions span."""
     if isinstance(batches, list):
         batch = max(batches, key=lambda b: b[1], default=(None,))[0]
     else:
         batch = next(iter(_iter_prepared(batches, device)), (None,))[0]
-    largest = [dim]
+    largest = [1]
 
     def hook(module, inputs, output):
         largest[0] = max([largest[0], *(t.numel() for t in tensors_in(output))])
@@ -328,7 +329,7 @@ def _auto_chunk(model: nn.Module, point_fn: Callable, batches: object, dim: int,
     finally:
         for h in handles:
             h.remove()
-    size = min(_MAX_CHUNK, _ACTIVATION_ELEMENTS // largest[0])
+    size = min(_MAX_CHUNK, _ACTIVATION_ELEMENTS // largest[0], _PARAMETER_ELEMENTS // dim)
     return 1 if device.type == "cpu" and size < _CPU_MIN_CHUNK else max(size, 1)
 
 

@@ -21,7 +21,7 @@ same round's dyndiag default time (median and range over the rounds), so a slow
 spell of a shared machine cancels out within a round. Above 1: dyndiag is faster.
 
     pip install --no-deps loss-landscapes==3.0.6   # needs only numpy
-    python benchmarks/landscape.py [--steps 25] [--repeats 5] [--samples 128,512]
+    python benchmarks/landscape.py [--steps 25] [--repeats 3] [--samples 128,512]
                                    [--models mlp,resnet] [--width 8]
 """
 
@@ -57,7 +57,7 @@ def trained(name: str, x: torch.Tensor, y: torch.Tensor, width: int) -> nn.Modul
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=25, help="grid points per direction")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", default="128,512", help="comma-separated sample counts (one batch each)")
     ap.add_argument("--models", default="mlp,resnet", help="comma-separated: mlp, resnet")
     ap.add_argument("--width", type=int, default=8, help="the ResNet's base width")

@@ -270,10 +270,11 @@ class Monitor:
 
     # -- lifecycle ---------------------------------------------------------------
     def records(self):
-        """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time``).
+        """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time, run``).
 
         With a ``log_dir``, read from the store: every step written so far, by this
-        Monitor and by earlier ones on the same dir.
+        Monitor and by earlier ones on the same dir (each its own ``run`` segment);
+        without one, this Monitor's rows, all ``run`` 0.
         """
         if self.log_dir is not None:
             from .records import load_records
@@ -281,7 +282,8 @@ class Monitor:
             return load_records(self.log_dir)
         import pandas as pd
 
-        return pd.DataFrame(self._memory, columns=["step", "probe", "metric", "key", "value", "wall_time"])
+        columns = ["step", "probe", "metric", "key", "value", "wall_time"]
+        return pd.DataFrame(self._memory, columns=columns).assign(run=0)
 
     def close(self) -> None:
         """Remove every hook and close the record store. Idempotent.

@@ -402,9 +402,7 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
               "hessian": ("Hessian eigenvector 1", "Hessian eigenvector 2"),
               "trajectory": ("PC 1", "PC 2")}[kind]
     with dplot.style("paper"):
-        fig = dplot.landscape(surf, trajectory=trajectory if dims == 2 else None, labels=labels)
-        if dims == 1:
-            fig.axes[0].set_xlabel(labels[0])
+        fig = dplot.landscape(surf, trajectory=trajectory, labels=labels)  # 1-D: the label only
         saved = dplot.save(fig, out / "landscape", formats=fmts)
     how = {0: "all points read back from landscape.jsonl", 1: "one point at a time"}.get(
         surf.batch_points, f"{surf.batch_points} points at a time")

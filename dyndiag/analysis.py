@@ -119,7 +119,9 @@ def analyze(
     trust:
         Allow checkpoints with arbitrary pickled objects (see ``load_checkpoint``).
     progress:
-        Show a progress bar (default: on a terminal).
+        Show a progress bar over the checkpoints, and one of a checkpoint's
+        Hessian-vector products once they run longer than about 2 s (default: on
+        an interactive terminal only).
     on_error:
         Called with ``(path, exception)`` for a checkpoint that fails; the rest go
         on. Default: a ``RuntimeWarning``.
@@ -149,7 +151,7 @@ def analyze(
             raise TypeError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
     from .quantities.gradients import mean_gradient
 
-    run = RunContext(model, loss_fn=loss_fn, closure=closure, probe_data=probe_data)
+    run = RunContext(model, loss_fn=loss_fn, closure=closure, probe_data=probe_data, progress=progress)
     params = run.params
     run.gradient_fn = lambda: mean_gradient(model, loss_fn, probe_data, params, closure=closure).to(params[0].dtype)
     opt_class = None

@@ -178,7 +178,8 @@ def _with(options):
 @click.option("--probes", "probe_spec", default=DEFAULT_PROBES, show_default=True,
               help=f"Comma-separated probe names (record names): {', '.join(PROBE_NAMES)}.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Run folder: records go to OUT/records (dyndiag.load_records), re-runs skip analysed steps.")
+              help="Run folder: records go to OUT/records (dyndiag.load_records); a re-run computes only the "
+                   "probes a checkpoint has no records of.")
 @click.option("--optimizer", "opt_name", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
               show_default=True,
               help="The run's optimizer, for edge_of_stability's threshold (and Adam's preconditioned "
@@ -217,7 +218,9 @@ def analyze(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, pro
     must say them. Update probes
     (directional_sharpness, safe_step_radius) use the displacement to the next
     checkpoint. A checkpoint that fails is reported and the others go on (exit
-    status 1 at the end).
+    status 1 at the end). A re-run into the same OUT computes the probes a
+    checkpoint has no records of (other --probes, new checkpoints) and keeps
+    the rest.
     """
     from .analysis import OptimizerStateMissing
     from .analysis import analyze as run_analysis

@@ -43,8 +43,8 @@ def landscape(
         From :func:`dyndiag.landscape.surface`: 1-D (a line) or 2-D.
     kind:
         ``"contour"`` (default for 2-D: contour lines, labelled, with a
-        colourbar), ``"filled"`` (filled contours with a colourbar), ``"surface"`` (3-D; ``ax`` must then be
-        a 3-D axes) or ``"line"`` (the only kind for 1-D).
+        colourbar), ``"filled"`` (filled contours with a colourbar), ``"surface"``
+        (3-D; ``ax`` must then be a 3-D axes) or ``"line"`` (the only kind for 1-D).
     levels:
         Number of contour levels.
     log:
@@ -112,7 +112,7 @@ def landscape(
     X, Y = np.meshgrid(x, y, indexing="ij")
     lv = np.geomspace(finite.min(), finite.max(), levels) if log else np.linspace(finite.min(), finite.max(), levels)
     norm = colors.LogNorm(lv[0], lv[-1]) if log else None
-    path = np.zeros((1, 2))  # the model's marker
+    path = np.empty((0, 2))
     if trajectory is not None:
         path = np.asarray(getattr(trajectory, "path", trajectory), dtype=float)
         if path.ndim != 2 or path.shape[1] < 2:
@@ -161,7 +161,7 @@ def _label_contours(ax: Axes, cs, values: np.ndarray, X: np.ndarray, Y: np.ndarr
         v = (path.vertices - low) / scale
         # Off the edges (a label there is cut by the axes) and off the path.
         v = v[np.all((v > 0.1) & (v < 0.9), axis=1)]
-        if len(avoid) and len(v):
+        if len(v):
             v = v[np.min(np.linalg.norm(v[:, None] - avoid[None], axis=2), axis=1) > 0.08]
         if len(v):
             far = np.linalg.norm(v - centre, axis=1)

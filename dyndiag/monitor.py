@@ -67,6 +67,11 @@ class Monitor:
         ``(batch) -> int``: how curvature probes weight the batches of
         ``probe_data`` (default: dim 0 of a batch's first tensor), e.g. the number
         of non-padding tokens of a dict batch.
+    progress:
+        A step whose curvature probes run longer than about 2 s shows a progress
+        bar of its Hessian-vector products, removed when the step ends: ``None``
+        (default) on an interactive terminal only, never into a log file or pipe;
+        ``False`` never; ``True`` always.
 
     Attributes
     ----------
@@ -91,6 +96,7 @@ class Monitor:
         start_step: int | None = None,
         step_hooks: bool = True,
         batch_size_fn: Callable | None = None,
+        progress: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -108,7 +114,7 @@ class Monitor:
         # Probes evaluate the module inside a DDP wrapper (never arming its gradient sync);
         # the forward hook on it still sees every training forward.
         model = unwrap(model)
-        self.run = RunContext(model, optimizer, loss_fn, closure, probe_data, batch_size_fn)
+        self.run = RunContext(model, optimizer, loss_fn, closure, probe_data, batch_size_fn, progress=progress)
         self.model = model
         self.optimizer = optimizer
         self.probes = probes
@@ -270,10 +276,11 @@ class Monitor:
 
     # -- lifecycle ---------------------------------------------------------------
     def records(self):
-        """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time``).
+        """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time, run``).
 
         With a ``log_dir``, read from the store: every step written so far, by this
-        Monitor and by earlier ones on the same dir.
+        Monitor and by earlier ones on the same dir (each its own ``run`` segment);
+        without one, this Monitor's rows, all ``run`` 0.
         """
         if self.log_dir is not None:
             from .records import load_records
@@ -281,7 +288,8 @@ class Monitor:
             return load_records(self.log_dir)
         import pandas as pd
 
-        return pd.DataFrame(self._memory, columns=["step", "probe", "metric", "key", "value", "wall_time"])
+        columns = ["step", "probe", "metric", "key", "value", "wall_time"]
+        return pd.DataFrame(self._memory, columns=columns).assign(run=0)
 
     def close(self) -> None:
         """Remove every hook and close the record store. Idempotent.

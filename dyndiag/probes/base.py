@@ -32,7 +32,7 @@ import numbers
 import re
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -158,7 +158,7 @@ def run_probes(probes: Sequence[Probe], ctx: StepContext, warned: set) -> tuple[
     arrays: list = []
     failed = []
     guard = any(p.modifies_state for p in probes)
-    with preserve_state(ctx.model, ctx.optimizer) if guard else nullcontext():
+    with preserve_state(ctx.model, ctx.optimizer) if guard else nullcontext(), closing(ctx.hvp_progress):
         for probe in probes:
             try:
                 s, a = flatten_result(probe.name, probe.compute(ctx))

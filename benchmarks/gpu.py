@@ -21,8 +21,8 @@ Sections
   4. mixed precision: the same model in bfloat16, whose operator computes in
      float32 (the default): HVP time, and its difference from the float32 model's
   5. loss landscapes on the device (11x11 grid): the digits MLP (64-48-10 tanh, 512
-     samples; layer by layer under "auto") and the ResNet on its batch (vmap under
-     "auto" off the CPU), each against the per-point loop and fixed vmap chunks
+     samples) and the ResNet on its batch, "auto" (the chunk it picks is printed)
+     against the per-point loop and fixed vmap chunks
 
 Timings synchronise the device and take the median of ``--repeats`` after a warm-up.
 Not a test: it prints tables and the targets' verdicts.

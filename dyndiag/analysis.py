@@ -8,13 +8,16 @@ a Monitor would run them at that step, with the needs computed from the fixed
 * ``logits``: the model's outputs on the first probe batch;
 * ``update`` (update probes: directional sharpness, safe step radius): the
   displacement to the *next* checkpoint, theta_next - theta, with curvature taken
-  at theta. The last checkpoint has no update, so update probes skip it;
+  at theta; each such probe also records ``update_steps``, the number of training
+  steps the displacement spans (figures draw one-step references only where it
+  is 1). The last checkpoint has no update, so update probes skip it;
 * ``curvature``: the Hessian of the probe data's loss, shared by the probes.
 
 The model is evaluated in eval mode by default (dropout off, BatchNorm with the
 running statistics stored in the checkpoint); ``train_mode=True`` uses batch
-statistics as training saw them. Layer rotation is measured against the first
-checkpoint analysed unless the probe is given a ``reference``. The edge-of-stability
+statistics as training saw them. Probes are set up at the first checkpoint given
+(in step order): layer rotation is measured against it unless the probe is given
+a ``reference``. The edge-of-stability
 threshold and Adam's preconditioned sharpness read an optimizer: the checkpoint's
 own optimizer state when it carries one (Lightning, training dicts, Hugging Face's
 ``optimizer.pt``), else the hyper-parameters of the ``optimizer`` given (the CLI
@@ -23,9 +26,12 @@ builds it from ``--optimizer``/``--lr``/``--momentum``).
 Probes run as under a Monitor (the same contexts, the same
 :func:`~dyndiag.probes.base.run_probes`): one that raises is warned about once
 and disabled for the remaining checkpoints. Records are written like a Monitor's,
-under each checkpoint's step. A re-run skips the steps already recorded; if a
-checkpoint is new at a step before the last recorded one (or failed before), the
-records from that step on are replaced.
+under each checkpoint's step. A re-run into the same ``log_dir`` computes at each
+checkpoint the probes that have nothing recorded at its step, and skips the rest:
+other probes, new checkpoints, checkpoints that failed before and update probes
+at a checkpoint that has gained a next one are filled in beside what is stored
+(a new run segment, see :func:`~dyndiag.load_records`); nothing stored is computed
+again or replaced.
 """
 
 from __future__ import annotations
@@ -45,12 +51,18 @@ from .probes.base import Probe, check_probes, run_probes
 from .probes.context import RunContext, StepContext
 from .state import preserve_state
 
-__all__ = ["analyze", "AnalysisResult"]
+__all__ = ["analyze", "AnalysisResult", "OptimizerStateMissing"]
+
+
+class OptimizerStateMissing(ValueError):
+    """A checkpoint carries no optimizer state, and the optimizer was given as a class
+    (no hyper-parameters): the threshold it would read is unknown."""
 
 
 class AnalysisResult(dict):
     """``{"analysed": [steps], "skipped": [steps], "failed": {path: message}}`` with
-    ``log_dir`` the records' directory."""
+    ``log_dir`` the records' directory: the steps where probes were computed, the
+    steps whose every probe was already recorded, and the checkpoints that failed."""
 
     log_dir: Path
 
@@ -107,7 +119,9 @@ def analyze(
     trust:
         Allow checkpoints with arbitrary pickled objects (see ``load_checkpoint``).
     progress:
-        Show a progress bar (default: on a terminal).
+        Show a progress bar over the checkpoints, and one of a checkpoint's
+        Hessian-vector products once they run longer than about 2 s (default: on
+        an interactive terminal only).
     on_error:
         Called with ``(path, exception)`` for a checkpoint that fails; the rest go
         on. Default: a ``RuntimeWarning``.
@@ -115,9 +129,9 @@ def analyze(
     Returns
     -------
     AnalysisResult
-        Steps analysed, skipped (already recorded) and failed checkpoints.
+        Steps analysed, skipped (every probe already recorded) and failed checkpoints.
     """
-    from .records import RecordWriter, load_records
+    from .records import DB_NAME, RecordWriter, recorded_probes
 
     if isinstance(checkpoints, (str, Path)):
         checkpoints = [checkpoints]
@@ -137,7 +151,7 @@ def analyze(
             raise TypeError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
     from .quantities.gradients import mean_gradient
 
-    run = RunContext(model, loss_fn=loss_fn, closure=closure, probe_data=probe_data)
+    run = RunContext(model, loss_fn=loss_fn, closure=closure, probe_data=probe_data, progress=progress)
     params = run.params
     run.gradient_fn = lambda: mean_gradient(model, loss_fn, probe_data, params, closure=closure).to(params[0].dtype)
     opt_class = None
@@ -148,27 +162,24 @@ def analyze(
     ordered = sort_checkpoints(checkpoints)
 
     log_dir = Path(log_dir)
-    done: set[int] = set()
-    if (log_dir / "records.sqlite").exists():
-        done = set(load_records(log_dir).step.unique().tolist())
-    todo = [(s, p) for s, p in ordered if s not in done]
-    result = AnalysisResult(analysed=[], skipped=[s for s, _ in ordered if s in done], failed={})
+    stored = recorded_probes(log_dir) if (log_dir / DB_NAME).exists() else {}
+    last = ordered[-1][0]
+    plan = [(s, path, [p for p in probes if p.name not in stored.get(s, ()) and (p.phase == "pre" or s < last)])
+            for s, path in ordered]
+    result = AnalysisResult(analysed=[], skipped=[s for s, _, due in plan if not due], failed={})
     result.log_dir = log_dir
-    if not todo:
+    if not any(due for _, _, due in plan):
         return result
+    # The first checkpoint is read even with nothing to compute: the probes are set up on it.
+    todo = [entry for i, entry in enumerate(plan) if entry[2] or i == 0]
     writer = RecordWriter(log_dir)
-    if todo[0][0] < writer.next_step:  # rewind: RecordWriter stores steps in increasing order
-        writer.close()
-        writer = RecordWriter(log_dir, start_step=todo[0][0])
-        rewound = [(s, p) for s, p in ordered if s >= todo[0][0]]
-        result["skipped"] = [s for s in result["skipped"] if s < todo[0][0]]
-        todo = rewound
     report = on_error or (lambda path, err: warnings.warn(
         f"checkpoint {str(path)!r} skipped: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=3))
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(todo, desc="checkpoints", unit="ckpt", disable=None if progress is None else not progress)
+    bar = tqdm(total=sum(1 for e in todo if e[2]), desc="checkpoints", unit="ckpt",
+               disable=None if progress is None else not progress)
     # Update probes read the next checkpoint, which is then the current one: each file is read once.
     read = lru_cache(maxsize=2)(lambda path: load_checkpoint(path, trust=trust))
     warned: set = set()
@@ -177,43 +188,55 @@ def analyze(
         for p in probes:
             p.enabled = True
         first = True
-        for step, path in bar:
-            bar.set_postfix_str(f"step {step}")
+        for step, path, planned in todo:
+            if planned:
+                bar.set_postfix_str(f"step {step}")
             try:
                 ck = read(path)
                 _load(model, match_state_dict(ck.state_dict, model))
+                due = [p for p in planned if p.enabled]
                 if ck.optimizer_state is not None and (optimizer is not None or opt_class is not None):
                     if optimizer is None:
                         optimizer = opt_class(params)
                     _load_optimizer(optimizer, ck.optimizer_state)
-                elif opt_class is not None:
-                    raise ValueError(
+                elif opt_class is not None and due:
+                    raise OptimizerStateMissing(
                         f"it carries no optimizer state, and the optimizer was given as the class "
-                        f"{opt_class.__name__} without hyper-parameters (pass an optimizer instance or --lr)"
+                        f"{opt_class.__name__} without hyper-parameters (give an optimizer instance, or a "
+                        "callable params -> optimizer)"
                     )
                 run.optimizer = optimizer
                 if first:
                     for p in probes:
                         p.setup(run)
                     first = False
-                due = [p for p in probes if p.enabled]
+                if not due:
+                    continue
                 run.logits = _first_outputs(run) if any("logits" in p.needs for p in due) else None
                 ctx = StepContext(run, step, due)
                 scalars, arrays = run_probes([p for p in due if p.phase == "pre"], ctx, warned)
                 post = [p for p in due if p.phase == "post"]
-                later = [p for s, p in ordered if s > step]
-                if post and later:
-                    nxt = match_state_dict(read(later[0]).state_dict, model)
+                if post:
+                    nxt_step, nxt_path = next(entry for entry in ordered if entry[0] > step)
+                    nxt = match_state_dict(read(nxt_path).state_dict, model)
                     ctx.theta_before = [p.detach().clone() for p in params]
                     _load(model, nxt)
                     s, a = run_probes(post, ctx, warned)
-                    scalars += s
+                    # Offline an update spans every training step between the two checkpoints.
+                    span = float(nxt_step - step)
+                    scalars += s + [(name, "update_steps", "", span) for name in dict.fromkeys(r[0] for r in s)]
                     arrays += a
-                writer.write_step(step, scalars, arrays)
+                writer.write_step(step, scalars, arrays, amend=True)
                 result["analysed"].append(step)
             except Exception as err:  # one bad checkpoint must not stop the others
+                if not planned:  # read only to set the probes up: it is not "already analysed" either
+                    result["skipped"].remove(step)
                 result["failed"][str(path)] = f"{type(err).__name__}: {err}"
                 report(path, err)
+            finally:
+                if planned:
+                    bar.update(1)
+    bar.close()
     return result
 
 

@@ -178,16 +178,25 @@ def _with(options):
 @click.option("--probes", "probe_spec", default=DEFAULT_PROBES, show_default=True,
               help=f"Comma-separated probe names (record names): {', '.join(PROBE_NAMES)}.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Run folder: records go to OUT/records (dyndiag.load_records), re-runs skip analysed steps.")
+              help="Run folder: records go to OUT/records (dyndiag.load_records); a re-run computes only the "
+                   "probes a checkpoint has no records of.")
 @click.option("--optimizer", "opt_name", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
               show_default=True,
               help="The run's optimizer, for edge_of_stability's threshold (and Adam's preconditioned "
                    "sharpness). A checkpoint's own optimizer state is used when it carries one.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Learning rate of the run, for checkpoints without optimizer state.")
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="SGD's heavy-ball momentum, for checkpoints without optimizer state "
-                   "(threshold (2+2*momentum)/lr).")
+              help="Learning rate of the run, for checkpoints without optimizer state (edge_of_stability "
+                   "needs it there).")
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="SGD's momentum, for checkpoints without optimizer state (threshold (2+2*momentum)/lr) "
+                   "[default: 0].")
+@click.option("--nesterov", is_flag=True,
+              help="SGD with Nesterov momentum, for checkpoints without optimizer state (needs --momentum).")
+@click.option("--dampening", type=click.FloatRange(0, 1), default=None,
+              help="SGD's momentum dampening, for checkpoints without optimizer state [default: 0].")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help="The optimizer's weight decay, for checkpoints without optimizer state [default: 0]; "
+                   "SGD's lowers the threshold by it.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Eigenvalues for hessian_spectrum; eigenspace size for subspace_overlap.")
 @click.option("--density", is_flag=True, help="hessian_spectrum also records its SLQ spectral density.")
@@ -195,7 +204,7 @@ def _with(options):
               help="Evaluate in train mode (BatchNorm batch statistics) instead of eval mode.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def analyze(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, probe_spec, out, opt_name, lr,
-            momentum, top_k, density, train_mode, progress) -> None:
+            momentum, nesterov, dampening, weight_decay, top_k, density, train_mode, progress) -> None:
     """Run probes on saved checkpoints and write their records.
 
     CHECKPOINT is a state_dict file, a training checkpoint holding one under
@@ -205,16 +214,19 @@ def analyze(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, pro
     (model_step_120.pt -> 120), else its position. A checkpoint's optimizer
     state (Lightning's, a training dict's, a Hugging Face optimizer.pt) gives
     edge_of_stability the run's learning rate and Adam's moments; without one,
-    --lr (and --optimizer, --momentum) must say them. Update probes
+    --lr (and --optimizer, --momentum, --nesterov, --dampening, --weight-decay)
+    must say them. Update probes
     (directional_sharpness, safe_step_radius) use the displacement to the next
     checkpoint. A checkpoint that fails is reported and the others go on (exit
-    status 1 at the end).
+    status 1 at the end). A re-run into the same OUT computes the probes a
+    checkpoint has no records of (other --probes, new checkpoints) and keeps
+    the rest.
     """
-    import torch
-
+    from .analysis import OptimizerStateMissing
     from .analysis import analyze as run_analysis
 
     paths = _checkpoint_paths(checkpoints)
+    optimizer = _optimizer(opt_name, lr, momentum, nesterov, dampening, weight_decay)
     names = [n.strip() for n in probe_spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in PROBE_NAMES]
     if unknown or not names:
@@ -225,18 +237,17 @@ def analyze(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, pro
     loss_fn = _loss(loss_spec)
     table = _probe_table(data, top_k, density)
     probes = [table[n]() for n in names]
-    opt_class = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[opt_name]
-    if lr is not None:  # read, never stepped; a checkpoint's own state replaces it
-        extra = {"momentum": momentum} if opt_name == "sgd" else {}
-        optimizer = lambda params: opt_class(params, lr=lr, **extra)  # noqa: E731
-    elif "edge_of_stability" in names:  # the one probe that reads it: each checkpoint must carry its state
-        optimizer = opt_class
-    else:
-        optimizer = None
+    if lr is None and "edge_of_stability" not in names:
+        optimizer = None  # only edge_of_stability reads it
     failures = []
 
     def report(path, err):
         failures.append(path)
+        if isinstance(err, OptimizerStateMissing):  # the class given without --lr
+            click.echo(f"dyndiag: checkpoint {str(path)!r} skipped: --lr is required for edge_of_stability on "
+                       f"checkpoints without optimizer state (--lr and --optimizer, --momentum, ... give the "
+                       "run's)", err=True)
+            return
         click.echo(f"dyndiag: checkpoint {str(path)!r} skipped: {type(err).__name__}: {err}", err=True)
 
     result = run_analysis(paths, build, probes, data, Path(out) / "records", loss_fn, optimizer=optimizer,
@@ -247,6 +258,33 @@ def analyze(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, pro
         _summary(result.log_dir, result["analysed"])
     if failures:
         raise click.ClickException(f"{len(failures)} of {len(paths)} checkpoints failed (see above)")
+
+
+def _optimizer(name: str, lr, momentum, nesterov, dampening, weight_decay):
+    """What ``analyze(optimizer=)`` takes: a callable building the run's optimizer from the
+    options (read, never stepped; a checkpoint's own state replaces its hyper-parameters),
+    or without ``--lr`` the class, for checkpoints that carry their optimizer state."""
+    import torch
+
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    sgd_only = {"--momentum": momentum, "--nesterov": nesterov or None, "--dampening": dampening}
+    given = [option for option, value in sgd_only.items() if value is not None]
+    if name != "sgd" and given:
+        raise click.UsageError(f"{given[0]} is an SGD option; the run's optimizer is --optimizer {name}")
+    if nesterov and not (momentum or 0) > 0:
+        raise click.UsageError("--nesterov needs --momentum > 0")
+    if nesterov and dampening:
+        raise click.UsageError("--nesterov needs --dampening 0 (torch's SGD refuses both)")
+    if lr is None:
+        given += ["--weight-decay"] * (weight_decay is not None)
+        if given:
+            raise click.UsageError(f"{given[0]} describes the run's optimizer with --lr, for checkpoints "
+                                   "without optimizer state; give --lr too")
+        return cls
+    hyper = {"lr": lr, "weight_decay": weight_decay or 0.0}
+    if name == "sgd":
+        hyper.update(momentum=momentum or 0.0, dampening=dampening or 0.0, nesterov=bool(nesterov))
+    return lambda params: cls(params, **hyper)
 
 
 def _summary(log_dir: Path, steps: list[int]) -> None:
@@ -402,9 +440,7 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
               "hessian": ("Hessian eigenvector 1", "Hessian eigenvector 2"),
               "trajectory": ("PC 1", "PC 2")}[kind]
     with dplot.style("paper"):
-        fig = dplot.landscape(surf, trajectory=trajectory if dims == 2 else None, labels=labels)
-        if dims == 1:
-            fig.axes[0].set_xlabel(labels[0])
+        fig = dplot.landscape(surf, trajectory=trajectory, labels=labels)  # 1-D: the label only
         saved = dplot.save(fig, out / "landscape", formats=fmts)
     how = {0: "all points read back from landscape.jsonl", 1: "one point at a time"}.get(
         surf.batch_points, f"{surf.batch_points} points at a time")

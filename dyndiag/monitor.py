@@ -90,6 +90,11 @@ class Monitor:
         ``grad_norm_before_clip`` (taken at the end of backward, where gradients are
         still scaled) is divided by its scale. Its scale tensor is read on the
         device, without a synchronisation.
+    progress:
+        A step whose curvature probes run longer than about 2 s shows a progress
+        bar of its Hessian-vector products, removed when the step ends: ``None``
+        (default) on an interactive terminal only, never into a log file or pipe;
+        ``False`` never; ``True`` always.
 
     Attributes
     ----------
@@ -118,6 +123,7 @@ class Monitor:
         batch_size_fn: Callable | None = None,
         sync_every: int = 50,
         grad_scaler: object = None,
+        progress: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -139,7 +145,7 @@ class Monitor:
         # Probes evaluate the module inside a DDP wrapper (never arming its gradient sync);
         # the forward hook on it still sees every training forward.
         model = unwrap(model)
-        self.run = RunContext(model, optimizer, loss_fn, closure, probe_data, batch_size_fn)
+        self.run = RunContext(model, optimizer, loss_fn, closure, probe_data, batch_size_fn, progress=progress)
         self.model = model
         self.optimizer = optimizer
         self.probes = probes
@@ -386,10 +392,11 @@ class Monitor:
 
     # -- lifecycle ---------------------------------------------------------------
     def records(self):
-        """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time``).
+        """The records so far as a DataFrame (``step, probe, metric, key, value, wall_time, run``).
 
         With a ``log_dir``, read from the store: every step written so far, by this
-        Monitor and by earlier ones on the same dir. Flushes first.
+        Monitor and by earlier ones on the same dir (each its own ``run`` segment);
+        without one, this Monitor's rows, all ``run`` 0. Flushes first.
         """
         self.flush()
         if self.log_dir is not None:
@@ -398,7 +405,8 @@ class Monitor:
             return load_records(self.log_dir)
         import pandas as pd
 
-        return pd.DataFrame(self._memory, columns=["step", "probe", "metric", "key", "value", "wall_time"])
+        columns = ["step", "probe", "metric", "key", "value", "wall_time"]
+        return pd.DataFrame(self._memory, columns=columns).assign(run=0)
 
     def close(self) -> list[tuple[int, str, str, str, float]]:
         """Write what waits, remove every hook and close the record store. Idempotent.

@@ -1,12 +1,17 @@
 """Append-only record store: one SQLite file per log dir, written inline, readable while training writes.
 
 ``<log_dir>/records.sqlite`` (stdlib ``sqlite3``, WAL journal) holds ``records(step,
-probe, metric, key, value, wall_time)``, one row per scalar (``key`` ``""`` for a plain
-scalar; ``value`` a float64 stored exactly, inf and ``-0.0`` included, NaN as NULL,
-which readers turn back into NaN); ``arrays(step, probe, metric, key, wall_time,
-npy)``, one ``.npy`` blob per array (no pickle: dtype, shape and byte order come back
-exactly); and ``meta(name, value)``: ``schema_version``, and ``next_step``, the step
-after the last one written.
+probe, metric, key, value, wall_time, run)``, one row per scalar (``key`` ``""`` for a
+plain scalar; ``value`` a float64 stored exactly, inf and ``-0.0`` included, NaN as
+NULL, which readers turn back into NaN; ``run`` the run segment); ``arrays(step, probe,
+metric, key, wall_time, npy)``, one ``.npy`` blob per array (no pickle: dtype, shape and
+byte order come back exactly); and ``meta(name, value)``: ``schema_version``,
+``next_step``, the step after the last one written, and ``next_run``, the segment the
+next writer that writes stores its rows under.
+
+Run segments: each writer that writes is a new segment (0 for the first), so two
+runs logged into one directory stay apart even where their steps continue each
+other (a notebook cell run twice), and figures do not join their lines.
 
 :meth:`RecordWriter.write_step` runs one transaction on the calling thread: the step's
 rows and ``next_step`` are stored whole or not at all. In WAL mode with
@@ -42,21 +47,25 @@ from .distributed import is_distributed, is_writer
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["RecordWriter", "load_records", "load_arrays", "is_writer", "DB_NAME", "SCHEMA_VERSION"]
+__all__ = ["RecordWriter", "load_records", "load_arrays", "recorded_probes", "is_writer", "DB_NAME",
+           "SCHEMA_VERSION"]
 
 DB_NAME = "records.sqlite"
 LOCK_NAME = "records.lock"
-SCHEMA_VERSION = 2  # version 1 has the same tables; both are read and written as they are
+# Versions 1 and 2 lack records.run (their rows read as run 0); a writer adds it.
+SCHEMA_VERSION = 3
 TIMEOUT = 10.0  # seconds a connection waits for a lock before raising
-COLUMNS = ("step", "probe", "metric", "key", "value", "wall_time")
+COLUMNS = ("step", "probe", "metric", "key", "value", "wall_time", "run")
 # `value` has no declared type on purpose: a REAL column stores integral floats as
 # integers on disk and loses the sign of -0.0. `records` has no index: rows arrive
-# in step order (steps only grow, and a rewind first deletes every row at or after
-# its step), so rowid order is step order and the rare rewind can afford a scan.
+# in step order (steps only grow; a rewind first deletes every row at or after its
+# step; only an amend adds rows to an earlier step, and readers sort then), so
+# rowid order is step order and the rare rewind or amend can afford a scan.
+RUN_COLUMN = "run INTEGER NOT NULL DEFAULT 0"
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS records (step INTEGER NOT NULL, probe TEXT NOT NULL,"
-    " metric TEXT NOT NULL, key TEXT NOT NULL, value, wall_time REAL NOT NULL)",
+    f" metric TEXT NOT NULL, key TEXT NOT NULL, value, wall_time REAL NOT NULL, {RUN_COLUMN})",
     "CREATE TABLE IF NOT EXISTS arrays (step INTEGER NOT NULL, probe TEXT NOT NULL,"
     " metric TEXT NOT NULL, key TEXT NOT NULL, wall_time REAL NOT NULL, npy BLOB NOT NULL,"
     " UNIQUE (probe, metric, key, step))",
@@ -77,6 +86,13 @@ class RecordWriter:
         :meth:`write_step` deletes every record and array with ``step >= start_step``
         in its own transaction (a run resumed from an earlier checkpoint supersedes
         what it logged after it); opening alone deletes nothing.
+
+    Attributes
+    ----------
+    run
+        The run segment this writer's rows are stored under: one more than the
+        last segment that wrote to ``log_dir`` (0 for a new store). A writer that
+        writes nothing leaves the next one the same number.
 
     Notes
     -----
@@ -103,13 +119,15 @@ class RecordWriter:
         self._pid = os.getpid()
         self._closed = False
         self._rewind: int | None = None
+        self._new_run = True  # the first write_step claims `run` in the store
+        self.run = 0
         stored, error = 0, None
         if self.enabled:
             try:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 lock = _lock(self.log_dir)
                 try:
-                    self._conn, stored = _open_store(self.path)
+                    self._conn, stored, self.run = _open_store(self.path)
                 except BaseException:
                     _release(None, *lock, self._pid)
                     raise
@@ -141,14 +159,23 @@ class RecordWriter:
         return self._closed
 
     def write_step(
-        self, step: int, scalars: Iterable[tuple] = (), arrays: Iterable[tuple] = (), *, wall_time: float | None = None
+        self,
+        step: int,
+        scalars: Iterable[tuple] = (),
+        arrays: Iterable[tuple] = (),
+        *,
+        wall_time: float | None = None,
+        amend: bool = False,
     ) -> None:
-        """Store one step in one transaction; afterwards ``next_step == step + 1``.
+        """Store one step in one transaction; afterwards ``next_step == max(next_step, step + 1)``.
 
         When it returns the step is committed: readers see it and it survives a
         SIGKILL. A step with nothing to store still advances the stored counter.
 
-        ``step``: an int, at least :attr:`next_step` (gaps allowed). ``scalars``:
+        ``step``: an int, at least :attr:`next_step` (gaps allowed); with
+        ``amend=True`` any step: the rows are added to those the step holds
+        (offline analysis adding probes to analysed checkpoints), and a ``(probe,
+        metric, key)`` the step already holds is refused. ``scalars``:
         ``(probe, metric, key, value)`` tuples, three ``str`` (probe and metric
         non-empty) and a real number (float, int, bool, numpy scalar, 0-d array or
         tensor) stored as float64, NaN and inf included. ``arrays``: ``(probe,
@@ -157,11 +184,11 @@ class RecordWriter:
         ``wall_time``: seconds since the epoch for every row of the step (default now).
 
         Raises ``ValueError`` (a negative, non-finite or too small ``step``, an empty
-        name, a ``(probe, metric, key)`` repeated within the step, a closed writer or
-        a forked child's copy) or ``TypeError`` (a name that is not a ``str``, a value
-        that is not a real number, an item that is not a 4-tuple) before storing
-        anything, and ``sqlite3.Error`` if the transaction failed (a full disk) and
-        was rolled back.
+        name, a ``(probe, metric, key)`` repeated within the step or, amending,
+        already stored at it, a closed writer or a forked child's copy) or
+        ``TypeError`` (a name that is not a ``str``, a value that is not a real
+        number, an item that is not a 4-tuple) before storing anything, and
+        ``sqlite3.Error`` if the transaction failed (a full disk) and was rolled back.
         """
         step = _check_step(step, "step")
         if self._closed:
@@ -169,13 +196,16 @@ class RecordWriter:
         if os.getpid() != self._pid:
             raise ValueError(f"this RecordWriter ({self.path}) belongs to the process it was created in; "
                              "a forked child cannot write with it")
-        if step < self._next_step:
+        if not isinstance(amend, bool):
+            raise TypeError(f"amend must be a bool, got {type(amend).__name__}")
+        if step < self._next_step and not amend:
             raise ValueError(f"step must be >= next_step={self._next_step} (steps are written in increasing "
                              f"order; open a writer with start_step= to rewind), got {step}")
         t = time.time() if wall_time is None else _check_real(wall_time, "wall_time")
         if not math.isfinite(t):
             raise ValueError(f"wall_time must be finite, got {t}")
-        rows = [(step, *_check_item(item, "scalars", i, True), t)
+        run = self.run
+        rows = [(step, *_check_item(item, "scalars", i, True), t, run)
                 for i, item in enumerate(_iterable(scalars, "scalars"))]
         # Other ranks store nothing: they check names but skip serialising.
         blobs = [(step, *_check_item(item, "arrays", i, False), t,
@@ -192,13 +222,18 @@ class RecordWriter:
                 if self._rewind is not None:
                     c.execute("DELETE FROM records WHERE step >= ?", (self._rewind,))
                     c.execute("DELETE FROM arrays WHERE step >= ?", (self._rewind,))
+                if step < self._next_step:
+                    _check_amend(c, step, rows, blobs)
                 if rows:
-                    c.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    c.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 if blobs:
                     c.executemany("INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?)", blobs)
-                c.execute("UPDATE meta SET value = ? WHERE name = 'next_step'", (step + 1,))
+                c.execute("UPDATE meta SET value = ? WHERE name = 'next_step'", (max(step + 1, self._next_step),))
+                if self._new_run:
+                    c.execute("UPDATE meta SET value = ? WHERE name = 'next_run'", (run + 1,))
         self._rewind = None
-        self._next_step = step + 1
+        self._new_run = False
+        self._next_step = max(step + 1, self._next_step)
 
     def close(self) -> None:
         """Close the database and release the log dir's lock (idempotent)."""
@@ -261,8 +296,9 @@ def _release(conn: sqlite3.Connection | None, path: str, fd: int, pid: int) -> N
         os.close(fd)  # releases the lock
 
 
-def _open_store(path: Path) -> tuple[sqlite3.Connection, int]:
-    """Create (or open) the store at ``path``: the writer's connection and the stored counter."""
+def _open_store(path: Path) -> tuple[sqlite3.Connection, int, int]:
+    """Create (or open, migrating an older schema) the store at ``path``: the
+    writer's connection, the stored step counter and the writer's run segment."""
     # isolation_level=None: the writer issues BEGIN itself. check_same_thread=False: a
     # writer may be closed from another thread than the one that writes.
     conn = sqlite3.connect(path, timeout=TIMEOUT, isolation_level=None, check_same_thread=False)
@@ -279,9 +315,14 @@ def _open_store(path: Path) -> tuple[sqlite3.Connection, int]:
             conn.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA:
                 conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('next_step', 0)",
-                         (SCHEMA_VERSION,))
-            return conn, int(_check_store(conn, path)["next_step"])
+            if not _has_run(conn):
+                conn.execute(f"ALTER TABLE records ADD COLUMN {RUN_COLUMN}")
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('next_step', 0)")
+            # An older store that was written to holds run 0: this writer is the next one.
+            conn.execute("INSERT OR IGNORE INTO meta SELECT 'next_run', value > 0 FROM meta WHERE name = 'next_step'")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            meta = _check_store(conn, path)
+            return conn, int(meta["next_step"]), int(meta["next_run"])
     except BaseException as exc:
         conn.close()
         if isinstance(exc, sqlite3.DatabaseError):
@@ -304,6 +345,22 @@ def _check_store(conn: sqlite3.Connection, path: Path) -> dict | None:
         raise ValueError(f"log_dir: {path} has record schema version {version}, this dyndiag reads "
                          f"up to {SCHEMA_VERSION} (written by a newer dyndiag? upgrade it)")
     return meta
+
+
+def _has_run(conn: sqlite3.Connection) -> bool:
+    """Whether ``records`` has the ``run`` column (schema version 3 on)."""
+    return any(row[1] == "run" for row in conn.execute("PRAGMA table_info(records)"))
+
+
+def _check_amend(conn: sqlite3.Connection, step: int, rows: list, blobs: list) -> None:
+    """A ValueError if ``step`` already holds one of the ``(probe, metric, key)`` to add."""
+    for kind, items, table in (("scalars", rows, "records"), ("arrays", blobs, "arrays")):
+        if items:
+            held = set(conn.execute(f"SELECT probe, metric, key FROM {table} WHERE step = ?", (step,)))
+            clash = sorted(held & {r[1:4] for r in items})
+            if clash:
+                raise ValueError(f"{kind} of step {step}: {clash[0]} is already stored there (amend adds, "
+                                 "never replaces)")
 
 
 def _read(log_dir: object, query: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -329,21 +386,35 @@ def load_records(log_dir: str | os.PathLike) -> pd.DataFrame:
     """Every scalar record of the run in ``log_dir``, as a long DataFrame.
 
     Columns ``step`` (int64), ``probe``, ``metric``, ``key`` (pandas' string dtype),
-    ``value`` and ``wall_time`` (float64; a stored NaN comes back NaN), sorted by step,
-    then in the order written; empty with these columns and dtypes while the store
-    has no records. Safe while a writer writes (one snapshot: whole steps only). A
-    ``ValueError`` if ``log_dir`` holds no store or one with a newer schema.
+    ``value`` and ``wall_time`` (float64; a stored NaN comes back NaN) and ``run``
+    (int64: the run segment, one per writer that wrote, 0 first; rows of a store
+    written before segments existed are run 0), sorted by step, then in the order
+    written; empty with these columns and dtypes while the store has no records.
+    Safe while a writer writes (one snapshot: whole steps only). A ``ValueError``
+    if ``log_dir`` holds no store or one with a newer schema.
     """
     import pandas as pd
 
     rows = _read(log_dir, lambda conn: conn.execute(
-        "SELECT step, probe, metric, key, value, wall_time FROM records ORDER BY rowid").fetchall())
+        f"SELECT step, probe, metric, key, value, wall_time, {'run' if _has_run(conn) else 0} FROM records "
+        "ORDER BY rowid").fetchall())
     # float64 turns None (a stored NaN) back into NaN.
     df = pd.DataFrame(rows or [], columns=list(COLUMNS)).astype(
-        {"step": np.int64, "probe": str, "metric": str, "key": str, "value": np.float64, "wall_time": np.float64})
+        {"step": np.int64, "probe": str, "metric": str, "key": str, "value": np.float64, "wall_time": np.float64,
+         "run": np.int64})
     if len(df) and np.any(np.diff(df["step"].to_numpy()) < 0):  # rows another tool added
         df = df.sort_values("step", kind="stable", ignore_index=True)
     return df
+
+
+def recorded_probes(log_dir: str | os.PathLike) -> dict[int, set[str]]:
+    """``{step: {probe names}}``: the probes with a record or an array at each step
+    (``{}`` while the store has none). A ``ValueError`` if ``log_dir`` holds no store."""
+    found: dict[int, set[str]] = {}
+    for step, probe in _read(log_dir, lambda conn: conn.execute(
+            "SELECT DISTINCT step, probe FROM records UNION SELECT DISTINCT step, probe FROM arrays").fetchall()) or ():
+        found.setdefault(step, set()).add(probe)
+    return found
 
 
 def load_arrays(

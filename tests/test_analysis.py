@@ -146,21 +146,39 @@ def test_analyze_evaluates_eval_mode_by_default_and_train_mode_on_request(tmp_pa
     assert abs(found[0] - found[1]) > 1e-3 * found[0]  # the two modes are different Hessians
 
 
-def test_rerun_skips_analysed_steps_and_rewinds_for_an_earlier_one(tmp_path):
-    _train_checkpoints(tmp_path, steps=(0, 5, 10))
-    probe = [dd.probes.GradientNorm()]
+def test_rerun_computes_only_the_probes_a_step_lacks_beside_what_is_stored(tmp_path):
+    states, data = _train_checkpoints(tmp_path, steps=(0, 5, 10, 15))
+    ckpts = {s: tmp_path / f"model_step_{s}.pt" for s in states}
     run = tmp_path / "run"
-    kw = dict(probe_data=classification_data(), log_dir=run, loss_fn=nn.CrossEntropyLoss(), progress=False)
-    first = dd.analyze([tmp_path / "model_step_0.pt", tmp_path / "model_step_10.pt"], tanh_mlp, probe, **kw)
+    kw = dict(probe_data=data, log_dir=run, loss_fn=nn.CrossEntropyLoss(), progress=False)
+    first = dd.analyze([ckpts[0], ckpts[10]], tanh_mlp, [dd.probes.GradientNorm()], **kw)
     assert first["analysed"] == [0, 10]
-    again = dd.analyze([tmp_path / "model_step_0.pt", tmp_path / "model_step_10.pt"], tanh_mlp, probe, **kw)
+    again = dd.analyze([ckpts[0], ckpts[10]], tanh_mlp, [dd.probes.GradientNorm()], **kw)
     assert again["analysed"] == [] and again["skipped"] == [0, 10]
     before = dd.load_records(run)
-    added = dd.analyze([tmp_path / f"model_step_{s}.pt" for s in (0, 5, 10)], tanh_mlp, probe, **kw)
-    assert added["analysed"] == [5, 10] and added["skipped"] == [0]  # 10 is rewritten after the new 5
-    after = dd.load_records(run)
-    assert sorted(after.step) == [0, 5, 10]
-    assert np.array_equal(after[after.step != 5].value.to_numpy(), before.value.to_numpy())
+
+    def three():
+        return [dd.probes.GradientNorm(), dd.probes.LayerRotation(), dd.probes.DirectionalSharpness()]
+
+    more = dd.analyze([ckpts[s] for s in (0, 5, 10)], tanh_mlp, three(), **kw)  # other probes, a new checkpoint
+    assert more["analysed"] == [0, 5, 10] and more["skipped"] == []
+    df = dd.load_records(run)
+    norms = df[df.metric == "grad_norm"]
+    assert norms.step.tolist() == [0, 5, 10] and norms.run.tolist() == [0, 1, 0]  # stored rows stay as they were
+    assert norms[norms.step != 5].value.tolist() == before.value.tolist()
+    assert set(df[df.metric == "rotation"].step) == {0, 5, 10} and (df[df.metric == "rotation"].run == 1).all()
+    span = df[df.metric == "update_steps"].set_index("step").value
+    assert span.to_dict() == {0: 5.0, 5: 5.0}  # 10 is the last checkpoint given: no update yet
+
+    last = dd.analyze([ckpts[s] for s in (0, 5, 10, 15)], tanh_mlp, three(), **kw)
+    assert last["analysed"] == [10, 15] and last["skipped"] == [0, 5]  # 10 gained a next checkpoint
+    df = dd.load_records(run)
+    assert sorted(df[df.metric == "directional_sharpness"].step) == [0, 5, 10]
+    assert len(df) == len(df.drop_duplicates(["step", "probe", "metric", "key"]))  # nothing computed twice
+    # Probes are set up at the first checkpoint given, though it had nothing to compute.
+    rot = df[(df.metric == "rotation") & (df.key == "0.weight")].set_index("step").value
+    w0, w15 = states[0]["0.weight"].reshape(-1), states[15]["0.weight"].reshape(-1)
+    assert rot[15] == pytest.approx(1 - (w0 @ w15 / (w0.norm() * w15.norm())).item(), rel=1e-9)
 
 
 def test_one_bad_checkpoint_is_reported_and_the_rest_go_on(tmp_path):

@@ -109,6 +109,10 @@ def test_analyze_then_plot_end_to_end(project):
     assert set(df[df.metric == "directional_sharpness"].step) == {0, 5, 10}  # needs the next checkpoint
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "skipped 4 already analysed" in again.output
+    other = [*args[:args.index("--probes") + 1], "layer_rotation", *args[args.index("--probes") + 2:]]
+    added = CliRunner().invoke(main, other)  # other probes into the same --out: computed beside the others
+    assert added.exit_code == 0 and "analysed 4 checkpoint(s), skipped 0" in added.output, added.output
+    assert set(dd.load_records(project / "run" / "records").probe) >= {"layer_rotation", "edge_of_stability"}
 
     result = CliRunner().invoke(main, ["tensorboard", "run", "--out", "tb"])
     assert result.exit_code == 0, result.output
@@ -119,7 +123,8 @@ def test_analyze_then_plot_end_to_end(project):
     for stem in ("edge_of_stability", "spectrum", "gradients", "dynamics", "scores"):
         assert (project / "figs" / f"{stem}.png").stat().st_size > 5000
         assert (project / "figs" / f"{stem}.svg").exists()
-    assert not (project / "figs" / "layer_rotation.png").exists()  # not recorded, not drawn
+    assert (project / "figs" / "layer_rotation.png").exists()  # added by the second analysis
+    assert not (project / "figs" / "coherence.png").exists()  # not recorded, not drawn
 
 
 @pytest.mark.parametrize("kind, dims", [("trajectory", 2), ("hessian", 1), ("random", 2)])
@@ -166,7 +171,12 @@ def test_landscape_end_to_end_and_resumes(project, kind, dims):
         (["analyze", "model_step_0.pt", "--model", "no_such_module:f"], "--model: cannot import module 'no_such_module'"),
         (["analyze", "model_step_0.pt", "--model", "make_model"], "--model must be MODULE:NAME"),
         (["analyze", "model_step_0.pt", "--probes", "hessian"], "unknown probe 'hessian'"),
-        (["analyze", "model_step_0.pt", "--probes", "edge_of_stability"], "carries no optimizer state"),
+        (["analyze", "model_step_0.pt", "--probes", "edge_of_stability"], "--lr is required for edge_of_stability"),
+        (["analyze", "model_step_0.pt", "--optimizer", "adam", "--momentum", "0.9"], "--momentum is an SGD option"),
+        (["analyze", "model_step_0.pt", "--lr", "0.1", "--nesterov"], "--nesterov needs --momentum > 0"),
+        (["analyze", "model_step_0.pt", "--lr", "0.1", "--momentum", "0.9", "--nesterov", "--dampening", "0.1"],
+         "--nesterov needs --dampening 0"),
+        (["analyze", "model_step_0.pt", "--weight-decay", "0.1"], "--weight-decay describes the run's optimizer with"),
         (["analyze", "model_step_0.pt", "--loss", "hinge"], "--loss must be one of"),
         (["analyze"], "give at least one CHECKPOINT"),
         (["landscape", "model_step_0.pt", "--directions", "trajectory"], "need at least 3 checkpoints"),
@@ -220,3 +230,25 @@ def test_probe_names_listed_in_help_are_exactly_the_probes_analyze_builds():
     table = _probe_table(None, 3, False)
     assert PROBE_NAMES == tuple(table)
     assert [table[n]().name for n in PROBE_NAMES] == list(PROBE_NAMES)  # the record names
+
+
+@pytest.mark.parametrize(
+    "options, hyper",
+    [
+        (["--lr", "0.5", "--momentum", "0.9", "--nesterov", "--weight-decay", "0.01"],
+         dict(lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.01)),
+        (["--lr", "0.5", "--momentum", "0.5", "--dampening", "0.5"], dict(lr=0.5, momentum=0.5, dampening=0.5)),
+    ],
+)
+def test_analyze_builds_the_sgd_the_threshold_reads_from_its_options(project, options, hyper):
+    import torch
+
+    import dyndiag as dd
+
+    args = ["analyze", "model_step_0.pt", "--model", "proj.py:make_model", "--data", "proj:data", "--out", "run",
+            "--probes", "edge_of_stability", "--no-progress", *options]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    expected = dd.stability_threshold(torch.optim.SGD([torch.zeros(1, requires_grad=True)], **hyper))
+    threshold = dd.load_records(project / "run" / "records").set_index("metric").value["threshold"]
+    assert threshold == pytest.approx(expected) and threshold != pytest.approx(4.0)  # not plain 2 / lr

@@ -13,10 +13,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import dyndiag.landscape as L
-from dyndiag.landscape import grid, layerwise
+from dyndiag.landscape import grid
 from dyndiag.curvature import HessianOperator
 from tests.exact import exact_hessian
-from tests.models import TiedFrozen, batchnorm_mlp, classification_data, image_data, tanh_mlp
+from tests.models import TiedFrozen, batchnorm_mlp, classification_data, image_data, small_cnn, tanh_mlp
 from tests.snapshots import assert_same, snapshot
 
 CE = nn.CrossEntropyLoss()
@@ -248,24 +248,20 @@ def test_model_comes_back_bit_identical():
 # -- batched evaluation (vmap over chunks of grid points) ---------------------------------
 def per_point_and(model, data, batch_points, resolution=5, batched=None, **kw):
     """Surfaces with the per-point loop and with ``batch_points``; ``batched=True``
-    asserts the second never entered the per-point loop."""
+    asserts the second was evaluated under vmap."""
     dirs = L.random_directions(model, 2, seed=0, ignore=())
     run = lambda bp: L.surface(model, CE, data, dirs, resolution=resolution, batch_points=bp,  # noqa: E731
                                progress=False, **kw)
-    loop = run(1)
-    if not batched:
-        return loop, run(batch_points)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(grid, "_per_point", lambda *a: pytest.fail("fell back to the per-point loop"))
-        return loop, run(batch_points)
+    loop, other = run(1), run(batch_points)
+    assert loop.batch_points == 1
+    if batched:
+        assert other.batch_points > 1
+    return loop, other
 
 
-@pytest.mark.parametrize("path", ["layerwise", "vmap"])
 @pytest.mark.parametrize("batch_points", ["auto", 4, 7, 25, 256])
-def test_batched_equals_per_point_float64(batch_points, path, monkeypatch):
+def test_batched_equals_per_point_float64(batch_points):
     model, (x, y) = tanh_mlp(), classification_data(n=25)
-    if path == "vmap":  # the Sequential MLP through vmap, as any other model
-        monkeypatch.setattr(layerwise, "plan", lambda *a: "forced")
     batches = [(x[:7], y[:7]), (x[7:], y[7:])]  # unequal sizes: weighted by sample count
     acc = lambda out, t: (out.argmax(1) == t).double().mean()  # noqa: E731
     loop, batched = per_point_and(model, batches, batch_points, metric=acc, batched=True)
@@ -386,311 +382,74 @@ def test_model_comes_back_bit_identical_after_batched_path():
     assert_same(before, snapshot(model))
 
 
-def test_auto_takes_the_per_point_loop_for_convolutions_on_large_cpu_batches():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)).double()
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(129, 1, 6, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (129,), generator=g)
-    d = L.random_directions(model, 2, seed=0)
-    auto = L.surface(model, CE, (x, y), d, resolution=4, progress=False)
-    assert auto.batch_points == 1  # 129 samples > 128
-    forced = L.surface(model, CE, (x, y), d, resolution=4, batch_points=8, progress=False)  # vmap on request
-    assert forced.batch_points == 8
-    np.testing.assert_allclose(forced.values, auto.values, rtol=0, atol=1e-12)
-    small = L.surface(model, CE, (x[:128], y[:128]), d, resolution=4, progress=False)
-    assert small.batch_points == 128  # up to 128 samples: batched (2**15 // 128 points, at most 128)
-    assert grid._auto_chunk([((x, y), 129)], torch.device("cuda"), 77, conv=True) > 1  # not off the CPU
-
-
 def test_auto_chunk_rule():
-    _auto_chunk = grid._auto_chunk
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    batch = lambda n: ((torch.zeros(n, 64), torch.zeros(n, dtype=torch.long)), n)  # noqa: E731
-    assert _auto_chunk([batch(512)], cpu, 3610) == 36  # the digits benchmark: 2**26 // (512 * 3610)
-    assert _auto_chunk([batch(128)], cpu, 3610) == 128
-    assert _auto_chunk([batch(10), batch(1024)], cpu, 3610) == 18  # the largest batch counts
-    assert _auto_chunk([batch(1797)], cpu, 3610) == 1  # 10 < 16 points: per point
-    assert _auto_chunk([batch(512)], cpu, 38410) == 1
-    assert _auto_chunk([batch(64)], cpu, 38410) == 27
-    assert _auto_chunk([batch(1797)], gpu, 3610) == 10  # no 16-point floor off the CPU
-    assert _auto_chunk([batch(4096)], gpu, 10) == 8  # 2**15 sample evaluations
-    assert _auto_chunk([batch(1)], gpu, 2**21) == 8  # stacked parameters
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(300, 6)), batch_size=128)
-    assert _auto_chunk(loader, cpu, 100) == 128  # its first batch (128 samples)
-    assert _auto_chunk(loader, gpu, 10**4) == 52  # 2**26 // (128 * 10**4)
-
-
-# -- layer-by-layer path (Sequential MLPs) ------------------------------------------------
-
-
-def only_layerwise(mp):
-    """Fail if ``surface`` takes the vmap path or the per-point loop."""
-    mp.setattr(grid, "_vmapped", lambda *a: pytest.fail("took the vmap path"))
-    mp.setattr(grid, "_per_point", lambda *a: pytest.fail("fell back to the per-point loop"))
-
-
-class Square(nn.Module):
-    def forward(self, x):
-        return x * x
-
-
-def test_layerwise_plan_accepts_mlps_and_refuses_the_rest():
-    chosen = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
-    ok = [
-        tanh_mlp(),
-        nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(6, 5, bias=False), nn.GELU()), nn.Dropout(0.2),
-                      nn.Linear(5, 3), nn.LogSoftmax(dim=-1)),
-    ]
-    for m in ok:
-        assert isinstance(layerwise.plan(m, chosen(m), CE, None), layerwise.Plan)
-    hooked = tanh_mlp()
-    hooked[1].register_forward_hook(lambda *a: None)
-    outer = nn.Sequential(tanh_mlp())
-    outer.register_forward_pre_hook(lambda *a: None)  # on a container the path flattens away
-
-    class MySeq(nn.Sequential):  # a subclass with its own forward: traced, not read as a Sequential
-        def forward(self, x):
-            h = super().forward(x)
-            return h + h.tanh()
-
-    class MyTanh(nn.Tanh):
-        def forward(self, x):
-            return super().forward(x) * 2
-
-    refused = {
-        "a closure": (tanh_mlp(), None, CE),
-        "a branch after the first Linear": (MySeq(nn.Linear(6, 4)), CE, None),
-        "a hook on Tanh": (hooked, CE, None),
-        "a hook on Sequential": (outer, CE, None),
-        "Softmax over dim 0": (nn.Sequential(nn.Linear(6, 4), nn.Softmax(dim=0)), CE, None),
-        "BatchNorm1d is not": (batchnorm_mlp(train=False), CE, None),
-        "MyTanh is not": (nn.Sequential(nn.Linear(6, 4), MyTanh()), CE, None),
-        "Flatten after the first Linear": (nn.Sequential(nn.Linear(6, 4), nn.Flatten()), CE, None),
-        "LogSoftmax over dim 2": (nn.Sequential(nn.Linear(6, 4), nn.LogSoftmax(dim=2)), CE, None),
-        "Square is not": (nn.Sequential(nn.Linear(6, 4), Square()), CE, None),
-        "no Linear layer": (nn.Sequential(nn.Tanh()), CE, None),
-    }
-    for why, (m, loss_fn, closure) in refused.items():
-        got = layerwise.plan(m, chosen(m) or [torch.zeros(1)], loss_fn, closure)
-        assert isinstance(got, str) and got.startswith(why), (why, got)
-    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
-    try:
-        assert layerwise.plan(tanh_mlp(), chosen(tanh_mlp()), CE, None) == "global forward hooks"
-    finally:
-        handle.remove()
-
-
-def _mlps():
+    # The most points (<= 128) whose stacked largest module output stays within 2**20
+    # elements (and stacked parameters within 2**26); per point on the CPU under 16.
     torch.manual_seed(0)
-    deep = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 5, bias=False), nn.Sigmoid()),
-                         nn.Dropout(0.5), nn.Linear(5, 4)).double()
-    frozen = tanh_mlp()
-    frozen[0].weight.requires_grad_(False)  # fixed first-layer weight: its bias still moves
-    square = nn.Linear(5, 5).double()
-    tied = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), square, nn.Tanh(), square, nn.Linear(5, 4)).double()
-    return {"deep": deep, "frozen": frozen, "tied": tied}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1797, 64, generator=g), torch.randint(0, 10, (1797,), generator=g)
+    mlp = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))  # float32, the digits MLP's shape
+    d = L.random_directions(mlp, 2, seed=0)
+    auto = lambda model, data, dirs=d: L.surface(model, CE, data, dirs, resolution=3,  # noqa: E731
+                                                 progress=False).batch_points
+    assert auto(mlp, (x[:512], y[:512])) == 2**20 // (512 * 48) == 42  # the widest output: 512 x 48
+    assert auto(mlp, [(x[:10], y[:10]), (x[:1024], y[:1024])]) == 21  # the largest batch counts
+    assert auto(mlp, (x[:128], y[:128])) == 128  # at most 128
+    assert auto(mlp, (x, y)) == 1  # 12 points: per point on the CPU
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:300], y[:300]), batch_size=128)
+    assert auto(mlp, loader) == 128  # its first batch stands for all
+    conv = nn.Sequential(nn.Conv2d(1, 64, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64 * 36, 10))
+    images = x.reshape(-1, 1, 8, 8)
+    dc = L.random_directions(conv, 2, seed=0)
+    assert auto(conv, (images[:16], y[:16]), dc) == 2**20 // (16 * 64 * 36) == 28  # the convolution's output
+    assert auto(conv, (images[:64], y[:64]), dc) == 1
+    # Off the CPU there is no 16-point floor; the stacked parameters stay within 2**26.
+    point_fn = grid._point_fn(grid.make_loss_closure(CE, None), CE, None)
+    gpu = torch.device("cuda")
+    assert grid._auto_chunk(mlp, point_fn, [((x, y), 1797)], 3610, gpu) == 12
+    assert grid._auto_chunk(mlp, point_fn, [((x[:2], y[:2]), 2)], 2**23, gpu) == 8
+    # A batch the model cannot take: the per-point loop raises its own error.
+    with pytest.raises(RuntimeError):
+        L.surface(mlp, CE, (x.double(), y), d, resolution=3, progress=False)
+    # A target out of range under vmap: the first chunk fails, the per-point loop
+    # raises torch's own error.
+    with pytest.raises(IndexError, match="out of bounds"), pytest.warns(RuntimeWarning, match="out of bounds"):
+        L.surface(mlp, CE, (x[:20], y[:20] + 10), d, resolution=3, batch_points=4, progress=False)
 
 
-@pytest.mark.parametrize("name", ["deep", "frozen", "tied"])
-def test_layerwise_equals_per_point_float64(name):
-    model = _mlps()[name]
-    x, y = classification_data(n=25)
-    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
-    acc = lambda out, t: (out.argmax(1) == t).double().mean()  # noqa: E731
-    before = snapshot(model)
-    dirs = L.random_directions(model, 2, seed=0, ignore=())
-    run = lambda bp: L.surface(model, CE, batches, dirs, resolution=5, batch_points=bp,  # noqa: E731
-                               metric=acc, progress=False)
-    loop = run(1)
-    with pytest.MonkeyPatch.context() as mp:
-        only_layerwise(mp)
-        batched = run(7)  # 4 chunks: a short last one
-    assert batched.batch_points == 7 and loop.batch_points == 1
-    assert np.ptp(loop.values) > 0.05
-    np.testing.assert_allclose(batched.values, loop.values, rtol=0, atol=1e-12)
-    np.testing.assert_array_equal(batched.metric_values, loop.metric_values)
-    assert_same(before, snapshot(model))
-
-
-class ClassMLP(nn.Module):
-    """An MLP as users write them: a class with a forward, traced by torch.fx."""
+class Residual(nn.Module):
+    """A class model with a residual connection, a buffer and a functional activation."""
 
     def __init__(self):
         super().__init__()
-        self.fc1, self.fc2, self.out = nn.Linear(36, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.fc1, self.fc2, self.out = nn.Linear(36, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("scale", torch.tensor(0.5))
 
     def forward(self, x):
-        x = x.view(x.size(0), -1) / 2
-        x = F.leaky_relu(self.fc1(x), 0.1)
-        x = F.dropout(x, 0.3, training=self.training)
-        x = torch.tanh(self.fc2(x)).relu()
-        return F.log_softmax(self.out(x), dim=1)
+        h = F.leaky_relu(self.fc1(x.flatten(1) * self.scale), 0.1)
+        return F.log_softmax(self.out(h + torch.sin(self.fc2(h))), dim=1)
 
 
-class Residual(ClassMLP):
-    def forward(self, x):
-        h = torch.tanh(self.fc2(F.relu(self.fc1(x.flatten(1)))))
-        return self.out(h + h.relu())
-
-
-class ValueBranch(ClassMLP):
-    def forward(self, x):
-        h = self.fc1(x.flatten(1))
-        return self.out(self.fc2(h if h.sum() > 0 else -h))
-
-
-class Scaled(ClassMLP):
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("scale", torch.tensor(0.5, dtype=torch.float64))
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x.flatten(1) * self.scale)))))
-
-
-class Sine(ClassMLP):
-    def forward(self, x):
-        return self.out(torch.sin(self.fc2(torch.tanh(self.fc1(x.flatten(1))))))
-
-
-def test_layerwise_traces_class_models():
+def test_other_models_and_losses_batched_equal_per_point():
     torch.manual_seed(0)
     x, y = image_data(n=12)
-    nll = nn.NLLLoss()
-    model = ClassMLP().double().train()  # dropout: off under surface's evaluation rule, read as such
-    d = L.random_directions(model, 2, seed=0, ignore=())
-    loop = L.surface(model, nll, (x, y), d, resolution=5, batch_points=1, progress=False)
-    with pytest.MonkeyPatch.context() as mp:
-        only_layerwise(mp)
-        fast = L.surface(model, nll, (x, y), d, resolution=5, batch_points=4, progress=False)
-    np.testing.assert_allclose(fast.values, loop.values, rtol=0, atol=1e-12)
-    assert np.ptp(loop.values) > 0.05
-    chosen = lambda m: list(m.parameters())  # noqa: E731
-    why = {Residual: "a branch", ValueBranch: "not traceable", Scaled: "get_attr", Sine: "call_function sin"}
-    for cls, reason in why.items():
-        m = cls().double().eval()
-        assert reason in layerwise.plan(m, chosen(m), nll, None), cls
-        # ... and these take the vmap path (ValueBranch: the per-point loop), same values
-        runs = [L.surface(m, nll, (x, y), L.random_directions(m, 2, seed=0), resolution=3, batch_points=bp,
-                          progress=False).values for bp in (1, "auto")]
-        np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-12)
-    on = ClassMLP().double().train()
-    assert layerwise.plan(on, chosen(on), nll, None) == "dropout that is on (training=True)"
-
-
-def test_layerwise_with_selected_params_sequences_and_other_losses():
-    model, (x, y) = tanh_mlp(), classification_data(n=12)
-    last = [L.random_directions(model, 1, params=[model[2].weight], seed=s)[0] for s in (0, 1)]
-    run = lambda bp: L.surface(model, CE, (x, y), last, resolution=4, params=[model[2].weight],  # noqa: E731
-                               batch_points=bp, progress=False)
-    runs = [run(1)]
-    with pytest.MonkeyPatch.context() as mp:  # the first layer fixed: its directions are zero
-        only_layerwise(mp)
-        runs.append(run(5))
-    assert runs[1].batch_points == 5
-    np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=0, atol=1e-12)
-    # A regression loss and a log-softmax + NLL head, both under vmap over the chunk.
     g = torch.Generator().manual_seed(1)
     xs, ys = torch.randn(12, 6, dtype=torch.float64, generator=g), torch.randn(12, 2, dtype=torch.float64, generator=g)
-    reg = nn.Sequential(nn.Linear(6, 5), nn.ELU(), nn.Linear(5, 2)).double()
-    logp = nn.Sequential(nn.Linear(6, 5), nn.Softplus(), nn.Linear(5, 4), nn.LogSoftmax(dim=1)).double()
-    for model, loss_fn, data in [(reg, nn.MSELoss(), (xs, ys)), (logp, nn.NLLLoss(), (x, y))]:
-        d = L.random_directions(model, 2, seed=0, ignore=())
-        loop = L.surface(model, loss_fn, data, d, resolution=4, batch_points=1, progress=False)
-        with pytest.MonkeyPatch.context() as mp:
-            only_layerwise(mp)
-            fast = L.surface(model, loss_fn, data, d, resolution=4, batch_points=3, progress=False)
-        np.testing.assert_allclose(fast.values, loop.values, rtol=0, atol=1e-12)
-    # (n, T, features) inputs: not one feature vector per sample, so the vmap path.
     xt = torch.randn(12, 3, 6, dtype=torch.float64, generator=g)
     yt = torch.randn(12, 3, 2, dtype=torch.float64, generator=g)
-    d = L.random_directions(reg, 2, seed=0, ignore=())
-    runs = [L.surface(reg, nn.MSELoss(), (xt, yt), d, resolution=4, batch_points=bp, progress=False) for bp in (1, 3)]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layerwise, "evaluator", lambda *a: pytest.fail("took the layer-by-layer path"))
-        runs.append(L.surface(reg, nn.MSELoss(), (xt, yt), d, resolution=4, batch_points=3, progress=False))
-    np.testing.assert_allclose(runs[2].values, runs[0].values, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("kw", [{}, {"ignore_index": 1}, {"label_smoothing": 0.2, "ignore_index": 0}])
-def test_layerwise_cross_entropy_per_point(kw):
-    ce = nn.CrossEntropyLoss(**kw)
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(5, 9, 4, dtype=torch.float64, generator=g)
-    y = torch.randint(0, 4, (9,), generator=g)
-    stacked = lambda targets: layerwise._stacked_loss(ce)(z.transpose(1, 2), targets)  # noqa: E731 feature-major
-    got = stacked(y)
-    want = torch.stack([ce(z[p], y) for p in range(5)])
-    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
-    probs = torch.softmax(torch.randn(9, 4, dtype=torch.float64, generator=g), 1)  # soft targets: vmap rule
-    if "ignore_index" not in kw:  # torch refuses ignore_index with soft targets
-        want = torch.stack([ce(z[p], probs) for p in range(5)])
-        torch.testing.assert_close(stacked(probs), want, rtol=1e-13, atol=0)
-    if "ignore_index" in kw:  # every target ignored: NaN, as the module gives
-        all_ignored = torch.full((9,), kw["ignore_index"])
-        assert torch.isnan(stacked(all_ignored)).all()
-
-
-def test_layerwise_cross_entropy_checks_each_batch_once():
-    # The targets' check (a device sync on a GPU) runs once per targets tensor, not per chunk.
-    ce = nn.CrossEntropyLoss(ignore_index=2)
-    loss = layerwise._stacked_loss(ce)
-    g = torch.Generator().manual_seed(1)
-    z = torch.randn(3, 4, 9, dtype=torch.float64, generator=g)  # feature-major (P, classes, n)
-    ya, yb = (torch.randint(0, 4, (9,), generator=g) for _ in range(2))
-    where, calls = torch.where, []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "where", lambda *a: calls.append(1) or where(*a))
-        got = [loss(z, y) for y in (ya, yb, ya, yb)]
-    assert len(calls) == 2
-    for value, y in zip(got, (ya, yb, ya, yb)):
-        torch.testing.assert_close(value, torch.stack([ce(z[p].T, y) for p in range(3)]), rtol=1e-13, atol=0)
-    bad = ya.clone()
-    bad[0] = 7
-    with pytest.raises(IndexError, match="out of bounds for 4 classes"):
-        loss(z, bad)
-
-
-def test_layerwise_float32_and_chunk_rule():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(512, 64, generator=g), torch.randint(0, 10, (512,), generator=g)
-    d = L.random_directions(model, 2, seed=0)
-    auto = L.surface(model, CE, (x, y), d, resolution=13, progress=False)
-    loop = L.surface(model, CE, (x, y), d, resolution=13, batch_points=1, progress=False)
-    assert auto.batch_points == 2**21 // (512 * 48) == 85  # the widest activation of a chunk
-    np.testing.assert_allclose(auto.values, loop.values, rtol=2e-6, atol=0)
-    layers = layerwise.plan(model, list(model.parameters()), CE, None)
-    heads = layerwise.head_cache(layers, torch.zeros(3610), [torch.zeros(3610)] * 2, [((x, y), 512)])
-    assert layerwise.auto_chunk(layers, heads) == 85
-    assert layerwise.auto_chunk(layers, heads[:1] * 2) == 85  # the largest batch counts, not the sum
-    wide = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10))
-    layers = layerwise.plan(wide, list(wide.parameters()), CE, None)
-    heads = layerwise.head_cache(layers, torch.zeros(38410), [torch.zeros(38410)] * 2, [((x, y), 512)])
-    assert layerwise.auto_chunk(layers, heads) == 8
-    with pytest.MonkeyPatch.context() as mp:  # the first layer's outputs do not fit: the vmap path
-        mp.setattr(layerwise, "_HEAD_ELEMENTS", 1000)
-        assert L.surface(model, CE, (x, y), d, resolution=3, progress=False).batch_points == 36
-
-
-def test_layerwise_falls_back_like_vmap():
-    model, data = tanh_mlp(), classification_data()
-    # A batch the first layer cannot take: the per-point loop raises its own error.
-    with pytest.raises(RuntimeError):
-        L.surface(model, CE, (data[0].float(), data[1]), L.random_directions(model, 2), resolution=3,
-                  progress=False)
-    # A target out of range: the per-point loop raises torch's own error (a warning says why).
-    with pytest.raises(IndexError, match="out of bounds"), pytest.warns(RuntimeWarning, match="out of bounds"):
-        L.surface(model, CE, (data[0], data[1] + 10), L.random_directions(model, 2), resolution=3, batch_points=4,
-                  progress=False)
-    # A loader is not cached: the vmap path.
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=8)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layerwise, "evaluator", lambda *a: pytest.fail("loader took the layer-by-layer path"))
-        s = L.surface(model, CE, loader, L.random_directions(model, 2), resolution=3, batch_points=4,
-                      progress=False)
-    assert s.batch_points == 4
+    reg = nn.Sequential(nn.Linear(6, 5), nn.ELU(), nn.Linear(5, 2)).double()
+    cases = [
+        (Residual().double(), nn.NLLLoss(), (x, y)),
+        (small_cnn(), CE, (x, y)),
+        (reg, nn.MSELoss(), (xs, ys)),  # a regression loss
+        (reg, nn.MSELoss(), (xt, yt)),  # (n, T, features) inputs
+    ]
+    for model, loss_fn, data in cases:
+        d = L.random_directions(model, 2, seed=0, ignore=())
+        runs = [L.surface(model, loss_fn, data, d, resolution=4, batch_points=bp, progress=False) for bp in (1, 3)]
+        assert runs[1].batch_points == 3
+        assert np.ptp(runs[0].values) > 1e-3
+        np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=0, atol=1e-12)
 
 
 # -- resumability ----------------------------------------------------------------------

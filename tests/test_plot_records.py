@@ -217,3 +217,46 @@ def test_coherence_on_real_records_matches_the_recorded_values(sgd_records):
     assert list(steps) == [0, 3, 6, 9] and np.allclose(line.get_ydata(), values)
     assert np.allclose(bottom.lines[0].get_ydata(), _values(df, "gsnr")[1])
     assert any(l.get_label() == "32: identical gradients" for l in top.lines)
+
+
+def _pieces(line) -> list[list[float]]:
+    """The steps of each unbroken piece of a drawn line (matplotlib breaks it at NaN)."""
+    pieces, piece = [], []
+    for x, y in line.get_xydata():
+        if np.isnan(x) or np.isnan(y):
+            pieces, piece = pieces + [piece] * bool(piece), []
+        else:
+            piece.append(float(x))
+    return pieces + [piece] * bool(piece)
+
+
+def test_a_rerun_into_the_same_log_dir_is_drawn_as_its_own_segment(tmp_path):
+    _run(tmp_path, "sgd")  # a notebook cell run twice: the second run continues at step 10
+    df = _run(tmp_path, "sgd")
+    assert df.step.max() == 19 and set(df[df.step < 10].run) == {0} and set(df[df.step >= 10].run) == {1}
+    top, bottom = dd.plot.edge_of_stability(df).axes
+    for line in top.lines + bottom.lines:  # sharpness, threshold, loss: measured every 2 steps
+        assert _pieces(line) == [[0.0, 2.0, 4.0, 6.0, 8.0], [10.0, 12.0, 14.0, 16.0, 18.0]], line.get_label()
+    gn = dd.plot.metrics(df, "grad_norm").axes[0]
+    assert len(gn.lines) == len(PARAMS) + 1  # one line per key (and the total), each broken between runs
+    for line in gn.lines:
+        assert _pieces(line) == [[float(s) for s in range(10)], [float(s) for s in range(10, 20)]]
+    rot = dd.plot.layer_rotation(df).axes[0]
+    assert all(len(_pieces(line)) == 2 for line in rot.lines)
+    coherence = dd.plot.coherence(df).axes[0].lines[0]
+    assert _pieces(coherence) == [[0.0, 3.0, 6.0, 9.0], [12.0, 15.0, 18.0]]  # every 3 steps of the counter
+    one = dd.plot.metrics(df.drop(columns="run"), "grad_norm").axes[0]  # a frame without runs: one segment
+    assert _pieces(one.lines[-1]) == [[float(s) for s in range(20)]]
+
+
+def test_offline_ratios_over_several_steps_get_no_one_step_spike_line():
+    rows = [(s, "safe_step_radius", "ratio", "", 0.5 * (s // 50 + 1), 0.0) for s in (0, 50, 100)]
+    rows += [(s, "safe_step_radius", "update_steps", "", 50.0, 0.0) for s in (0, 50, 100)]
+    df = pd.DataFrame(rows, columns=["step", "probe", "metric", "key", "value", "wall_time"])
+    ax = dd.plot.metrics(df, "ratio").axes[0]
+    assert not [l for l in ax.lines if l.get_gid() == "dyndiag-reference"]
+    assert ax.get_ylabel() == "update / safe radius"
+    assert ax.get_title(loc="right") == "updates over 50 steps: no one-step reference"
+    one_step = df.assign(value=np.where(df.metric == "update_steps", 1.0, df.value))  # a Monitor's updates
+    ax = dd.plot.metrics(one_step, "ratio").axes[0]
+    assert [l.get_gid() for l in ax.lines].count("dyndiag-reference") == 1 and ax.get_ylabel() == "step / safe radius"

@@ -20,7 +20,7 @@ import torch
 import dyndiag as dd
 from dyndiag.records import DB_NAME, SCHEMA_VERSION, RecordWriter, is_writer, load_arrays, load_records
 
-COLUMNS = ["step", "probe", "metric", "key", "value", "wall_time"]
+COLUMNS = ["step", "probe", "metric", "key", "value", "wall_time", "run"]
 
 # A training-like writer: ROWS scalars and one array per step, each completed step
 # printed (flushed) only after write_step returned, i.e. after its commit.
@@ -426,16 +426,41 @@ def test_a_forgotten_writer_is_released_when_collected(tmp_path):
     assert load_records(tmp_path)["value"].tolist() == [1.0]
 
 
-def test_load_records_sorts_by_step_whatever_the_file_order(tmp_path):
+def test_amend_adds_to_an_earlier_step_never_replaces_and_readers_sort_by_step(tmp_path):
     with RecordWriter(tmp_path) as w:
         w.write_step(0, [("p", "m", "a", 0.0), ("p", "m", "b", 1.0)])
-        w.write_step(2, [("p", "m", "", 2.0)])
-    c = sqlite3.connect(tmp_path / DB_NAME)  # a row out of step order, as another tool might add
-    c.execute("INSERT INTO records VALUES (1, 'p', 'm', '', 1.5, 0.0)")
-    c.commit(), c.close()
+        w.write_step(2, [("p", "m", "", 2.0)], [("p", "x", "", np.arange(2))])
+        w.write_step(1, [("p", "m", "", 1.5)], amend=True)  # a step the counter passed
+        w.write_step(2, [("q", "m", "", 2.5)], [("q", "x", "", np.ones(1))], amend=True)
+        assert w.next_step == 3  # amending never moves the counter back
+        with pytest.raises(ValueError, match=r"step 2: \('p', 'm', ''\) is already stored"):
+            w.write_step(2, [("p", "m", "", 9.0)], amend=True)
+        with pytest.raises(ValueError, match=r"arrays of step 2: \('p', 'x', ''\)"):
+            w.write_step(2, [], [("p", "x", "", np.ones(1))], amend=True)
+        with pytest.raises(TypeError, match="amend"):
+            w.write_step(3, amend=1)
+        w.write_step(4, amend=True)  # at or after the counter: an ordinary write
+        assert w.next_step == 5
     df = load_records(tmp_path)
-    assert list(df["step"]) == [0, 0, 1, 2] and list(df["key"][:2]) == ["a", "b"]
-    assert list(df.index) == [0, 1, 2, 3]
+    assert list(df["step"]) == [0, 0, 1, 2, 2] and list(df["key"][:2]) == ["a", "b"]
+    assert list(df["value"]) == [0.0, 1.0, 1.5, 2.0, 2.5] and list(df.index) == [0, 1, 2, 3, 4]
+    assert load_arrays(tmp_path, "p", "x")[2].tolist() == [0, 1]  # the refused amend stored nothing
+    from dyndiag.records import recorded_probes
+
+    assert recorded_probes(tmp_path) == {0: {"p"}, 1: {"p"}, 2: {"p", "q"}}
+
+
+def test_each_writer_that_writes_is_a_new_run_segment(tmp_path):
+    for values in ([0.0, 1.0], [], [2.0, 3.0]):  # the second writer writes nothing: no segment of its own
+        with RecordWriter(tmp_path) as w:
+            for v in values:
+                w.write_step(w.next_step, [("p", "m", "", v)])
+    with RecordWriter(tmp_path, start_step=3) as w:  # a rewind: a new segment from step 3 on
+        assert w.run == 2
+        w.write_step(3, [("p", "m", "", 9.0)])
+    df = load_records(tmp_path)
+    assert df["run"].dtype == np.int64
+    assert list(zip(df["step"], df["run"], df["value"])) == [(0, 0, 0.0), (1, 0, 1.0), (2, 1, 2.0), (3, 2, 9.0)]
 
 
 def test_a_failed_transaction_stores_nothing_of_the_step_and_the_writer_goes_on(tmp_path):
@@ -456,7 +481,7 @@ def test_a_failed_transaction_stores_nothing_of_the_step_and_the_writer_goes_on(
     assert RecordWriter(tmp_path).next_step == 3
 
 
-def test_a_version_1_store_is_read_and_appended_to(tmp_path):
+def test_a_version_1_store_is_read_migrated_and_appended_to(tmp_path):
     c = sqlite3.connect(tmp_path / DB_NAME)
     c.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
     c.execute("CREATE TABLE records (step INTEGER NOT NULL, probe TEXT NOT NULL, metric TEXT NOT NULL,"
@@ -466,11 +491,16 @@ def test_a_version_1_store_is_read_and_appended_to(tmp_path):
     c.executemany("INSERT INTO meta VALUES (?, ?)", [("schema_version", 1), ("next_step", 3)])
     c.execute("INSERT INTO records VALUES (2, 'p', 'm', '', 2.0, 0.0)")
     c.commit(), c.close()
-    assert load_records(tmp_path)["step"].tolist() == [2]
+    before = load_records(tmp_path)
+    assert before["step"].tolist() == [2] and before["run"].tolist() == [0]  # rows from before segments: run 0
     with RecordWriter(tmp_path) as w:
-        assert w.next_step == 3
+        assert w.next_step == 3 and w.run == 1
         w.write_step(3, [("p", "m", "", 3.0)])
-    assert load_records(tmp_path)["step"].tolist() == [2, 3]
+    df = load_records(tmp_path)
+    assert df["step"].tolist() == [2, 3] and df["run"].tolist() == [0, 1]
+    c = sqlite3.connect(tmp_path / DB_NAME)
+    assert c.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == SCHEMA_VERSION
+    c.close()
 
 
 # ---------------------------------------------------------------- the one-writer lock and fork

@@ -8,6 +8,8 @@ multiply many vectors in one batched pass; ``num_matvecs`` counts columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse.linalg
 import torch
@@ -27,6 +29,9 @@ class CurvatureOperator:
     dim: int
     dtype: torch.dtype
     device: torch.device
+    #: ``None``, or called with the number of products after each :meth:`matvec` (1) and
+    #: :meth:`matmat` (``k``): how a progress bar follows a long estimate.
+    on_products: Callable[[int], None] | None = None
 
     def __init__(self) -> None:
         self.num_matvecs = 0
@@ -41,6 +46,8 @@ class CurvatureOperator:
         v = self._check_vectors(v, "v", ndim=1)
         out = self._matvec(v)
         self.num_matvecs += 1
+        if self.on_products is not None:
+            self.on_products(1)
         return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -54,6 +61,8 @@ class CurvatureOperator:
             return torch.empty_like(V)
         out = self._matmat(V)
         self.num_matvecs += k
+        if self.on_products is not None:
+            self.on_products(k)
         return out
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:

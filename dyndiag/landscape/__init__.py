@@ -1,7 +1,7 @@
 """Loss landscapes: random/eigen directions and 1-D/2-D loss surfaces around a model.
 
-The model is evaluated functionally (``torch.func.functional_call`` on scratch
-parameters and copied buffers), so it comes back bit-identical.
+Surfaces are evaluated under the state guard (:func:`dyndiag.state.preserve_state`),
+so the model comes back bit-identical.
 """
 
 from .._lazy import lazy_exports

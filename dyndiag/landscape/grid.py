@@ -10,35 +10,38 @@ modes, ``.grad`` and RNG states back exactly on exit (also after an exception or
 an interrupt). Do not train the model from another thread while a surface is
 evaluated.
 
-Three ways to evaluate the grid, equal to float rounding (~1e-16 relative in
-float64, ~1e-7 in float32):
+The grid, in flat row-major order, is cut into fixed chunks of ``B`` points
+(chunk k holds flat indices ``[k*B, (k+1)*B)``), evaluated one after the other
+in one of two ways that agree to float rounding:
 
-* layer by layer, for an MLP (an ``nn.Sequential``, or a class whose forward
-  traces to a plain chain of Linear layers; :mod:`dyndiag.landscape.layerwise`):
-  the first layer's output is affine in the grid coordinates, so it is computed
-  once per batch along each direction and combined per point with one matmul;
-  later layers are one ``baddbmm`` per chunk. Chosen by ``"auto"`` and by an int
-  > 1 whenever the model qualifies (see that module), with its own chunk rule.
-* batched with vmap (``batch_points`` > 1, the default ``"auto"``): the grid, in flat
-  row-major order, is cut into fixed chunks of ``batch_points`` points (chunk k
-  holds flat indices ``[k*B, (k+1)*B)``). A chunk's parameters are one ``addmm``,
-  ``theta + C @ D.T`` of shape ``(chunk, dim)``, viewed as one stacked tensor per
+* under vmap (``B > 1``): a chunk's parameters are one ``addmm``,
+  ``theta + C @ D.T`` of shape ``(B, dim)``, viewed as one stacked tensor per
   parameter, and every batch of ``data`` goes through one forward of
   ``torch.func.vmap`` over ``torch.func.functional_call`` (parameters batched,
-  the data shared). The model's parameters are never written. Bigger ops use both
-  cores of a small CPU and pay the per-op overhead once per chunk.
-* per point (``batch_points=1``): each point is written into the model's
-  parameters (one ``addmv`` into one buffer whose views are copied in) and
-  evaluated with a plain forward; 2.3x cheaper per point than re-binding the
-  parameters with ``functional_call`` one point at a time.
+  the data shared). The model's parameters are never written.
+* per point (``B = 1``): the point is written into the model's parameters (one
+  ``addmv`` into one buffer whose views are copied in; the state guard restores
+  them) and evaluated with a plain forward, which is cheaper than re-binding the
+  parameters with ``functional_call`` for every point.
 
-Otherwise ``"auto"`` batches with vmap unless it is unsafe, and then falls back to the per-point loop
-(an explicit ``batch_points`` > 1 falls back too, with a warning saying why):
+The rule for ``batch_points="auto"``: the most points (at most 128) whose
+stacked largest module output stays within ``2**20`` elements and stacked
+parameters within ``2**26``, and the per-point loop on the CPU where that is
+under 16 points. The largest module output comes from one plain forward on the
+largest batch (a loader: its first). Beyond the first budget a chunk's
+activations outgrow the CPU caches and cost more in memory traffic than batching
+saves; the second bounds the memory of the stacked parameters (256 MiB in
+float32); under 16 points vmap's fixed cost per call is not paid back. The
+choice depends only on the model, the device and the batch shapes, so repeated
+calls give the same bits. Not tuned on GPUs.
+
+Where vmap cannot run, every point goes per point (an explicit
+``batch_points > 1`` warns why; ``"auto"`` is silent):
 
 * a ``closure=``: it is arbitrary code that calls the model itself;
 * a normalisation layer that would update running statistics (BatchNorm or
-  InstanceNorm in train mode with ``track_running_stats``): the per-point loop
-  moves them (the state guard puts them back) and vmap cannot;
+  InstanceNorm in train mode with ``track_running_stats``): vmap cannot write an
+  unbatched buffer in place;
 * any exception while the first chunk to evaluate is run under vmap (a
   ``metric`` or model that calls ``.item()``, branches on a tensor's value,
   returns a Python number, draws random numbers, ...), or a forward that writes a
@@ -47,36 +50,17 @@ Otherwise ``"auto"`` batches with vmap unless it is unsafe, and then falls back 
   caller's (a non-scalar loss, a bad batch) are then raised by the per-point loop
   with its usual message.
 
-On the CPU, ``"auto"`` takes the per-point loop for a model with a convolution
-when a batch holds more than 128 samples (vmap's grouped convolutions lost to
-plain ones there; with fewer samples they won). Otherwise ``"auto"`` picks the chunk from the largest batch's sample count n and the
-number of parameters dim: the largest chunk with at most 128 points, at most
-``2**15`` sample evaluations (``chunk * n``), at most ``2**26`` for
-``chunk * n * dim`` (a stand-in for the size of a chunk's activations) and at
-most ``2**24`` stacked parameter elements (``chunk * dim``). On the CPU a chunk
-under 16 points means the per-point loop: vmap costs ~0.5 ms per call, and a
-forward that large already keeps the cores busy. Bigger chunks lost on a 2-core
-machine: a chunk's intermediates are fresh allocations, returned to the OS after
-it, so every chunk pays page faults for them. The digits benchmark (512 samples,
-3.6k parameters) gets chunks of 36; all 1797 digits, or a 512-unit hidden layer
-on 512 samples, get the per-point loop (those models are MLPs, so they take the
-layer-by-layer path instead). Not measured on GPUs. ``"auto"`` depends only on
-the data's batch sizes and the model, so repeated calls give the same bits.
-``Surface.batch_points`` is the chunk size a call used (1: the per-point loop).
-
 Resumable store (``path=``): a JSON-lines file. Line 1 is a header holding a
 SHA-256 key of the grid (coordinates), the directions, the centre parameters and
 whether a metric is evaluated; every later line is one finished point
-``{"i": .., "j": .., "loss": .., "metric": ..}``, appended as soon as it is
-evaluated: per point in the per-point loop (one fsync each), per chunk in the
-batched path (each new point of a finished chunk appended, then one fsync).
-Floats are written with ``repr`` precision. Chunk boundaries are fixed by the
-grid index, not by what is left to do, and a chunk with any point missing is
-evaluated whole, so with the same ``batch_points`` (and data) resumed values are
-bit-identical to an uninterrupted run; a file resumed with another setting mixes
-values that agree to float rounding. A torn last line (a crash while writing) is
-dropped and truncated away on the next run. The key does not cover ``data``, the
-loss or ``batch_points``: reuse a path only for the same data and loss.
+``{"i": .., "j": .., "loss": .., "metric": ..}``, appended with one fsync per
+finished chunk (per point in the per-point loop). Floats are written with
+``repr`` precision. A chunk with any point missing is evaluated whole, so with
+the same ``batch_points`` (and data) resumed values are bit-identical to an
+uninterrupted run; a file resumed with another setting mixes values that agree
+to float rounding. A torn last line (a crash while writing) is dropped and
+truncated away on the next run. The key does not cover ``data``, the loss or
+``batch_points``: reuse a path only for the same data and loss.
 """
 
 from __future__ import annotations
@@ -103,27 +87,20 @@ from ..data import (
     iter_batches,
     make_loss_closure,
     model_outputs,
+    tensors_in,
     to_device,
 )
 from ..evaluation import Evaluate, operator_mode, select_params, unwrap
 from ..state import preserve_state
-from . import layerwise
 
 __all__ = ["Surface", "surface"]
 
 _FORMAT = "dyndiag-landscape-v1"
-# "auto" chunk rule (module docstring; measured in docs/benchmarks.md). A chunk's
-# intermediates are fresh allocations that glibc hands back to the OS after it, so
-# each chunk pays page faults for them: bigger chunks lost on a 2-core VM.
+# The "auto" rule (module docstring).
 _MAX_CHUNK = 128
-_SAMPLE_EVALUATIONS = 2**15  # chunk x samples per vmapped forward
-_CHUNK_WORK = 2**26  # chunk x samples x parameters (a stand-in for activation size)
-_MAX_PARAM_ELEMENTS = 2**24  # stacked (chunk, dim) parameters: 64 MiB in float32
-_CPU_MIN_CHUNK = 16  # smaller chunks lost to vmap's ~0.5 ms per call
-# With a convolution on the CPU, batches of more samples than this go per point:
-# vmap runs per-point convolution weights as a grouped convolution, which won at
-# 16-128 samples (1.5-2.6x) and lost from 256 on (0.45-0.8x) on a digits CNN.
-_CPU_CONV_SAMPLES = 128
+_ACTIVATION_ELEMENTS = 2**20  # a chunk's largest module output: 4 MiB in float32
+_PARAMETER_ELEMENTS = 2**26  # a chunk's stacked parameters: 256 MiB in float32
+_CPU_MIN_CHUNK = 16
 
 
 @dataclass
@@ -134,8 +111,8 @@ class Surface:
     ``(len(coords[0]),)`` or ``(len(coords[0]), len(coords[1]))`` with
     ``values[i, j]`` the loss at ``(coords[0][i], coords[1][j])``;
     ``metric_values`` is the same for ``metric`` (None without one).
-    ``batch_points`` is how this call evaluated its points: the chunk size of the
-    batched paths, 1 for the per-point loop, 0 if every point was already stored.
+    ``batch_points`` is how this call evaluated its points: the chunk size under
+    vmap, 1 for the per-point loop, 0 if every point was already stored.
     """
 
     coords: tuple[np.ndarray, ...]
@@ -186,8 +163,7 @@ def surface(
         ``closure``).
     data:
         One batch or a re-iterable collection of batches (a list, a DataLoader);
-        iterated once per chunk of grid points (once per point in the per-point
-        loop).
+        iterated once per chunk of grid points.
     directions:
         One or two flat ``(dim,)`` tensors in parameter order (see
         :func:`random_directions`); a single 1-D tensor counts as one direction.
@@ -209,10 +185,10 @@ def surface(
     params:
         The parameters the directions span; default every trainable parameter.
     batch_points:
-        Grid points evaluated together in one vmapped forward: ``"auto"`` (chunk
-        from memory bounds; the per-point loop where batching is unsafe), an int
-        > 1, or 1 (or 0) for the per-point loop. An int > 1 that cannot be used
-        falls back to the per-point loop with a warning. See the module docstring.
+        Grid points evaluated together in one vmapped forward: ``"auto"`` (the
+        rule in the module docstring), an int > 1, or 1 (or 0) for the per-point
+        loop. Where vmap cannot run, every point goes per point (with a warning
+        for an int > 1).
     progress:
         Progress bar over the grid points; ``None`` shows it on a terminal only.
 
@@ -249,9 +225,8 @@ def surface(
     store = None
     done: dict[tuple[int, ...], tuple[float, float | None]] = {}
     if path is not None:
-        key = _key(coords, dirs, theta, metric is not None)
         store = os.fspath(path)
-        done = _load(store, key, shape)
+        done = _load(store, _key(coords, dirs, theta, metric is not None), shape)
 
     values = np.full(shape, np.nan)
     metric_values = np.full(shape, np.nan) if metric is not None else None
@@ -282,35 +257,27 @@ def surface(
         bar.update(len(points))
 
     try:
-        # The state guard restores everything the per-point loop writes (parameters,
-        # running statistics a train-mode BatchNorm moves); the batched path writes
-        # nothing, but runs under the same guard.
+        # The state guard restores what the per-point loop writes (parameters, running
+        # statistics a train-mode BatchNorm moves); vmap writes nothing.
         with preserve_state(model, params=True), operator_mode(model), torch.no_grad():
             D = torch.stack(dirs, 1)  # (dim, k)
             # Every grid point's coordinates (N, k), made once: a tensor per point
             # costs more than the indexing.
             C = torch.tensor([[float(c[i]) for c, i in zip(coords, idx)] for idx in grid], dtype=dtype, device=device)
             batches = _prepared(data, device)
+            evaluator = lambda batched: _evaluator(point_fn, model, names, chosen, theta, D, batches,  # noqa: E731
+                                                   device, batched)
             why = _unbatchable(model, closure)
-            chunk_fn, size = None, requested
-            if why is None and requested != 1:
-                chunk_fn, auto = _layerwise(model, chosen, loss_fn, closure, metric, theta, dirs, D, batches, device)
-                if chunk_fn is None:
-                    conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-                    auto = _auto_chunk(batches, device, theta.numel(), conv)
-                    if (requested or auto) > 1:
-                        layout = [("model." + n, p.shape) for n, p in zip(names, chosen)]
-                        stages = _vmap_stages(_vmapped(model, point_fn), layout, theta, D)
-                        chunk_fn = _chunk_evaluator(*stages, batches, device)
-                size = requested or auto
-            if chunk_fn is not None:
-                why = _batched(chunk_fn, model, C, todo, size, record)
-            if why is not None and requested not in (None, 1):
-                warnings.warn(f"surface: batch_points={requested} falls back to the per-point loop: {why}",
-                              RuntimeWarning, stacklevel=2)
-            if chunk_fn is None or why is not None:
+            size = requested or (1 if why else _auto_chunk(model, point_fn, batches, theta.numel(), device))
+            if size > 1 and why is None:
+                why = _run(evaluator(True), C, todo, size, record, first=model)
+            if size > 1 and why is not None:
+                if requested:
+                    warnings.warn(f"surface: batch_points={requested} falls back to the per-point loop: {why}",
+                                  RuntimeWarning, stacklevel=2)
                 size = 1
-                _per_point(point_fn, model, chosen, theta, D, C, todo, batches, device, record)
+            if size == 1:
+                _run(evaluator(False), C, todo, 1, record)
     finally:
         bar.close()
         if handle is not None:
@@ -337,96 +304,78 @@ def _unbatchable(model: nn.Module, closure: Callable | None) -> str | None:
         return "closure= is arbitrary code that calls the model itself"
     for name, m in model.named_modules():
         if isinstance(m, _NormBase) and m.training and m.track_running_stats:
-            # The per-point loop moves the running statistics (restored on exit);
-            # under vmap the in-place update of an unbatched buffer fails.
+            # Under vmap the in-place update of an unbatched buffer fails.
             return f"{type(m).__name__} {name or 'model'!r} in train mode updates its running statistics"
     return None
 
 
-def _auto_chunk(batches: object, device: torch.device, dim: int, conv: bool = False) -> int:
-    """Points per chunk for ``"auto"`` (1: per point), from the largest batch's sample
-    count n, the number of parameters ``dim`` and whether the model has a
-    convolution; the bounds are in the module docstring."""
+def _auto_chunk(model: nn.Module, point_fn: Callable, batches: object, dim: int, device: torch.device) -> int:
+    """Points per chunk for ``"auto"`` (1: per point), by the module docstring's rule;
+    ``dim`` is the number of parameters the directions span."""
     if isinstance(batches, list):
-        n = max((count for _, count in batches), default=0)
-    else:  # a loader: its first batch stands for all
-        first = next(iter(iter_batches(batches)), None)
-        n = 0 if first is None else default_batch_size(first)
-    n, dim = max(n, 1), max(dim, 1)
-    if conv and device.type == "cpu" and n > _CPU_CONV_SAMPLES:
-        return 1  # vmap's grouped convolutions lost to plain ones here (docs/benchmarks.md)
-    size = min(_MAX_CHUNK, _SAMPLE_EVALUATIONS // n, _CHUNK_WORK // (n * dim), _MAX_PARAM_ELEMENTS // dim)
-    if device.type == "cpu" and size < _CPU_MIN_CHUNK:
-        return 1  # vmap's ~0.5 ms per call is not paid back (or one point fills the cores)
-    return max(size, 1)
+        batch = max(batches, key=lambda b: b[1], default=(None,))[0]
+    else:
+        batch = next(iter(_iter_prepared(batches, device)), (None,))[0]
+    largest = [1]
 
+    def hook(module, inputs, output):
+        largest[0] = max([largest[0], *(t.numel() for t in tensors_in(output))])
 
-def _layerwise(model, chosen, loss_fn, closure, metric, theta, dirs, D, batches, device):
-    """``(chunk_fn, auto chunk size)`` of the layer-by-layer path for an MLP
-    (:mod:`dyndiag.landscape.layerwise`), or ``(None, None)`` where it does not apply."""
-    if not isinstance(batches, list):
-        return None, None  # a loader: the first layer's outputs cannot be kept
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
-        plan = layerwise.plan(model, chosen, loss_fn, closure)
-        heads = None if isinstance(plan, str) else layerwise.head_cache(plan, theta, dirs, batches)
-    except Exception:  # noqa: BLE001 - a model or batch it cannot read: the other paths decide
-        return None, None
-    if heads is None or isinstance(heads, str):
-        return None, None
-    stages = layerwise.evaluator(plan, heads, loss_fn, metric, theta, D)
-    return _chunk_evaluator(*stages, batches, device), layerwise.auto_chunk(plan, heads)
+        point_fn(model, batch)
+    except Exception:  # noqa: BLE001 - the per-point loop raises it with its usual message
+        return 1
+    finally:
+        for h in handles:
+            h.remove()
+    size = min(_MAX_CHUNK, _ACTIVATION_ELEMENTS // largest[0], _PARAMETER_ELEMENTS // dim)
+    return 1 if device.type == "cpu" and size < _CPU_MIN_CHUNK else max(size, 1)
 
 
-def _vmapped(model: nn.Module, point_fn: Callable) -> Callable:
-    """``(stacked, batch) -> (loss,) or (loss, metric)``, each of shape (chunk,):
-    ``point_fn`` at every point of a chunk in one forward. ``stacked`` maps
-    ``"model." + name`` to a ``(chunk, *param.shape)`` tensor; the batch is shared."""
-    evaluator = Evaluate(model, point_fn)  # functional_call runs point_fn(model, batch)
+def _evaluator(point_fn, model, names, chosen, theta, D, batches, device, batched: bool) -> Callable:
+    """``c (P, k) -> (loss (P,), metric (P,) or None)``, float64 numpy: the
+    sample-weighted means over ``batches`` at ``theta + D @ c[r]`` for every row,
+    under vmap (``batched``) or, for one row, in the live parameters."""
+    if batched:
+        vm = _vmapped(model, point_fn)
+        numels = [p.numel() for p in chosen]
 
-    def one(ps: dict[str, torch.Tensor], batch: object) -> tuple[torch.Tensor, ...]:
-        loss, m = functional_call(evaluator, ps, (batch,))
-        loss = check_scalar_loss(loss, "loss_fn/closure")
-        return (loss,) if m is None else (loss, m)
+        def forward_at(c: torch.Tensor) -> Callable:
+            P = torch.addmm(theta.unsqueeze(0), c, D.T)  # (chunk, dim)
+            parts = P.split(numels, 1)
+            stacked = {"model." + n: part.view(len(c), *p.shape) for n, p, part in zip(names, chosen, parts)}
+            return lambda batch: vm(stacked, batch)
+    else:
+        point = torch.empty_like(theta)
+        views = [(p, t.view_as(p)) for p, t in zip(chosen, torch.split(point, [p.numel() for p in chosen]))]
 
-    # randomness="error": a forward that draws random numbers is not batched.
-    return torch.func.vmap(one, in_dims=(0, None), randomness="error")
+        def forward_at(c: torch.Tensor) -> Callable:
+            torch.addmv(theta, D, c[0], out=point)
+            for p, t in views:
+                p.copy_(t)
 
-
-def _vmap_stages(vm: Callable, layout, theta, D) -> tuple[Callable, Callable]:
-    """``(prepare, on_batch)`` for :func:`_chunk_evaluator` on the vmap path: a chunk's
-    parameters ``theta + c @ D.T`` (one GEMM), viewed per parameter, and ``vm`` on a batch."""
-    numels = [math.prod(s) for _, s in layout]
-
-    def prepare(c: torch.Tensor) -> dict[str, torch.Tensor]:
-        P = torch.addmm(theta.unsqueeze(0), c, D.T)  # (chunk, dim)
-        return {key: part.view(c.shape[0], *s) for (key, s), part in zip(layout, P.split(numels, 1))}
-
-    return prepare, lambda stacked, b, batch: vm(stacked, batch)
-
-
-def _chunk_evaluator(prepare: Callable, on_batch: Callable, batches, device) -> Callable:
-    """``c (chunk, k) -> (loss (chunk,), metric (chunk,) or None)``, float64 numpy:
-    the sample-weighted means over ``batches`` at ``theta + D @ c[r]`` for every row.
-    ``prepare(c)`` makes the chunk's state once; ``on_batch(state, b, batch)`` returns
-    ``(loss,)`` or ``(loss, metric)`` on batch number ``b``."""
+            def forward(batch):
+                loss, m = point_fn(model, batch)
+                return check_scalar_loss(loss, "loss_fn/closure"), m
+            return forward
 
     def evaluate(c: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        n_pts = c.shape[0]
-        state = prepare(c)
-        # Accumulated like the per-point loop (float64, n * loss, batch order), so
-        # equal per-batch losses give equal means.
-        total = torch.zeros(n_pts, dtype=torch.float64, device=device)
-        total_m = torch.zeros(n_pts, dtype=torch.float64, device=device)
+        forward = forward_at(c)
+        # float64 sums of n * loss in batch order: both ways give equal means for equal
+        # per-batch losses.
+        total = torch.zeros(len(c), dtype=torch.float64, device=device)
+        total_m = torch.zeros(len(c), dtype=torch.float64, device=device)
         has_m = False
         count = 0
-        for b, (batch, n) in enumerate(_iter_prepared(batches, device)):
+        for batch, n in _iter_prepared(batches, device):
             if n <= 0:
                 continue
-            out = on_batch(state, b, batch)
-            total += n * out[0].double()
-            if len(out) > 1:
+            loss, *m = forward(batch)
+            total += n * loss.double()
+            if m and m[0] is not None:
                 has_m = True
-                total_m += n * out[1].double()
+                total_m += n * torch.as_tensor(m[0], dtype=torch.float64, device=device)
             count += n
         if count == 0:
             raise ValueError("data yielded no samples")
@@ -435,24 +384,21 @@ def _chunk_evaluator(prepare: Callable, on_batch: Callable, batches, device) -> 
     return evaluate
 
 
-def _batched(chunk_fn: Callable, model: nn.Module, C: torch.Tensor, todo: list[int], size: int, record) -> str | None:
+def _run(evaluate: Callable, C: torch.Tensor, todo: list[int], size: int, record, first: nn.Module | None = None):
     """Evaluate ``todo`` (flat indices) in fixed chunks ``[k*size, (k+1)*size)``.
 
     A chunk with any point to do is evaluated whole, so a resumed run evaluates
-    the same GEMMs as an uninterrupted one; only its new points are recorded.
-    Returns None when done, or why batching failed on the first chunk (then
-    nothing was recorded and buffers and RNG are as before).
+    the same chunks as an uninterrupted one; only its new points are recorded.
+    With ``first`` (the model), the first chunk is a trial (:func:`_first_chunk`):
+    returns why it failed (nothing recorded, buffers and RNG as before), else None.
     """
     pending = set(todo)
-    starts = sorted({f - f % size for f in todo})
-    for k, start in enumerate(starts):
+    for k, start in enumerate(sorted({f - f % size for f in todo})):
         stop = min(start + size, C.shape[0])
-        if k == 0:
-            result = _first_chunk(chunk_fn, model, C[start:stop])
-            if isinstance(result, str):
-                return result
-        else:
-            result = chunk_fn(C[start:stop])
+        c = C[start:stop]
+        result = _first_chunk(evaluate, first, c) if k == 0 and first is not None else evaluate(c)
+        if isinstance(result, str):
+            return result
         losses, metrics = result
         record([
             (f, float(losses[f - start]), None if metrics is None else float(metrics[f - start]))
@@ -482,19 +428,19 @@ def _first_chunk(chunk_fn: Callable, model: nn.Module, c: torch.Tensor):
     return result
 
 
-def _per_point(point_fn, model, chosen, theta, D, C, todo, batches, device, record) -> None:
-    """Evaluate ``todo`` one point at a time, written into the live parameters."""
-    # theta + D c as one addmv into one buffer whose views are copied into the live
-    # parameters (the caller's state guard restores them). A plain forward per point
-    # was 2.3x cheaper than re-binding the parameters with functional_call per point.
-    point = torch.empty_like(theta)
-    targets = [(p, t.view_as(p)) for p, t in zip(chosen, torch.split(point, [p.numel() for p in chosen]))]
-    for f in todo:
-        torch.addmv(theta, D, C[f], out=point)
-        for p, t in targets:
-            p.copy_(t)
-        loss, m = _mean_over_data(point_fn, model, batches, device)
-        record([(f, loss, m)])
+def _vmapped(model: nn.Module, point_fn: Callable) -> Callable:
+    """``(stacked, batch) -> (loss,) or (loss, metric)``, each of shape (chunk,):
+    ``point_fn`` at every point of a chunk in one forward. ``stacked`` maps
+    ``"model." + name`` to a ``(chunk, *param.shape)`` tensor; the batch is shared."""
+    evaluator = Evaluate(model, point_fn)  # functional_call runs point_fn(model, batch)
+
+    def one(ps: dict[str, torch.Tensor], batch: object) -> tuple[torch.Tensor, ...]:
+        loss, m = functional_call(evaluator, ps, (batch,))
+        loss = check_scalar_loss(loss, "loss_fn/closure")
+        return (loss,) if m is None else (loss, m)
+
+    # randomness="error": a forward that draws random numbers is not batched.
+    return torch.func.vmap(one, in_dims=(0, None), randomness="error")
 
 
 def _check_directions(directions, dim, dtype, device) -> list[torch.Tensor]:
@@ -563,26 +509,6 @@ def _iter_prepared(batches, device):
     if isinstance(batches, list):
         return batches
     return ((to_device(b, device), default_batch_size(b)) for b in iter_batches(batches))
-
-
-def _mean_over_data(point_fn, model, batches, device) -> tuple[float, float | None]:
-    total = 0.0
-    total_m = 0.0
-    has_m = False
-    count = 0
-    for batch, n in _iter_prepared(batches, device):
-        if n <= 0:
-            continue
-        loss, m = point_fn(model, batch)
-        loss = check_scalar_loss(loss, "loss_fn/closure")
-        total += n * float(loss)  # a float32 or float64 scalar is exact in a Python float
-        if m is not None:
-            has_m = True
-            total_m += n * float(torch.as_tensor(m, dtype=torch.float64))
-        count += n
-    if count == 0:
-        raise ValueError("data yielded no samples")
-    return total / count, (total_m / count if has_m else None)
 
 
 # -- resumable store -------------------------------------------------------------

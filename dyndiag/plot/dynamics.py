@@ -1,7 +1,10 @@
 """Training dynamics from Monitor records: edge of stability, metrics over steps, layer rotation.
 
 Every function takes the DataFrame of :func:`dyndiag.load_records` (columns
-``step, probe, metric, key, value, wall_time``), an optional ``ax`` and returns the Figure.
+``step, probe, metric, key, value, wall_time, run``), an optional ``ax`` and returns
+the Figure. Lines over steps break where the ``run`` segment changes (two runs
+logged into one directory, a resumed run): a line never joins two segments, even
+where their steps continue each other. A frame without ``run`` is one segment.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def _check_frame(df) -> None:
 _width = style_width
 # y labels for the record names of design.md's Decisions (others: the name, spaced).
 _AXIS_LABELS = {"grad_norm": "gradient norm", "ratio": "step / safe radius", "overlap": "subspace overlap"}
-# A safe-step ratio of 1 or more predicts a loss spike (SafeStepRadius): drawn as a line.
+# A safe-step ratio of 1 or more predicts a loss spike (SafeStepRadius): drawn as a
+# line, but only for one-step updates (offline updates span several, `update_steps`).
 _REFERENCES = {"ratio": (1.0, "spike predicted")}
 # Fractions: their axis starts at 0 (an all-zero series would otherwise sit mid-axis
 # between negative ticks), with a sliver below it.
@@ -44,14 +48,30 @@ _FRACTIONS = {"collapsed_fraction"}
 
 
 def _series(df, metric: str, probe: str | None = None, key: str | None = ""):
-    """(steps, values) of one metric, sorted by step; key=None keeps every key."""
+    """(steps, values) of one metric for a line (see :func:`_line`); key=None keeps every key."""
     sel = df["metric"] == metric
     if probe is not None:
         sel &= df["probe"] == probe
     if key is not None:
         sel &= df["key"].astype(str) == key
-    sub = df.loc[sel].sort_values("step")
-    return sub["step"].to_numpy(dtype=float), sub["value"].to_numpy(dtype=float)
+    return _line(df.loc[sel])
+
+
+def _line(rows) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of ``rows`` sorted by step, with a NaN point wherever the run
+    segment changes: matplotlib breaks a line at NaN, so no line joins two segments."""
+    rows = rows.sort_values("step", kind="stable")
+    x, y = rows["step"].to_numpy(dtype=float), rows["value"].to_numpy(dtype=float)
+    if "run" in rows:
+        cut = np.flatnonzero(np.diff(rows["run"].to_numpy()) != 0) + 1
+        x, y = np.insert(x, cut, np.nan), np.insert(y, cut, np.nan)
+    return x, y
+
+
+def _span_text(spans) -> str:
+    """``"50"``, or ``"10-50"`` for updates of several lengths."""
+    low, high = int(spans.min()), int(spans.max())
+    return str(high) if low == high else f"{low}-{high}"
 
 
 def _key_order(keys) -> list[str]:
@@ -92,21 +112,20 @@ def _per_key(ax: Axes, sub, *, legend: str = "right", legend_title: str | None =
     Up to MAX_LEGEND_KEYS keys get palette colours and a legend; more get a viridis
     colormap in key order with a colorbar naming the first and last key.
     """
-    groups = {str(k): g.sort_values("step") for k, g in sub.groupby(sub["key"].astype(str), sort=False)}
+    groups = {str(k): g for k, g in sub.groupby(sub["key"].astype(str), sort=False)}
     total = groups.pop("", None)
     keys = _key_order(k for k in sub["key"].astype(str) if k in groups)
     use_cmap = len(keys) > MAX_LEGEND_KEYS
     cmap = mpl.colormaps["viridis"]
     for i, key in enumerate(keys):
-        g = groups[key]
         color = cmap(i / max(len(keys) - 1, 1)) if use_cmap else None
-        ax.plot(g["step"].to_numpy(float), g["value"].to_numpy(float), color=color,
-                lw=0.8 * mpl.rcParams["lines.linewidth"], label=None if use_cmap else key)
+        ax.plot(*_line(groups[key]), color=color, lw=0.8 * mpl.rcParams["lines.linewidth"],
+                label=None if use_cmap else key)
     if total is not None:  # the total over layers: thick black; a plain scalar: an ordinary line
         style = dict(color="black", lw=1.6 * mpl.rcParams["lines.linewidth"], label="total", zorder=3) if keys else {}
         if len(total) <= SPARSE_POINTS:  # a probe run every 25 steps: show where the measurements are
             style.update(marker="o", ms=3)
-        ax.plot(total["step"].to_numpy(float), total["value"].to_numpy(float), **style)
+        ax.plot(*_line(total), **style)
     if use_cmap:
         sm = ScalarMappable(norm=Normalize(0, len(keys) - 1), cmap=cmap)
         cb = ax.figure.colorbar(sm, ax=ax, pad=0.02, fraction=0.04, aspect=30)
@@ -225,7 +244,10 @@ def metrics(
     Drawn: a scalar metric (key ``""``) as one line; a per-layer metric as one thin
     line per key with a legend (over 8 keys: viridis in record order, with a
     colorbar), its ``""`` key as a thick black "total" line. A metric that several
-    probes record gets one line per probe and key.
+    probes record gets one line per probe and key. The safe-step ``ratio`` gets the
+    "spike predicted" line at 1, which holds for one optimizer step; where its
+    probe's ``update_steps`` (offline analysis: the steps between checkpoints) are
+    more than 1, the panel says so instead of drawing it.
     """
     _check_frame(df)
     names = [names] if isinstance(names, str) else list(names)
@@ -254,7 +276,13 @@ def metrics(
         _per_key(a, sub)
         if logy or (logy is None and _auto_log(sub["value"].to_numpy(float))):
             a.set_yscale("log")
-        if name in _REFERENCES:
+        label = _AXIS_LABELS.get(name, name.replace("_", " "))
+        spans = rows.loc[(rows["metric"] == "update_steps") & rows["probe"].isin(sub["probe"].unique()), "value"]
+        if name in _REFERENCES and (spans > 1).any():  # offline: a displacement over several steps
+            label = "update / safe radius" if name == "ratio" else label
+            a.set_title(f"updates over {_span_text(spans)} steps: no one-step reference", loc="right",
+                        fontsize="x-small", color="0.4")
+        elif name in _REFERENCES:
             level, text = _REFERENCES[name]
             a.axhline(level, color="0.5", ls="--", lw=0.8, gid="dyndiag-reference")
             a.text(0.99, level, text, transform=a.get_yaxis_transform(), ha="right", va="bottom",
@@ -262,7 +290,7 @@ def metrics(
         if name in _FRACTIONS and a.get_yscale() == "linear":
             top = a.get_ylim()[1]
             a.set_ylim(-0.03 * top, top)  # from 0, with a sliver so a line at 0 clears the spine
-        a.set_ylabel(_AXIS_LABELS.get(name, name.replace("_", " ")))
+        a.set_ylabel(label)
     axes[-1].set_xlabel("step")
     if len(axes) > 1:
         fig.align_ylabels(axes)

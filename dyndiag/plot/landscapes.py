@@ -1,4 +1,10 @@
-"""Loss-landscape figures: 1-D lines, 2-D contours (log-spaced levels), filled contours, 3-D surfaces."""
+"""Loss-landscape figures: 1-D lines, 2-D contours (log-spaced levels), filled contours, 3-D surfaces.
+
+2-D figures carry a colourbar labelled with what the values are (``metric``,
+"loss" by default). Contour labels go on the outer levels, each where its line is
+farthest from the grid's minimum: the inner levels crowd around the minimum, where
+labels would pile up on each other and on the model's marker.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ def landscape(
     labels: tuple[str, str] = ("direction 1", "direction 2"),
     color: str | None = None,
     label: str | None = None,
+    metric: str = "loss",
 ) -> Figure:
     """Draw a :class:`~dyndiag.landscape.Surface` and return the Figure.
 
@@ -35,9 +42,9 @@ def landscape(
     surf:
         From :func:`dyndiag.landscape.surface`: 1-D (a line) or 2-D.
     kind:
-        ``"contour"`` (default for 2-D: contour lines, labelled), ``"filled"``
-        (filled contours with a colourbar), ``"surface"`` (3-D; ``ax`` must then be
-        a 3-D axes) or ``"line"`` (the only kind for 1-D).
+        ``"contour"`` (default for 2-D: contour lines, labelled, with a
+        colourbar), ``"filled"`` (filled contours with a colourbar), ``"surface"``
+        (3-D; ``ax`` must then be a 3-D axes) or ``"line"`` (the only kind for 1-D).
     levels:
         Number of contour levels.
     log:
@@ -49,12 +56,17 @@ def landscape(
         coordinates in the surface's direction basis, or an object with ``.path``
         (e.g. :func:`dyndiag.landscape.trajectory_directions`'s result). Drawn as a
         line with markers, its last point (the model the surface is centred on)
-        marked with a star.
+        marked with a star. When it carries ``explained_variance`` (trajectory
+        directions), each direction's axis label says the share of the path's
+        variance it explains (also on a 1-D line, where no path is drawn).
     labels:
         Axis labels for the two directions.
     color, label:
         Line colour and legend label of a 1-D line (several surfaces on one ``ax``:
         pass a label to each and a legend is drawn).
+    metric:
+        What ``surf.values`` are: the colourbar's label and the value axis of a
+        line or 3-D surface.
     """
     if not isinstance(surf, Surface):
         raise TypeError(f"surf must be a dyndiag.landscape.Surface, got {type(surf).__name__}")
@@ -74,9 +86,12 @@ def landscape(
         log = bool(finite.min() > 0 and finite.max() / finite.min() > 10)
     elif log and finite.min() <= 0:
         raise ValueError("log=True needs positive values")
+    if not isinstance(metric, str):
+        raise TypeError(f"metric must be a str (the colourbar's label), got {type(metric).__name__}")
+    labels = _with_variance(labels, trajectory)
 
     if kind == "surface":
-        return _surface3d(surf, values, ax, log, cmap, labels)
+        return _surface3d(surf, values, ax, log, cmap, labels, metric)
     w = style_width()
     fig, ax = figure_and_axes(ax, (w, 0.85 * w) if kind != "line" else (w, 0.7 * w))
     if kind == "line":
@@ -89,36 +104,79 @@ def landscape(
         if log:
             ax.set_yscale("log")
         ax.set_xlabel(labels[0])
-        ax.set_ylabel("loss")
+        ax.set_ylabel(metric)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(5))  # a column-wide figure fits about five
         return fig
 
     x, y = surf.coords
     X, Y = np.meshgrid(x, y, indexing="ij")
     lv = np.geomspace(finite.min(), finite.max(), levels) if log else np.linspace(finite.min(), finite.max(), levels)
     norm = colors.LogNorm(lv[0], lv[-1]) if log else None
-    if kind == "filled":
-        cs = ax.contourf(X, Y, values, levels=lv, cmap=cmap, norm=norm)
-        # Ticks at a few of the levels, compactly formatted; the bar no taller than the square axes.
-        fig.colorbar(cs, ax=ax, label="loss", ticks=lv[:: max(1, levels // 5)], format="%.3g", shrink=0.8)
-    else:
-        cs = ax.contour(X, Y, values, levels=lv, cmap=cmap, norm=norm, linewidths=0.9)
-        ax.clabel(cs, cs.levels[::4], inline=True, fontsize="x-small", fmt="%.3g")
-    ax.plot([0.0], [0.0], marker="*", color="black", ms=9, ls="none", label="model")
+    path = np.empty((0, 2))
     if trajectory is not None:
         path = np.asarray(getattr(trajectory, "path", trajectory), dtype=float)
         if path.ndim != 2 or path.shape[1] < 2:
             raise ValueError(f"trajectory must be (T, 2) coordinates, got shape {path.shape}")
+    if kind == "filled":
+        cs = ax.contourf(X, Y, values, levels=lv, cmap=cmap, norm=norm)
+    else:
+        cs = ax.contour(X, Y, values, levels=lv, cmap=cmap, norm=norm, linewidths=0.9)
+        _label_contours(ax, cs, values, X, Y, avoid=np.vstack([path[:, :2], [[0.0, 0.0]]]))
+    # Ticks at a few of the levels, compactly formatted; the bar no taller than the square axes.
+    fig.colorbar(cs, ax=ax, label=metric, ticks=lv[:: max(1, levels // 5)], format="%.3g", shrink=0.8)
+    ax.plot([0.0], [0.0], marker="*", color="black", ms=9, ls="none", label="model")
+    if trajectory is not None:
         ax.plot(path[:, 0], path[:, 1], color="C3", lw=1.2, marker="o", ms=2.5, label="training path")
         ax.legend(frameon=False, fontsize="small", loc="upper right")
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
-    for axis in (ax.xaxis, ax.yaxis):  # a column-wide figure fits about five tick labels
+    for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_locator(ticker.MaxNLocator(5))
     ax.set_aspect("equal", adjustable="box")
     return fig
 
 
-def _surface3d(surf: Surface, values: np.ndarray, ax, log: bool, cmap: str, labels) -> Figure:
+def _with_variance(labels, trajectory) -> tuple[str, ...]:
+    """``labels``, each with its direction's share of the path variance when ``trajectory`` has one."""
+    ev = getattr(trajectory, "explained_variance", None)
+    ev = [] if ev is None else list(ev)
+    return tuple(f"{text} ({100 * ev[i]:.1f} % of path variance)" if i < len(ev) else text
+                 for i, text in enumerate(labels))
+
+
+def _label_contours(ax: Axes, cs, values: np.ndarray, X: np.ndarray, Y: np.ndarray, avoid: np.ndarray,
+                    count: int = 5) -> None:
+    """Label up to ``count`` levels, each at the point of its line farthest from the grid's
+    minimum, skipping levels whose lines stay near the minimum (their labels would
+    overlap) and points near the polyline ``avoid`` (the training path and the model)."""
+    i, j = np.unravel_index(np.nanargmin(values), values.shape)
+    low, high = np.array([X.min(), Y.min()]), np.array([X.max(), Y.max()])
+    scale = high - low
+    centre = (np.array([X[i, j], Y[i, j]]) - low) / scale  # in axes fractions from here on
+    t = np.linspace(0.0, 1.0, 10)[:, None, None]
+    avoid = (avoid - low) / scale
+    avoid = np.vstack([avoid, (avoid[:-1] + t * (avoid[1:] - avoid[:-1])).reshape(-1, 2)])
+    chosen: list = []  # (level, point in axes fractions), from the outermost level in
+    for level, path in reversed(list(zip(cs.levels, cs.get_paths()))):
+        v = (path.vertices - low) / scale
+        # Off the edges (a label there is cut by the axes) and off the path.
+        v = v[np.all((v > 0.1) & (v < 0.9), axis=1)]
+        if len(v):
+            v = v[np.min(np.linalg.norm(v[:, None] - avoid[None], axis=2), axis=1) > 0.08]
+        if len(v):
+            far = np.linalg.norm(v - centre, axis=1)
+            point = v[far.argmax()]
+            # Beyond the crowd around the minimum, and apart from the labels placed so far.
+            if far.max() > 0.15 and all(np.linalg.norm(point - q) > 0.15 for _, q in chosen):
+                chosen.append((level, point))
+        if len(chosen) == count:
+            break
+    if chosen:
+        ax.clabel(cs, [lv for lv, _ in chosen], inline=True, fontsize="x-small", fmt="%.3g",
+                  manual=[tuple(q * scale + low) for _, q in chosen])
+
+
+def _surface3d(surf: Surface, values: np.ndarray, ax, log: bool, cmap: str, labels, metric: str) -> Figure:
     if ax is None:
         fig = Figure(figsize=(4.6, 3.8), layout="constrained")
         ax = fig.add_subplot(projection="3d")
@@ -131,5 +189,5 @@ def _surface3d(surf: Surface, values: np.ndarray, ax, log: bool, cmap: str, labe
     ax.plot_surface(X, Y, Z, cmap=cmap, linewidth=0, antialiased=True)
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
-    ax.set_zlabel("log10 loss" if log else "loss")
+    ax.set_zlabel(f"log10 {metric}" if log else metric)
     return fig

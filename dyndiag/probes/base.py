@@ -37,7 +37,7 @@ import numbers
 import re
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -184,7 +184,7 @@ def run_probes(
     arrays: list = []
     failed = []
     guard = any(p.modifies_state for p in probes)
-    with preserve_state(ctx.model, ctx.optimizer) if guard else nullcontext(), probing():
+    with preserve_state(ctx.model, ctx.optimizer) if guard else nullcontext(), probing(), closing(ctx.hvp_progress):
         for probe in probes:
             try:
                 s, a = flatten_result(probe.name, probe.compute(ctx), keep_tensors=True)

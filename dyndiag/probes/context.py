@@ -17,7 +17,10 @@ from torch.nn.parameter import is_lazy
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Probe
 
-__all__ = ["RunContext", "StepContext"]
+__all__ = ["RunContext", "StepContext", "HVPProgress", "PROGRESS_DELAY"]
+
+#: Seconds of Hessian-vector products in one step before its progress bar shows.
+PROGRESS_DELAY = 2.0
 
 
 @dataclass
@@ -45,6 +48,11 @@ class RunContext:
         The last training forward's outputs (detached; ``.logits`` of a Hugging
         Face output), kept current by the Monitor's forward hook; offline, the
         outputs on the first probe batch. ``None`` until one is known.
+    progress:
+        A progress bar of the Hessian-vector products of a step's curvature
+        probes, shown once they have run :data:`PROGRESS_DELAY` seconds: ``None``
+        on an interactive terminal only (never into a log file or pipe),
+        ``True`` always, ``False`` never.
     params, names:
         The parameters probes measure and their names, in ``named_parameters()``
         order: those of the optimizer's param groups that require gradients (every
@@ -64,6 +72,7 @@ class RunContext:
     batch_size_fn: Callable | None = None
     gradient_fn: Callable[[], torch.Tensor] | None = None
     logits: torch.Tensor | None = None
+    progress: bool | None = None
     norms_before_clip: dict[int, torch.Tensor] | None = None
     params: list[torch.Tensor] = field(init=False, repr=False)
     names: list[str] = field(init=False)
@@ -71,6 +80,8 @@ class RunContext:
     def __post_init__(self) -> None:
         if self.loss_fn is not None and self.closure is not None:
             raise ValueError("give at most one of loss_fn and closure")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise TypeError(f"progress must be True, False or None, got {type(self.progress).__name__}")
         if self.batch_size_fn is not None and not callable(self.batch_size_fn):
             raise TypeError(f"batch_size_fn must be callable (batch) -> int, got {type(self.batch_size_fn).__name__}")
         for name, p in self.model.named_parameters():
@@ -128,6 +139,9 @@ class StepContext:
         Those of ``run``.
     theta_before:
         Copies of the parameters before this step's update (set for update probes).
+    hvp_progress:
+        The :class:`HVPProgress` bar of the step's Hessian-vector products;
+        :func:`~dyndiag.probes.base.run_probes` closes it after each phase.
     """
 
     def __init__(self, run: RunContext, step: int, due: Sequence[Probe] = ()) -> None:
@@ -137,6 +151,7 @@ class StepContext:
         self.model, self.optimizer, self.params, self.names = run.model, run.optimizer, run.params, run.names
         self.theta_before: list[torch.Tensor] | None = None
         self._eigen: dict = {}
+        self.hvp_progress = HVPProgress(step, run.progress)
 
     # -- needs ------------------------------------------------------------
     @cached_property
@@ -212,10 +227,13 @@ class StepContext:
         from ..curvature.operators import HessianOperator
 
         r = self.run
-        return HessianOperator(
+        op = HessianOperator(
             r.model, r.loss_fn, r.probe_data, params=self.params if params is None else params, closure=r.closure,
             at=at, batch_size_fn=r.batch_size_fn,
         )
+        op.on_products = self.hvp_progress  # not a method of self: no cycle keeping the operator's graph alive
+        self.hvp_progress(0)  # the clock starts with the curvature work
+        return op
 
     @cached_property
     def update(self) -> torch.Tensor:
@@ -260,3 +278,30 @@ class StepContext:
         if self.theta_before is None:
             raise RuntimeError("the update is only known to probes with phase='post' that need 'update'")
         return self.theta_before
+
+
+class HVPProgress:
+    """Counts a step's Hessian-vector products on a tqdm bar, opened with the step's
+    Hessian and shown once it has been open :data:`PROGRESS_DELAY` seconds (tqdm's ``delay``);
+    ``progress`` as :attr:`RunContext.progress`. ``close()`` ends the bar; more
+    products open a new one."""
+
+    def __init__(self, step: int, progress: bool | None) -> None:
+        self.step, self.progress, self.bar = step, progress, None
+
+    def __call__(self, k: int) -> None:
+        if self.progress is False:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            # leave=False: the bar goes away with the step, training output stays as it was.
+            self.bar = tqdm(desc=f"dyndiag step {self.step}: curvature", delay=PROGRESS_DELAY, leave=False,
+                            bar_format="{desc}, {n} Hessian-vector products [{elapsed}]",
+                            disable=None if self.progress is None else not self.progress)
+        self.bar.update(k)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -142,11 +142,11 @@ IN_HOOKS = [0.0]  # seconds spent inside the hooks of the monitor or the hand-wr
 
 def _in_hooks(method):
     def timed(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = CLOCK()  # the steps' clock (with --clock thread, preemption is not counted here either)
         try:
             return method(*args, **kwargs)
         finally:
-            IN_HOOKS[0] += time.perf_counter() - t0
+            IN_HOOKS[0] += CLOCK() - t0
 
     return timed
 

@@ -218,6 +218,11 @@ class Monitor:
         if not any(p.enabled and "before_clip" in p.needs and p.due(step) for p in self.probes):
             return
         self._snapshot_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._snapshot_last)
+
+    def _snapshot_last(self) -> None:
+        # Callbacks run in the order queued, and one queued from a callback runs after
+        # all of them: after DDP's, which averages the gradients and is queued later.
         torch.autograd.Variable._execution_engine.queue_callback(self._snapshot)
 
     def _snapshot(self) -> None:

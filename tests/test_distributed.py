@@ -91,6 +91,10 @@ def test_monitor_in_a_two_rank_ddp_run_writes_one_set_of_records(tmp_path):
     assert sorted(set(df.step)) == [0, 1, 2, 3, 4]
     assert not df.duplicated(["step", "probe", "metric", "key"]).any()  # rank 0 alone wrote
     assert torch.load(tmp_path / "mon1.pt")["step"] == 5  # every rank counted the steps
+    # The snapshot at the end of backward runs after DDP averaged the gradients: without
+    # clipping it is the gradient the step applies, not rank 0's own.
+    norms = df[df.probe == "gradient_norm"].pivot(index="step", columns="metric", values="value")
+    assert (norms.grad_norm_before_clip == norms.grad_norm).all()
     # EdgeOfStability's sharpness at step 0 is the operator of the union of both shards.
     union = dd.eigenvalues(dd.HessianOperator(tanh_mlp(), CE, classification_data()), k=1, tol=1e-10)
     first = df[(df.metric == "sharpness") & (df.step == 0)].value.item()

@@ -277,7 +277,8 @@ class Monitor:
         if syncs:  # this step waits for the device anyway: write the steps that wait first
             self.flush()
         ctx = StepContext(self.run, step, due)
-        pre = [p for p in due if p.phase == "pre" and not (closure_step and {"gradients", "before_clip"} & set(p.needs))]
+        stale = {"gradients", "before_clip"} if closure_step else set()  # the previous step's gradients
+        pre = [p for p in due if p.phase == "pre" and not stale & set(p.needs)]
         post = [p for p in due if p.phase == "post"]
         if post:
             ctx.theta_before = [p.detach().clone() for p in ctx.params]

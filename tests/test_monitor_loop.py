@@ -59,7 +59,7 @@ def test_cheap_steps_make_no_host_synchronisation_and_one_copy_brings_their_valu
     probes = [P.GradientNorm(per_layer=True), P.LayerRotation(), P.SoftmaxCollapse(),
               P.EdgeOfStability(every=6, tol=1e-3)]
     per_step = []
-    with dd.Monitor(model, opt, probes, loss_fn=CE, probe_data=(x[:8], y[:8]), log_dir=tmp_path, sync_every=4) as mon:
+    with dd.Monitor(model, opt, probes, loss_fn=CE, probe_data=(x[:8], y[:8]), log_dir=tmp_path, sync_every=4):
         for step in range(12):
             conversions.update(n=0, on=True)
             _step(model, opt, x, y)  # forward, backward (the gradient snapshot), step
@@ -115,7 +115,8 @@ def test_steps_wait_at_most_sync_every_steps_and_flush_writes_them(tmp_path):
     written = []
     for _ in range(8):
         _step(model, opt, x, y)
-        written.append(sorted(dd.load_records(tmp_path).step.unique()) if (tmp_path / "records.sqlite").exists() else [])
+        stored = (tmp_path / "records.sqlite").exists()
+        written.append(sorted(dd.load_records(tmp_path).step.unique()) if stored else [])
     assert written[3] == [] and written[4] == [0, 2, 4]  # step 0 waited 5 steps
     assert written[7] == [0, 2, 4]
     rows = mon.flush()
@@ -261,7 +262,9 @@ def test_progressive_unfreezing_enters_every_probe_from_the_next_step_and_freezi
             seen[step] = (_grad_norm(trained), [p.detach().clone() for p in model.parameters()])
             opt.step()
     df = mon.records()
-    keys = lambda probe, metric, step: set(df[(df.probe == probe) & (df.metric == metric) & (df.step == step)].key)  # noqa: E731
+    def keys(probe, metric, step):
+        return set(df[(df.probe == probe) & (df.metric == metric) & (df.step == step)].key)
+
     for step, layers in ((2, [4]), (3, [2, 4]), (5, [2, 4]), (6, [2]), (7, [2])):
         assert keys("gradient_norm", "grad_norm", step) == names(layers) | {""}
         assert keys("layer_rotation", "rotation", step) == names(layers)

@@ -109,7 +109,8 @@ class RunContext:
             chosen = {id(p) for g in opt.param_groups for p in g["params"] if p.requires_grad}
             if chosen == self._chosen:
                 return False
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and (chosen is None or id(p) in chosen)]
+        named = [(n, p) for n, p in self.model.named_parameters()
+                 if p.requires_grad and (chosen is None or id(p) in chosen)]
         self._chosen = chosen
         names = [n for n, _ in named]
         if names == self.names and all(a is b for a, b in zip(self.params, (p for _, p in named))):
@@ -172,7 +173,8 @@ class StepContext:
         if self.run.gradient_fn is not None:
             return self.run.gradient_fn()
         # torch.cat allocates a new tensor: it is already a copy.
-        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, self.grads)])
+        grads = zip(self.params, self.grads)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in grads])
 
     @property
     def norms_before_clip(self) -> list[torch.Tensor | None] | None:

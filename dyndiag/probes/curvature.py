@@ -93,7 +93,10 @@ class EdgeOfStability(Probe):
                 out["sharpness"][key] = float(ctx.top_eigen(1, self.tol, self.seed).values[0])
             else:  # the group's diagonal block
                 H = ctx.hessian_of(ps)
-                top = H.to_dense() if H.dim == 1 else eigenvalues(H, k=1, which="LA", tol=self.tol, seed=self.seed).values
+                if H.dim == 1:
+                    top = H.to_dense()
+                else:
+                    top = eigenvalues(H, k=1, which="LA", tol=self.tol, seed=self.seed).values
                 out["sharpness"][key] = float(top.reshape(-1)[0])
             out["threshold"][key] = stability_threshold(ctx.optimizer, group=i)
             if adam:

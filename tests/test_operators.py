@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dyndiag as dd
-from dyndiag.curvature import operators
+from dyndiag.curvature import blocks, operators
 from exact import exact_ggn, exact_hessian
 from snapshots import assert_same, snapshot
 from models import (
@@ -186,7 +186,7 @@ def test_no_side_effects_batchnorm_train_with_grads(cls, backend):
     assert_same(before, snapshot(model))
 
 
-def test_vmap_failure_falls_back_with_one_warning(monkeypatch):
+def test_vmap_failure_falls_back_with_one_warning():
     class NoVmap(torch.autograd.Function):  # a custom Function without vmap support
         @staticmethod
         def forward(ctx, x):
@@ -208,12 +208,11 @@ def test_vmap_failure_falls_back_with_one_warning(monkeypatch):
 
     model = Model()
     batch = classification_data()
-    monkeypatch.setattr(operators, "_preferred_backend", lambda device: "vmap")  # as on a GPU
-    op = dd.HessianOperator(model, CE, batch)
+    op = dd.HessianOperator(model, CE, batch)  # "auto" tries vmap on the first block
     V = torch.randn(op.dim, 3, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="falling back"):
         out = op.matmat(V)
-    assert op.backend == "loop"
+    assert op.block_backends == {3: "loop"}
     ref = dd.HessianOperator(model, CE, batch, backend="loop").matmat(V)
     assert torch.equal(out, ref)
 
@@ -301,9 +300,9 @@ def test_cached_graph_is_reused_and_matches_uncached():
     model = batchnorm_mlp(train=True)
     batch = classification_data()
     calls = _count_forwards(model)
-    op = dd.HessianOperator(model, CE, batch)
+    op = dd.HessianOperator(model, CE, batch, backend="loop")  # vmap would run its own forward
     assert op.cache_graph is True
-    ref = dd.HessianOperator(model, CE, batch, cache_graph=False)
+    ref = dd.HessianOperator(model, CE, batch, cache_graph=False, backend="loop")
     V = torch.randn(op.dim, 3, dtype=torch.float64)
     first = [op.matvec(V[:, j]) for j in range(3)] + [op.matmat(V)]
     assert len(calls) == 1  # one forward for four products
@@ -431,17 +430,17 @@ def test_compute_dtype_float64_on_a_float32_model():
 
 
 def test_auto_chunk_fits_half_the_free_memory():
-    assert operators.auto_chunk(per_column_bytes=10, free_bytes=1000) == 50
-    assert operators.auto_chunk(per_column_bytes=10**9, free_bytes=10**8) == 1  # never below one column
-    assert operators.auto_chunk(per_column_bytes=1, free_bytes=10**12) == operators.AUTO_MAX_CHUNK
-    assert operators.auto_chunk(per_column_bytes=0, free_bytes=10) == operators.AUTO_MAX_CHUNK
+    assert blocks.auto_chunk(per_column_bytes=10, free_bytes=1000) == 50
+    assert blocks.auto_chunk(per_column_bytes=10**9, free_bytes=10**8) == 1  # never below one column
+    assert blocks.auto_chunk(per_column_bytes=1, free_bytes=10**12) == blocks.AUTO_MAX_CHUNK
+    assert blocks.auto_chunk(per_column_bytes=0, free_bytes=10) == blocks.AUTO_MAX_CHUNK
     model, (x, y) = tanh_mlp(), classification_data()
     op = dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
     assert op.max_batch_vectors == "auto"
     V = torch.randn(op.dim, 5, dtype=op.dtype)
     assert torch.allclose(op @ V, dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), max_batch_vectors=2) @ V,
                           rtol=1e-12, atol=1e-14)
-    assert op.max_batch_vectors == operators.AUTO_CPU_CHUNK  # resolved on first use, off CUDA
+    assert op.max_batch_vectors == blocks.AUTO_CPU_CHUNK  # resolved on first use, off CUDA
     for bad in (0, -1, "big", True, 2.5):
         with pytest.raises(ValueError, match="max_batch_vectors"):
             dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), max_batch_vectors=bad)

@@ -1,15 +1,23 @@
-"""Hessian and generalized Gauss–Newton operators of a model's mean loss.
+"""Hessian and generalized Gauss–Newton operators of a model's loss over its data.
 
 Products are exact (no finite differences) and side-effect free:
 
+* ``matvec(v)`` (and a one-column ``matmat``) multiplies by double backward,
+  cheaper than forward-over-reverse for a single vector;
 * ``matmat(V)`` multiplies ``k`` columns in chunks of ``max_batch_vectors``
-  (memory grows with the chunk, not with ``k``). ``backend="vmap"`` (the default
-  on CUDA) runs ``torch.func.vmap`` over forward-over-reverse ``jvp(grad(loss))``;
-  ``backend="loop"`` (the default on the CPU) runs double backward column by
-  column on a gradient graph built once per batch. A model ``vmap`` cannot handle
-  falls back to the loop with one warning;
-* ``matvec(v)`` multiplies one vector by double backward, which is cheaper than
-  forward-over-reverse for a single vector.
+  (memory grows with the chunk, not with ``k``), by ``torch.func.vmap`` over
+  forward-over-reverse products (``backend="vmap"``) or by double backward column
+  by column on a gradient graph built once per batch (``backend="loop"``).
+  ``backend="auto"`` takes vmap on CUDA and, on the CPU, whichever of the two is
+  faster for this operator and chunk width, timed on the first such chunk
+  (:mod:`dyndiag.curvature.blocks`; both are exact, ``op.block_backends`` holds
+  the choices). A model ``vmap`` cannot handle falls back to the loop with one
+  warning.
+
+The loss over several batches is the loss's own reduction over all the data: the
+sample-weighted mean of batch means for ``reduction="mean"``, the sum of batch
+losses for ``reduction="sum"`` (an ``nn`` loss's ``reduction`` attribute, or the
+operator's ``reduction=`` argument for a closure).
 
 The model is evaluated functionally (``torch.func.functional_call``) on detached
 views of its parameters and on fresh copies of its buffers, so parameters,
@@ -20,31 +28,39 @@ operator breaks Lanczos — and normalisation layers keep the model's mode (trai
 mode: batch statistics, the loss training sees). Attention runs with PyTorch's
 MATH scaled-dot-product kernel, the only one with a double backward on CPU.
 Modes and RNG states are restored after every product (:func:`dyndiag.evaluation.operator_mode`).
+Data that is not the same on every pass (a shuffling DataLoader with train-mode
+BatchNorm or ``drop_last``, random augmentation) is refused on first use.
 """
 
 from __future__ import annotations
 
+import random
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..data import (
     batch_targets,
     check_scalar_loss,
+    criterion_outputs,
     default_batch_size,
     iter_batches,
     is_single_batch,
+    loss_reduction,
     make_loss_closure,
     tensors_in,
     to_device,
     weighted_mean,
 )
 from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params, unwrap
+from ..state import rng_state, set_rng_state
 from .base import CurvatureOperator
+from .blocks import AUTO_CPU_CHUNK, auto_chunk, race, remembered
 
 __all__ = ["HessianOperator", "GGNOperator"]
 
@@ -57,6 +73,7 @@ with warnings.catch_warnings():
     except ImportError:  # pragma: no cover - layout differs across torch versions
         pass
 
+
 class _ModelOperator(CurvatureOperator):
     """Shared machinery: parameter selection, data iteration, guards, chunking."""
 
@@ -66,7 +83,9 @@ class _ModelOperator(CurvatureOperator):
         data: object,
         params: Sequence[torch.Tensor] | None,
         fn: Callable,
+        criterion: Callable | None,
         *,
+        reduction: str,
         batch_size_fn: Callable | None,
         max_batch_vectors: int | str,
         cache_data: bool,
@@ -90,6 +109,8 @@ class _ModelOperator(CurvatureOperator):
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError("batch_size_fn must be callable (batch) -> int")
         self.model = model
+        self.loss_fn = criterion
+        self.reduction = reduction
         self.names, self.params = select_params(model, params)
         self.dim = sum(p.numel() for p in self.params)
         self.param_dtype = self.params[0].dtype
@@ -110,12 +131,23 @@ class _ModelOperator(CurvatureOperator):
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
         self._batch_size_fn = batch_size_fn or default_batch_size
         self.max_batch_vectors = max_batch_vectors
-        self._auto_chunk = max_batch_vectors == "auto"
         self.backend = backend
+        #: ``backend="auto"`` on the CPU: the backend each chunk width was multiplied by.
+        self.block_backends: dict[int, str] = {}
+        self._vmap_failed = False
         self._data = data
         self._cached = None
         if cache_data:
             self._cached = [(self._prepare(b), self._count(b)) for b in iter_batches(data)]
+        elif isinstance(data, Iterator):
+            raise ValueError(
+                "data is a one-shot iterator, but every product reads the data again: pass a list "
+                "of batches, a DataLoader, or cache_data=True"
+            )
+        # Only an iterable that is not a list of batches can give other batches on the next pass.
+        self._repeatable = (
+            self._cached is not None or is_single_batch(data) or isinstance(data, (list, tuple))
+        )
         one_batch = is_single_batch(data) or (self._cached is not None and len(self._cached) == 1)
         if cache_graph and not one_batch:
             raise ValueError("cache_graph=True needs data to be a single batch (or cache_data=True with one batch)")
@@ -134,8 +166,41 @@ class _ModelOperator(CurvatureOperator):
         if self._cached is not None:
             yield from self._cached
             return
+        self._check_repeatable()
+        yield from self._read()
+
+    def _read(self) -> Iterator[tuple[object, int]]:
         for b in iter_batches(self._data):
             yield self._prepare(b), self._count(b)
+
+    def _check_repeatable(self) -> None:
+        """Refuse data whose loss changes between two passes with the RNG moved
+        between them (run once, on first use, inside the product's guard)."""
+        if self._repeatable:
+            return
+        state = rng_state()
+        try:
+            first = self._total_loss(self._read())
+            set_rng_state(state)
+            # Whatever a DataLoader or an augmentation draws from (its sampler's seed,
+            # worker seeds, numpy or python transforms) now starts elsewhere.
+            torch.rand(1)
+            np.random.random()
+            random.random()
+            second = self._total_loss(self._read())
+        finally:
+            set_rng_state(state)
+        tol = 1000 * torch.finfo(self.dtype).eps * (abs(first) + abs(second))
+        if not abs(first - second) <= tol:
+            raise ValueError(
+                f"data gives another loss on each pass ({first:.10g}, then {second:.10g} after the "
+                "random number generator moved), so the operator would change between products. "
+                "Typical causes: BatchNorm in train mode with a shuffling DataLoader, drop_last=True "
+                "with shuffling, random augmentation. Remedies: cache_data=True (fixes the batches "
+                "once), BatchNorm in eval mode (model.eval() before building the operator), or a "
+                "DataLoader with shuffle=False and no random transforms."
+            )
+        self._repeatable = True
 
     def _prepare(self, batch):
         """The batch on the operator's device; floating tensors in the compute dtype
@@ -155,9 +220,32 @@ class _ModelOperator(CurvatureOperator):
             mapping[name] = b.to(self.dtype) if cast else b.clone()
         return mapping
 
+    def _call(self, tensors: Sequence[torch.Tensor], batch):
+        """``fn(model, batch)`` with the model's parameters replaced by ``tensors``."""
+        return functional_call(self._evaluate, self._mapping(tensors), (batch,))
+
+    def _criterion(self, outputs: torch.Tensor, batch) -> torch.Tensor:
+        return check_scalar_loss(self.loss_fn(outputs, batch_targets(batch)), "loss_fn")
+
     def _loss(self, tensors: Sequence[torch.Tensor], batch) -> torch.Tensor:
-        loss = functional_call(self._evaluate, self._mapping(tensors), (batch,))
-        return check_scalar_loss(loss, "loss_fn/closure")
+        """The batch's loss: ``loss_fn(outputs, targets)``, or the closure's value."""
+        if self.loss_fn is None:
+            return check_scalar_loss(self._call(tensors, batch), "closure")
+        return self._criterion(self._call(tensors, batch), batch)
+
+    def _total_loss(self, batches: Iterable[tuple[object, int]]) -> float:
+        with torch.no_grad():
+            values = self._values()
+            terms = ((self._loss(values, b), n) for b, n in batches if n > 0)
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
+            return float(weighted_mean(terms, zero, self.reduction))
+
+    def loss(self) -> float:
+        """The loss over ``data`` (mean or sum, as ``reduction``) at the operator's
+        parameters, evaluated as products are (dropout off, normalisation layers in
+        the model's mode, buffers copied); reduced over ranks like the products."""
+        with self._guarded():
+            return self._total_loss(self._batches())
 
     def _split(self, V: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rows of ``V`` (k, dim) -> per-parameter tensors (k, *shape)."""
@@ -166,8 +254,16 @@ class _ModelOperator(CurvatureOperator):
             t.reshape(k, *s) for t, s in zip(torch.split(V, self._numels, dim=1), self._shapes)
         )
 
-    def _join(self, parts: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-        return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
+    def _join(self, parts: Sequence[torch.Tensor | None], k: int) -> torch.Tensor:
+        """Per-parameter ``(k, *shape)`` tensors -> ``(k, dim)``; ``None`` (a parameter
+        with no path to the loss) is a block of zeros."""
+        return torch.cat(
+            [
+                (torch.zeros(k, n, dtype=self.dtype, device=self.device) if p is None else p.reshape(k, -1))
+                for p, n in zip(parts, self._numels)
+            ],
+            dim=1,
+        )
 
     def _sources(self) -> list[torch.Tensor]:
         """The parameter tensors the operator is taken at (``at=`` or the live ones)."""
@@ -178,6 +274,10 @@ class _ModelOperator(CurvatureOperator):
         if self.dtype == self.param_dtype:
             return [t.detach() for t in self._sources()]
         return [t.detach().to(self.dtype) for t in self._sources()]
+
+    def _leaves(self) -> list[torch.Tensor]:
+        """The parameter values as fresh leaves that require grad."""
+        return [p.requires_grad_(True) for p in self._values()]
 
     def clear_cache(self) -> None:
         """Free the cached gradient graph (see ``cache_graph``)."""
@@ -212,9 +312,10 @@ class _ModelOperator(CurvatureOperator):
 
     # -- products ---------------------------------------------------------
     def _accumulate(self, per_batch: Callable, V: torch.Tensor) -> torch.Tensor:
-        """sum_b n_b * per_batch(batch, V) / sum_b n_b, reduced over ranks."""
+        """The loss's reduction over batches (and ranks) of ``per_batch(batch, V)``."""
         with self._guarded():
-            return weighted_mean(((per_batch(b, V), n) for b, n in self._batches() if n > 0), torch.zeros_like(V))
+            terms = ((per_batch(b, V), n) for b, n in self._batches() if n > 0)
+            return weighted_mean(terms, torch.zeros_like(V), self.reduction)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._batch_matmat, V)
@@ -235,17 +336,15 @@ class _ModelOperator(CurvatureOperator):
         On CUDA with the vmap backend, the first column is multiplied alone while the
         allocator's peak is watched; its cost per column and the free memory (the
         driver's plus what torch's cache holds unused) give the chunk, keeping half of
-        the free memory spare. Elsewhere columns are multiplied one at a time anyway
-        (double backward), so the chunk only bounds the output block: 32.
+        the free memory spare. Elsewhere :data:`~dyndiag.curvature.blocks.AUTO_CPU_CHUNK`.
         """
-        backend = self.backend if self.backend != "auto" else _preferred_backend(self.device)
-        if not _is_cuda(self.device) or backend != "vmap":
+        if not _is_cuda(self.device) or self.backend == "loop":
             self.max_batch_vectors = AUTO_CPU_CHUNK
             return 0
         if V.shape[1] == 0:  # nothing to measure with: decide on the next product
             return 0
         base, peak_before = _cuda_memory(self.device)
-        out[:, :1] = self._chunk(batch, V[:, :1])
+        out[:, :1] = self._vmap_or_fallback(batch, V[:, :1])
         _, peak_after = _cuda_memory(self.device)
         # Without resetting the user's peak statistics: a new peak measures the column;
         # an older, higher peak bounds it from above (a conservative estimate).
@@ -254,38 +353,59 @@ class _ModelOperator(CurvatureOperator):
         return 1
 
     def _chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
-        backend = self.backend if self.backend != "auto" else _preferred_backend(self.device)
-        if backend == "vmap":
+        width = V.shape[1]
+        if self.backend == "vmap" or (self.backend == "auto" and width > 1 and _is_cuda(self.device)):
+            return self._vmap_or_fallback(batch, V)
+        if self.backend == "loop" or width == 1 or self._vmap_failed:
+            return self._loop_chunk(batch, V)
+        key = (type(self).__name__, tuple(zip(self.names, self._shapes)), self.dtype, self.cache_graph,
+               width, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
+        backend = remembered(key)
+        if backend is None:
+            self._prepare_loop(batch)  # a cached graph is reused later: build it off the clock
+            try:
+                out = race(key, V, lambda W: self._vmap_chunk(batch, W),
+                           lambda W: self._loop_chunk(batch, W))
+            except (ValueError, TypeError):
+                raise
+            except RuntimeError as err:
+                return self._vmap_or_fallback(batch, V, err)
+            backend = remembered(key)
+            self.block_backends[width] = backend
+            return out
+        self.block_backends[width] = backend
+        return self._vmap_or_fallback(batch, V) if backend == "vmap" else self._loop_chunk(batch, V)
+
+    def _vmap_or_fallback(self, batch, V: torch.Tensor, err: RuntimeError | None = None) -> torch.Tensor:
+        """vmap, or (``backend="auto"``) the loop with one warning when vmap fails."""
+        if err is None:
             try:
                 return self._vmap_chunk(batch, V)
             except (ValueError, TypeError):
                 raise
-            except RuntimeError as err:
+            except RuntimeError as caught:
                 if self.backend == "vmap":
                     raise
-                warnings.warn(
-                    f"{type(self).__name__}: batched products (torch.func.vmap) failed for this "
-                    f"model ({str(err).splitlines()[0][:200]}); falling back to one product per "
-                    "column. Pass backend='loop' to skip the attempt.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self.backend = "loop"
+                err = caught
+        warnings.warn(
+            f"{type(self).__name__}: batched products (torch.func.vmap) failed for this "
+            f"model ({str(err).splitlines()[0][:200]}); falling back to one product per "
+            "column. Pass backend='loop' to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+        self._vmap_failed = True
+        self.block_backends[V.shape[1]] = "loop"
         return self._loop_chunk(batch, V)
 
+    def _prepare_loop(self, batch) -> None:
+        """Build what the loop reuses across products (the cached graph), if anything."""
 
-#: ``max_batch_vectors="auto"`` off CUDA (products are one column at a time there).
-AUTO_CPU_CHUNK = 32
-#: Largest chunk ``"auto"`` picks: past it, vmap gains nothing and compile times grow.
-AUTO_MAX_CHUNK = 256
+    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-
-def auto_chunk(per_column_bytes: int, free_bytes: int, spare: float = 0.5) -> int:
-    """Columns per vmapped pass that fit in ``(1 - spare) * free_bytes`` at
-    ``per_column_bytes`` each, between 1 and :data:`AUTO_MAX_CHUNK`."""
-    if per_column_bytes <= 0:
-        return AUTO_MAX_CHUNK
-    return int(max(1, min(AUTO_MAX_CHUNK, (1 - spare) * free_bytes // per_column_bytes)))
+    def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -315,35 +435,32 @@ def _compute_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> t
     return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
 
 
-def _preferred_backend(device: torch.device) -> str:
-    """What ``backend="auto"`` uses on ``device``.
-
-    On CPU, double backward with the gradient graph built once per batch and reused
-    for every column: free of torch.func's forward-AD gaps (MSE, Huber). On GPUs,
-    vmap, which turns k small kernels into one large one.
-    """
-    return "loop" if device.type == "cpu" else "vmap"
-
-
 class HessianOperator(_ModelOperator):
-    """The Hessian of the mean loss over every sample in ``data``, as an operator.
+    """The Hessian of the loss over every sample in ``data``, as an operator.
 
     Parameters
     ----------
     model:
         The network. Evaluated functionally; never modified.
     loss_fn:
-        Criterion ``loss_fn(outputs, targets) -> scalar`` with mean reduction.
+        Criterion ``loss_fn(outputs, targets) -> scalar`` (mean or sum reduction).
     data:
-        One batch ``(inputs, targets)`` or an iterable of batches of any sizes; the
-        operator is the Hessian of the sample-weighted mean loss (each batch's mean
-        loss weighted by its size).
+        One batch ``(inputs, targets)`` or an iterable of batches of any sizes. The
+        operator is the Hessian of the loss over all of it: the sample-weighted mean
+        of the batch losses (each batch's mean weighted by its size) for a mean
+        reduction, their sum for a sum. An iterable must give the same batches on
+        every pass (checked on first use, see ``cache_data``).
     params:
         The parameters to differentiate, in order; default: every parameter of the
-        model with ``requires_grad``. Flat vectors follow this order.
+        model with ``requires_grad``. Flat vectors follow this order. A parameter
+        with no path to the loss has zero rows and columns.
     closure:
         ``closure(model, batch) -> scalar loss``, instead of ``loss_fn``, for dict
         batches or losses that are not a criterion.
+    reduction:
+        ``"mean"`` or ``"sum"``: how batch losses combine. Default: read from
+        ``loss_fn.reduction`` (``nn`` losses), else ``"mean"``; a closure that sums
+        over its batch declares ``reduction="sum"``.
     batch_size_fn:
         ``(batch) -> int`` sample count used for weighting; default dim 0 of the
         batch's first tensor.
@@ -351,14 +468,20 @@ class HessianOperator(_ModelOperator):
         Columns multiplied in one vmapped pass; bounds memory of ``matmat``.
         ``"auto"`` (default): on CUDA with the vmap backend, sized from the free GPU
         memory and the measured cost of one column (half the free memory kept
-        spare); elsewhere 32, since products there are one column at a time.
+        spare); elsewhere 32.
     cache_data:
-        Materialise the batches once on the operator's device (fixes the operator
-        when ``data`` is a shuffling/augmenting DataLoader).
+        Materialise the batches once on the operator's device. Needed when the
+        batches change between passes over ``data``: a shuffling DataLoader with
+        BatchNorm in train mode or ``drop_last=True``, random augmentation (such
+        data is refused with a ``ValueError`` on first use otherwise).
     backend:
-        ``"auto"`` (CPU: double backward with the gradient graph reused across the
-        columns of a block; CUDA: vmap, falling back to double backward), ``"vmap"``
-        or ``"loop"``.
+        How blocks of several columns are multiplied: ``"vmap"``
+        (forward-over-reverse, batched), ``"loop"`` (double backward column by
+        column, the gradient graph reused across the columns of a block) or
+        ``"auto"``: vmap on CUDA; on the CPU the faster of the two for this model,
+        data and chunk width, timed on halves of the first chunk of that width
+        (``block_backends`` holds the choices). One column is always multiplied by
+        double backward unless ``backend="vmap"``.
     cache_graph:
         Keep the gradient graph between products when ``data`` is one batch, so
         later double-backward products skip the forward and the first backward
@@ -367,7 +490,6 @@ class HessianOperator(_ModelOperator):
         optimizer step, ``load_state_dict``), so it is never stale. It holds the
         activations of one forward/backward between calls: ``clear_cache()``
         frees them. Default: on for a single batch, off for iterables.
-
     at:
         Parameter values to take the Hessian at instead of the model's current ones
         (one tensor per parameter of ``params``, e.g. a saved copy of the weights
@@ -383,8 +505,8 @@ class HessianOperator(_ModelOperator):
     Notes
     -----
     Under an initialised ``torch.distributed`` process group each rank passes its
-    shard; products are summed over ranks with sample weights, so every rank holds
-    the operator of the union of the shards.
+    shard; products are reduced over ranks like the loss (sample-weighted mean or
+    sum), so every rank holds the operator of the union of the shards.
     """
 
     def __init__(
@@ -395,6 +517,7 @@ class HessianOperator(_ModelOperator):
         params: Sequence[torch.Tensor] | None = None,
         closure: Callable | None = None,
         *,
+        reduction: str | None = None,
         batch_size_fn: Callable | None = None,
         max_batch_vectors: int | str = "auto",
         cache_data: bool = False,
@@ -403,12 +526,14 @@ class HessianOperator(_ModelOperator):
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
-        fn = make_loss_closure(loss_fn, closure)
+        make_loss_closure(loss_fn, closure)  # exactly one of them, callable
         super().__init__(
             model,
             data,
             params,
-            fn,
+            closure if loss_fn is None else criterion_outputs,
+            loss_fn,
+            reduction=loss_reduction(loss_fn, reduction),
             batch_size_fn=batch_size_fn,
             max_batch_vectors=max_batch_vectors,
             cache_data=cache_data,
@@ -418,75 +543,76 @@ class HessianOperator(_ModelOperator):
             compute_dtype=compute_dtype,
         )
 
-    def loss(self) -> float:
-        """The mean loss over ``data`` at the operator's parameters, evaluated as
-        products are (dropout off, normalisation layers in the model's mode,
-        buffers copied); reduced over ranks like the products."""
-        with self._guarded(), torch.no_grad():
-            values = self._values()
-            terms = ((self._loss(values, b), n) for b, n in self._batches() if n > 0)
-            return float(weighted_mean(terms, torch.zeros((), dtype=torch.float64, device=self.device)))
-
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
 
     def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         primals = tuple(self._values())
+        if self.loss_fn is None:
+            gradient = grad(lambda tensors: self._loss(tensors, batch))
+        else:
+            # The model's vjp with the criterion's gradient by jacrev: torch.func.grad
+            # of the whole loss fails for MSE ("ZeroTensors are immutable") and Huber in
+            # torch 2.13, and jacrev of the whole loss is wrong for LayerNorm and
+            # train-mode BatchNorm models; this split is exact for both.
+            loss_gradient = jacrev(lambda outputs: self._criterion(outputs, batch))
 
-        def gradient(tensors):
-            return grad(self._loss)(tensors, batch)
+            def gradient(tensors):
+                outputs, pullback = vjp(lambda t: self._call(t, batch), tensors)
+                return pullback(loss_gradient(outputs))[0]
 
         def hvp(tangents):
             return jvp(gradient, (primals,), (tangents,))[1]
 
-        k = V.shape[1]
-        return self._join(vmap(hvp)(self._split(V.T)), k).T
+        return self._join(vmap(hvp)(self._split(V.T)), V.shape[1]).T
 
     def _gradient_graph(self, batch):
-        leaves = [p.requires_grad_(True) for p in self._values()]
-        g = torch.autograd.grad(self._loss(leaves, batch), leaves, create_graph=True)
-        # Parameters that do not reach the loss (or only linearly) have no second-order
-        # graph; their rows of H are zero.
-        live = [i for i, gi in enumerate(g) if gi.requires_grad]
+        leaves = self._leaves()
+        g = torch.autograd.grad(self._loss(leaves, batch), leaves, create_graph=True, allow_unused=True)
+        # Parameters that do not reach the loss, or reach it only linearly, have no
+        # second-order graph: their rows of H are zero.
+        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
         return leaves, g, live
+
+    def _prepare_loop(self, batch) -> None:
+        if self.cache_graph:
+            self._reuse_graph(lambda: self._gradient_graph(batch))
 
     def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         leaves, g, live = self._reuse_graph(lambda: self._gradient_graph(batch))
-        keep = self.cache_graph
         out = torch.zeros_like(V)
         rows = self._split(V.T)
         k = V.shape[1]
-        for j in range(k):
-            hv = [torch.zeros_like(leaf) for leaf in leaves]
-            if live:
-                parts = torch.autograd.grad(
-                    [g[i] for i in live],
-                    leaves,
-                    grad_outputs=[rows[i][j] for i in live],
-                    retain_graph=keep or j < k - 1,
-                    allow_unused=True,
-                )
-                hv = [h if h is not None else z for h, z in zip(parts, hv)]
-            out[:, j] = torch.cat([h.reshape(-1) for h in hv])
+        for j in range(k if live else 0):
+            parts = torch.autograd.grad(
+                [g[i] for i in live],
+                leaves,
+                grad_outputs=[rows[i][j] for i in live],
+                retain_graph=self.cache_graph or j < k - 1,
+                allow_unused=True,
+            )
+            out[:, j] = self._join(parts, 1)[0]
         return out
 
 
 class GGNOperator(_ModelOperator):
-    """The generalized Gauss–Newton matrix ``J^T H_L J`` of the mean loss.
+    """The generalized Gauss–Newton matrix ``J^T H_L J`` of the loss over ``data``.
 
     ``J`` is the Jacobian of the model's outputs with respect to the parameters and
     ``H_L`` the Hessian of the criterion with respect to the outputs. For a loss
     convex in the outputs (cross-entropy, MSE) the GGN is positive semi-definite;
-    for a linear model with MSE it equals the Hessian.
+    for a linear model with MSE it equals the Hessian. Batches combine as the
+    criterion's reduction says (:class:`HessianOperator`).
 
     Parameters are as for :class:`HessianOperator`, except ``loss_fn`` and ``forward``
-    (and there is no ``closure`` or ``cache_graph``).
+    (and there is no ``closure``, ``reduction`` or ``cache_graph``).
 
     Parameters
     ----------
     loss_fn:
         A criterion ``loss_fn(outputs, targets)`` (required: the GGN needs the
-        outputs and the loss separately).
+        outputs and the loss separately); ``loss_fn.reduction="sum"`` makes the
+        operator the GGN of the summed loss.
     forward:
         ``forward(model, batch) -> outputs`` for batches that are not
         ``(inputs, targets)``; targets are then ``batch[1]`` or ``batch["labels"]``.
@@ -509,12 +635,13 @@ class GGNOperator(_ModelOperator):
     ) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise TypeError("loss_fn must be a criterion loss_fn(outputs, targets) for the GGN")
-        self.loss_fn = loss_fn
         super().__init__(
             model,
             data,
             params,
             outputs_fn(forward),
+            loss_fn,
+            reduction=loss_reduction(loss_fn, None),
             batch_size_fn=batch_size_fn,
             max_batch_vectors=max_batch_vectors,
             cache_data=cache_data,
@@ -526,41 +653,30 @@ class GGNOperator(_ModelOperator):
 
     def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         primals = tuple(self._values())
-        targets = batch_targets(batch)
-
-        def out_fn(tensors):
-            return functional_call(self._evaluate, self._mapping(tensors), (batch,))
-
-        def loss_of_outputs(o):
-            return check_scalar_loss(self.loss_fn(o, targets), "loss_fn")
-
-        outputs, pullback = vjp(out_fn, primals)
+        outputs, pullback = vjp(lambda tensors: self._call(tensors, batch), primals)
         outputs = outputs.detach()
+        # H_L u as a jvp of jacrev (forward-over-reverse): jacrev also covers MSE.
+        loss_gradient = jacrev(lambda o: self._criterion(o, batch))
 
         def column(tangents):
-            jv = jvp(out_fn, (primals,), (tangents,))[1]
-            # H_L (J v) by reverse-over-reverse: jvp(grad(mse_loss)) hits a torch.func gap.
-            hjv = grad(lambda o: (grad(loss_of_outputs)(o) * jv).sum())(outputs)
-            return pullback(hjv)[0]
+            jv = jvp(lambda tensors: self._call(tensors, batch), (primals,), (tangents,))[1]
+            return pullback(jvp(loss_gradient, (outputs,), (jv,))[1])[0]
 
         return self._join(vmap(column)(self._split(V.T)), V.shape[1]).T
 
     def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         # Reverse mode only, graphs built once per batch and reused for every column:
         # J v by the double-vjp trick (J v = d/du <J^T u, v>), H_L by double backward.
-        leaves = [p.requires_grad_(True) for p in self._values()]
-        out = functional_call(self._evaluate, self._mapping(leaves), (batch,))
+        leaves = self._leaves()
+        out = self._call(leaves, batch)
         o = out.detach().requires_grad_(True)
-        loss = check_scalar_loss(self.loss_fn(o, batch_targets(batch)), "loss_fn")
-        (gl,) = torch.autograd.grad(loss, o, create_graph=True)
+        (gl,) = torch.autograd.grad(self._criterion(o, batch), o, create_graph=True)
         u = torch.zeros_like(out, requires_grad=True)
         jtu = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
         live = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
         rows = self._split(V.T)
         result = torch.zeros_like(V)
-        for j in range(V.shape[1]):
-            if not live:
-                break
+        for j in range(V.shape[1] if live else 0):
             (jv,) = torch.autograd.grad(
                 [jtu[i] for i in live], u, [rows[i][j] for i in live], retain_graph=True
             )
@@ -569,7 +685,5 @@ class GGNOperator(_ModelOperator):
             else:  # loss linear in the outputs
                 hjv = torch.zeros_like(o)
             parts = torch.autograd.grad(out, leaves, hjv, retain_graph=True, allow_unused=True)
-            result[:, j] = torch.cat(
-                [(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(parts, leaves)]
-            )
+            result[:, j] = self._join(parts, 1)[0]
         return result

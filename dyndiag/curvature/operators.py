@@ -60,7 +60,7 @@ from ..data import (
 from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params, unwrap
 from ..state import rng_state, set_rng_state
 from .base import CurvatureOperator
-from .blocks import AUTO_CPU_CHUNK, auto_chunk, race, remembered
+from .blocks import AUTO_CPU_CHUNK, auto_chunk, cpu_chunk, race, remembered
 
 __all__ = ["HessianOperator", "GGNOperator"]
 
@@ -336,10 +336,16 @@ class _ModelOperator(CurvatureOperator):
         On CUDA with the vmap backend, the first column is multiplied alone while the
         allocator's peak is watched; its cost per column and the free memory (the
         driver's plus what torch's cache holds unused) give the chunk, keeping half of
-        the free memory spare. Elsewhere :data:`~dyndiag.curvature.blocks.AUTO_CPU_CHUNK`.
+        the free memory spare. Elsewhere at most
+        :data:`~dyndiag.curvature.blocks.AUTO_CPU_CHUNK`, fewer where vmap's columns
+        (sized from what one forward saves for backward) would not fit in half of
+        the host's available memory.
         """
-        if not _is_cuda(self.device) or self.backend == "loop":
+        if self.backend == "loop":
             self.max_batch_vectors = AUTO_CPU_CHUNK
+            return 0
+        if not _is_cuda(self.device):
+            self.max_batch_vectors = cpu_chunk(self._saved_bytes(batch))
             return 0
         if V.shape[1] == 0:  # nothing to measure with: decide on the next product
             return 0
@@ -352,6 +358,18 @@ class _ModelOperator(CurvatureOperator):
         self.max_batch_vectors = auto_chunk(per_column, _cuda_free(self.device))
         return 1
 
+    def _saved_bytes(self, batch) -> int:
+        """Bytes one forward of the loss on ``batch`` saves for backward."""
+        sizes = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._loss(self._leaves(), batch)
+        return sum(sizes)
+
     def _chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         width = V.shape[1]
         if self.backend == "vmap" or (self.backend == "auto" and width > 1 and _is_cuda(self.device)):
@@ -362,10 +380,9 @@ class _ModelOperator(CurvatureOperator):
                width, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
         backend = remembered(key)
         if backend is None:
-            self._prepare_loop(batch)  # a cached graph is reused later: build it off the clock
             try:
-                out = race(key, V, lambda W: self._vmap_chunk(batch, W),
-                           lambda W: self._loop_chunk(batch, W))
+                out = race(key, V, lambda W: self._vmap_chunk(batch, W), lambda: self._loop_graph(batch),
+                           self._loop_columns, graph_is_reused=self.cache_graph)
             except (ValueError, TypeError):
                 raise
             except RuntimeError as err:
@@ -398,13 +415,18 @@ class _ModelOperator(CurvatureOperator):
         self.block_backends[V.shape[1]] = "loop"
         return self._loop_chunk(batch, V)
 
-    def _prepare_loop(self, batch) -> None:
-        """Build what the loop reuses across products (the cached graph), if anything."""
+    def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+        return self._loop_columns(self._loop_graph(batch), V)
 
     def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def _loop_graph(self, batch) -> object:  # pragma: no cover - abstract
+        """What the loop differentiates for every column of a chunk on ``batch``."""
+        raise NotImplementedError
+
+    def _loop_columns(self, graph: object, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``H V`` column by column on a graph from :meth:`_loop_graph`."""
         raise NotImplementedError
 
 
@@ -574,22 +596,16 @@ class HessianOperator(_ModelOperator):
         live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
         return leaves, g, live
 
-    def _prepare_loop(self, batch) -> None:
-        if self.cache_graph:
-            self._reuse_graph(lambda: self._gradient_graph(batch))
+    def _loop_graph(self, batch):
+        return self._reuse_graph(lambda: self._gradient_graph(batch))
 
-    def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
-        leaves, g, live = self._reuse_graph(lambda: self._gradient_graph(batch))
+    def _loop_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
+        leaves, g, live = graph
         out = torch.zeros_like(V)
         rows = self._split(V.T)
-        k = V.shape[1]
-        for j in range(k if live else 0):
+        for j in range(V.shape[1] if live else 0):
             parts = torch.autograd.grad(
-                [g[i] for i in live],
-                leaves,
-                grad_outputs=[rows[i][j] for i in live],
-                retain_graph=self.cache_graph or j < k - 1,
-                allow_unused=True,
+                [g[i] for i in live], leaves, [rows[i][j] for i in live], retain_graph=True, allow_unused=True
             )
             out[:, j] = self._join(parts, 1)[0]
         return out
@@ -664,7 +680,7 @@ class GGNOperator(_ModelOperator):
 
         return self._join(vmap(column)(self._split(V.T)), V.shape[1]).T
 
-    def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+    def _loop_graph(self, batch):
         # Reverse mode only, graphs built once per batch and reused for every column:
         # J v by the double-vjp trick (J v = d/du <J^T u, v>), H_L by double backward.
         leaves = self._leaves()
@@ -674,12 +690,14 @@ class GGNOperator(_ModelOperator):
         u = torch.zeros_like(out, requires_grad=True)
         jtu = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
         live = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
+        return leaves, out, o, gl, u, jtu, live
+
+    def _loop_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
+        leaves, out, o, gl, u, jtu, live = graph
         rows = self._split(V.T)
         result = torch.zeros_like(V)
         for j in range(V.shape[1] if live else 0):
-            (jv,) = torch.autograd.grad(
-                [jtu[i] for i in live], u, [rows[i][j] for i in live], retain_graph=True
-            )
+            (jv,) = torch.autograd.grad([jtu[i] for i in live], u, [rows[i][j] for i in live], retain_graph=True)
             if gl.requires_grad:
                 (hjv,) = torch.autograd.grad(gl, o, jv, retain_graph=True)
             else:  # loss linear in the outputs

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import random
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg
@@ -45,37 +47,12 @@ def cases():
     }
 
 
-@pytest.mark.parametrize("name", list(cases()))
-@pytest.mark.parametrize("backend", ["vmap", "loop"])
-def test_products_match_exact_hessian(name, backend):
-    model, batch = cases()[name]
-    H = exact_hessian(model, CE, [batch])
-    assert (H - H.T).abs().max() < 1e-12
-    op = dd.HessianOperator(model, CE, batch, backend=backend, max_batch_vectors=3)
-    assert op.shape == H.shape and op.dtype == torch.float64
-    V = torch.randn(op.dim, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    assert rel(op.matmat(V), H @ V) < 1e-10
-    assert rel(op.matvec(V[:, 0]), H @ V[:, 0]) < 1e-10
-    assert rel(op @ V[:, 1], H @ V[:, 1]) < 1e-10
-    assert op.num_matvecs == 9
-
-
 def test_tied_parameters_counted_once_and_frozen_excluded():
     model = TiedFrozen(d=6)
     op = dd.HessianOperator(model, CE, classification_data(classes=3))
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert op.dim == sum(p.numel() for p in model.parameters() if id(p) in trainable)
     assert "frozen.weight" not in op.names and "b.weight" not in op.names
-
-
-def test_unequal_batches_equal_full_batch_hessian():
-    model = tanh_mlp()
-    x, y = classification_data(n=15)
-    batches = [(x[:7], y[:7]), (x[7:12], y[7:12]), (x[12:], y[12:])]
-    H_full = exact_hessian(model, CE, [(x, y)])
-    for data in (batches, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)):
-        op = dd.HessianOperator(model, CE, data)
-        assert rel(op.to_dense(), H_full) < 1e-10
 
 
 def test_shuffling_loader_gives_the_same_operator_and_leaves_rng_alone():
@@ -87,17 +64,6 @@ def test_shuffling_loader_gives_the_same_operator_and_leaves_rng_alone():
     v = torch.ones(op.dim, dtype=torch.float64)
     assert rel(op.matvec(v), exact_hessian(model, CE, [(x, y)]) @ v) < 1e-10
     assert torch.equal(torch.get_rng_state(), before)
-
-
-def test_params_subset_is_the_matching_block():
-    model = tanh_mlp()
-    batch = classification_data()
-    H = exact_hessian(model, CE, [batch])
-    last = [model[2].weight, model[2].bias]
-    op = dd.HessianOperator(model, CE, batch, params=last)
-    start = model[0].weight.numel() + model[0].bias.numel()
-    assert op.names == ["2.weight", "2.bias"]
-    assert rel(op.to_dense(), H[start:, start:]) < 1e-10
 
 
 def test_dropout_is_off_and_products_are_deterministic():
@@ -150,18 +116,6 @@ def test_ggn_equals_hessian_for_linear_mse(backend):
     y = torch.randn(12, 3, dtype=torch.float64)
     G = dd.GGNOperator(model, nn.MSELoss(), (x, y), backend=backend).to_dense()
     assert rel(G, exact_hessian(model, nn.MSELoss(), [(x, y)])) < 1e-10
-
-
-@pytest.mark.parametrize("backend", ["vmap", "loop"])
-@pytest.mark.parametrize("name", ["tanh_mlp", "batchnorm_train", "cnn"])
-def test_ggn_matches_explicit_jacobians_and_is_psd(name, backend):
-    model, batch = cases()[name]
-    x, y = batch
-    batches = [(x[: len(x) // 2], y[: len(y) // 2]), (x[len(x) // 2 :], y[len(y) // 2 :])]
-    G_exact = exact_ggn(model, CE, batches)
-    G = dd.GGNOperator(model, CE, batches, backend=backend).to_dense()
-    assert rel(G, G_exact) < 1e-10
-    assert torch.linalg.eigvalsh(G).min() > -1e-12 * torch.linalg.eigvalsh(G).max()
 
 
 def test_ggn_differs_from_hessian_for_a_nonlinear_model():
@@ -258,16 +212,6 @@ def test_bad_input_errors_name_the_argument():
         dd.HessianOperator(model, CE, batch, backend="fast")
     with pytest.raises(TypeError, match="loss_fn must be a criterion"):
         dd.GGNOperator(model, None, batch)
-
-
-@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.HuberLoss(delta=0.5)], ids=["mse", "huber"])
-def test_regression_losses_work_on_every_backend(loss_fn):
-    model = tanh_mlp(classes=3)
-    x, _ = classification_data()
-    y = torch.randn(x.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    H = exact_hessian(model, loss_fn, [(x, y)])
-    for backend in ("auto", "loop"):
-        assert rel(dd.HessianOperator(model, loss_fn, (x, y), backend=backend).to_dense(), H) < 1e-10
 
 
 def test_params_may_name_a_frozen_parameter():
@@ -468,3 +412,146 @@ def test_auto_chunk_on_cuda_measures_one_column_then_fills_half_the_free_memory(
     ref = dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), backend="loop") @ V
     assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)  # 1 + 5 + 5 + 1 columns, all multiplied
     assert op.num_matvecs == 12
+
+
+# -- sum-reduced criteria ----------------------------------------------------------
+@pytest.mark.parametrize("cls", [dd.HessianOperator, dd.GGNOperator])
+def test_sum_reduction_gives_one_operator_for_every_split_of_the_data(cls):
+    model = tanh_mlp()
+    x, y = classification_data(n=8)
+    CE_sum = nn.CrossEntropyLoss(reduction="sum")
+    splits = [
+        (x, y),
+        [(x[:4], y[:4]), (x[4:], y[4:])],
+        [(x[:2], y[:2]), (x[2:], y[2:])],
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3),
+    ]
+    exact = (exact_hessian if cls is dd.HessianOperator else exact_ggn)(model, CE_sum, [(x, y)])
+    for data in splits:
+        op = cls(model, CE_sum, data)
+        assert op.reduction == "sum"
+        assert rel(op.to_dense(), exact) < 1e-12
+    mean = cls(model, CE, splits[2]).to_dense()
+    assert rel(exact, 8 * mean) < 1e-12
+
+
+def test_a_closure_declares_that_it_sums():
+    model = tanh_mlp()
+    x, y = classification_data(n=8)
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    op = dd.HessianOperator(model, data=batches, closure=lambda m, b: summed(m(b[0]), b[1]), reduction="sum")
+    assert rel(op.to_dense(), exact_hessian(model, summed, [(x, y)])) < 1e-12
+    assert op.loss() == pytest.approx(summed(model(x), y).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="contradicts"):
+        dd.HessianOperator(model, CE, batches, reduction="sum")
+    with pytest.raises(ValueError, match="reduction must be"):
+        dd.HessianOperator(model, CE, batches, reduction="max")
+
+
+def test_estimators_and_the_monitor_on_a_sum_reduced_loss():
+    model = tanh_mlp()
+    x, y = classification_data(n=8)
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    H_sum = dd.HessianOperator(model, summed, [(x[:5], y[:5]), (x[5:], y[5:])])
+    H_mean = dd.HessianOperator(model, CE, (x, y))
+    top_sum = dd.eigenvalues(H_sum, k=2, tol=1e-10).values
+    assert torch.allclose(top_sum, 8 * dd.eigenvalues(H_mean, k=2, tol=1e-10).values, rtol=1e-8)
+    assert dd.trace(H_sum, 30, seed=1).value == pytest.approx(8 * dd.trace(H_mean, 30, seed=1).value, rel=1e-10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with dd.Monitor(model, opt, [dd.probes.HessianSpectrum(k=1, trace_matvecs=0, tol=1e-10)], loss_fn=summed,
+                    probe_data=(x, y)) as mon:
+        opt.zero_grad()
+        summed(model(x), y).backward()
+        at = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+    exact = torch.linalg.eigvalsh(dd.HessianOperator(model, summed, (x, y), at=at).to_dense())[-1]
+    assert mon.records().value.iloc[0] == pytest.approx(float(exact), rel=1e-8)
+
+
+# -- data that changes between passes ----------------------------------------------
+class _Augmented(torch.utils.data.Dataset):
+    """Random noise added to every input when it is read."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn_like(self.x[i]), self.y[i]
+
+
+def _changing_data(kind):
+    x, y = classification_data(n=20)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    if kind == "batchnorm_shuffle":
+        return batchnorm_mlp(train=True), torch.utils.data.DataLoader(dataset, batch_size=6, shuffle=True)
+    if kind == "drop_last_shuffle":
+        return tanh_mlp(), torch.utils.data.DataLoader(dataset, batch_size=6, shuffle=True, drop_last=True)
+    return tanh_mlp(), torch.utils.data.DataLoader(_Augmented(x, y), batch_size=6)
+
+
+@pytest.mark.parametrize("kind", ["batchnorm_shuffle", "drop_last_shuffle", "augmentation"])
+@pytest.mark.parametrize("cls", [dd.HessianOperator, dd.GGNOperator])
+def test_data_that_changes_between_passes_is_refused_and_rng_is_restored(kind, cls):
+    model, loader = _changing_data(kind)
+    op = cls(model, CE, loader)
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    for use in (lambda: op.matvec(torch.ones(op.dim, dtype=torch.float64)), op.loss):
+        with pytest.raises(ValueError, match=r"cache_data=True.*eval mode.*shuffle=False"):
+            use()
+        assert torch.equal(torch.get_rng_state(), states[0])
+        assert np.array_equal(np.random.get_state()[1], states[1][1]) and random.getstate() == states[2]
+    fixed = cls(model, CE, loader, cache_data=True)
+    v = torch.ones(fixed.dim, dtype=torch.float64)
+    first = fixed.matvec(v)
+    torch.rand(3)
+    assert torch.equal(fixed.matvec(v), first)
+
+
+def test_shuffled_batches_without_batch_statistics_are_accepted_and_iterators_refused():
+    x, y = classification_data(n=20)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6, shuffle=True)
+    model = batchnorm_mlp(train=False)  # running statistics: the order does not matter
+    assert rel(dd.HessianOperator(model, CE, loader).to_dense(), exact_hessian(model, CE, [(x, y)])) < 1e-10
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        dd.HessianOperator(tanh_mlp(), CE, iter([(x, y)]))
+
+
+# -- the CPU backend race ----------------------------------------------------------
+@pytest.mark.parametrize("winner", ["vmap", "loop"])
+def test_race_keeps_the_faster_backend_and_returns_its_own_result(monkeypatch, winner):
+    clock = [0.0]
+    monkeypatch.setattr(blocks.time, "perf_counter", lambda: clock[0])
+    costs = {"vmap": 1.0, "loop": 3.0} if winner == "vmap" else {"vmap": 3.0, "loop": 1.0}
+    calls = []
+
+    def vmap_fn(W):  # vmap's columns differ in the last bits from the loop's
+        calls.append(("vmap", W.shape[1]))
+        clock[0] += costs["vmap"] * W.shape[1]
+        return 2 * W + 1e-16
+
+    def loop_columns(graph, W):
+        calls.append(("loop", W.shape[1]))
+        clock[0] += costs["loop"] * W.shape[1]
+        return 2 * W
+
+    V = torch.randn(5, 8, dtype=torch.float64)
+    key = ("test", winner)
+    out = blocks.race(key, V, vmap_fn, lambda: None, loop_columns, graph_is_reused=True)
+    assert blocks.remembered(key) == winner
+    assert torch.equal(out, vmap_fn(V) if winner == "vmap" else 2 * V)  # all from the winner
+    assert calls[:2] == [("loop", 2), ("vmap", 8)]
+
+
+def test_auto_backend_is_reproducible_and_recorded():
+    model, batch = small_cnn(), image_data()
+    op = dd.HessianOperator(model, CE, batch)
+    V = torch.randn(op.dim, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = op.matmat(V)
+    assert set(op.block_backends) == {6} and op.block_backends[6] in ("vmap", "loop")
+    assert torch.equal(op.matmat(V), first)
+    ref = dd.HessianOperator(model, CE, batch, backend=op.block_backends[6]).matmat(V)
+    assert torch.equal(first, ref)

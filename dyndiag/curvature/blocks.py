@@ -66,8 +66,8 @@ def race(
     loop_graph: Callable[[], object],
     loop_columns: Callable[[object, torch.Tensor], torch.Tensor],
     graph_is_reused: bool,
-) -> torch.Tensor:
-    """``H V`` for a ``(dim, w)`` chunk (``w >= 2``), choosing the backend for ``key``.
+) -> tuple[torch.Tensor, str]:
+    """``(H V, backend)`` for a ``(dim, w)`` chunk (``w >= 2``), choosing the backend for ``key``.
 
     The loop's cost per column is its graph's build spread over the chunk (nothing
     when the graph is reused across products) plus the cost of one of its columns,
@@ -87,7 +87,7 @@ def race(
     start = time.perf_counter()
     whole = vmap_fn(V)
     per_vmap = (time.perf_counter() - start) / width
-    _DECISIONS[key] = "vmap" if per_vmap <= per_loop else "loop"
-    if _DECISIONS[key] == "vmap":
-        return whole
-    return torch.cat([first, loop_columns(graph, V[:, m:])], dim=1)
+    winner = _DECISIONS[key] = "vmap" if per_vmap <= per_loop else "loop"
+    if winner == "vmap":
+        return whole, winner
+    return torch.cat([first, loop_columns(graph, V[:, m:])], dim=1), winner

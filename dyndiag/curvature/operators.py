@@ -372,45 +372,42 @@ class _ModelOperator(CurvatureOperator):
 
     def _chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         width = V.shape[1]
-        if self.backend == "vmap" or (self.backend == "auto" and width > 1 and _is_cuda(self.device)):
-            return self._vmap_or_fallback(batch, V)
-        if self.backend == "loop" or width == 1 or self._vmap_failed:
+        if self.backend == "loop" or (self.backend == "auto" and (width == 1 or self._vmap_failed)):
             return self._loop_chunk(batch, V)
+        if self.backend == "vmap" or _is_cuda(self.device):
+            return self._vmap_or_fallback(batch, V)
         key = (type(self).__name__, tuple(zip(self.names, self._shapes)), self.dtype, self.cache_graph,
                width, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
         backend = remembered(key)
         if backend is None:
-            try:
-                out = race(key, V, lambda W: self._vmap_chunk(batch, W), lambda: self._loop_graph(batch),
-                           self._loop_columns, graph_is_reused=self.cache_graph)
-            except (ValueError, TypeError):
-                raise
-            except RuntimeError as err:
-                return self._vmap_or_fallback(batch, V, err)
-            backend = remembered(key)
-            self.block_backends[width] = backend
-            return out
+            def run() -> torch.Tensor:
+                out, self.block_backends[width] = race(
+                    key, V, lambda W: self._vmap_chunk(batch, W), lambda: self._loop_graph(batch),
+                    self._loop_columns, graph_is_reused=self.cache_graph,
+                )
+                return out
+
+            return self._vmap_or_fallback(batch, V, run)
         self.block_backends[width] = backend
         return self._vmap_or_fallback(batch, V) if backend == "vmap" else self._loop_chunk(batch, V)
 
-    def _vmap_or_fallback(self, batch, V: torch.Tensor, err: RuntimeError | None = None) -> torch.Tensor:
-        """vmap, or (``backend="auto"``) the loop with one warning when vmap fails."""
-        if err is None:
-            try:
-                return self._vmap_chunk(batch, V)
-            except (ValueError, TypeError):
+    def _vmap_or_fallback(self, batch, V: torch.Tensor, run: Callable | None = None) -> torch.Tensor:
+        """``run()`` (default: vmap on ``V``), or with ``backend="auto"`` the loop
+        with one warning when vmap fails for this model."""
+        try:
+            return run() if run is not None else self._vmap_chunk(batch, V)
+        except (ValueError, TypeError):
+            raise
+        except RuntimeError as err:
+            if self.backend == "vmap":
                 raise
-            except RuntimeError as caught:
-                if self.backend == "vmap":
-                    raise
-                err = caught
-        warnings.warn(
-            f"{type(self).__name__}: batched products (torch.func.vmap) failed for this "
-            f"model ({str(err).splitlines()[0][:200]}); falling back to one product per "
-            "column. Pass backend='loop' to skip the attempt.",
-            RuntimeWarning,
-            stacklevel=6,
-        )
+            warnings.warn(
+                f"{type(self).__name__}: batched products (torch.func.vmap) failed for this "
+                f"model ({str(err).splitlines()[0][:200]}); falling back to one product per "
+                "column. Pass backend='loop' to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=9,
+            )
         self._vmap_failed = True
         self.block_backends[V.shape[1]] = "loop"
         return self._loop_chunk(batch, V)

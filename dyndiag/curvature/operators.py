@@ -135,6 +135,7 @@ class _ModelOperator(CurvatureOperator):
         #: ``backend="auto"`` on the CPU: the backend each chunk width was multiplied by.
         self.block_backends: dict[int, str] = {}
         self._vmap_failed = False
+        self._loss_derivative = grad  # of the criterion on the vmap path (see _vmap_chunk)
         self._data = data
         self._cached = None
         if cache_data:
@@ -415,7 +416,25 @@ class _ModelOperator(CurvatureOperator):
     def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         return self._loop_columns(self._loop_graph(batch), V)
 
-    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` by vmap over forward-over-reverse columns.
+
+        The model is differentiated by ``vjp`` and the criterion by ``grad``, or by
+        ``jacrev`` once ``grad`` has failed: torch.func's forward-over-reverse
+        through ``grad`` fails for MSE ("ZeroTensors are immutable") and Huber
+        losses in torch 2.13, through ``jacrev`` it works. (``jacrev`` of the whole
+        loss would be wrong for LayerNorm and train-mode BatchNorm models; of the
+        criterion alone it is exact.)
+        """
+        try:
+            return self._vmap_columns(batch, V)
+        except RuntimeError:
+            if self.loss_fn is None or self._loss_derivative is jacrev:
+                raise
+            self._loss_derivative = jacrev
+        return self._vmap_columns(batch, V)
+
+    def _vmap_columns(self, batch, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _loop_graph(self, batch) -> object:  # pragma: no cover - abstract
@@ -565,16 +584,12 @@ class HessianOperator(_ModelOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
 
-    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+    def _vmap_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
         primals = tuple(self._values())
         if self.loss_fn is None:
             gradient = grad(lambda tensors: self._loss(tensors, batch))
         else:
-            # The model's vjp with the criterion's gradient by jacrev: torch.func.grad
-            # of the whole loss fails for MSE ("ZeroTensors are immutable") and Huber in
-            # torch 2.13, and jacrev of the whole loss is wrong for LayerNorm and
-            # train-mode BatchNorm models; this split is exact for both.
-            loss_gradient = jacrev(lambda outputs: self._criterion(outputs, batch))
+            loss_gradient = self._loss_derivative(lambda outputs: self._criterion(outputs, batch))
 
             def gradient(tensors):
                 outputs, pullback = vjp(lambda t: self._call(t, batch), tensors)
@@ -664,12 +679,11 @@ class GGNOperator(_ModelOperator):
             compute_dtype=compute_dtype,
         )
 
-    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+    def _vmap_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
         primals = tuple(self._values())
         outputs, pullback = vjp(lambda tensors: self._call(tensors, batch), primals)
         outputs = outputs.detach()
-        # H_L u as a jvp of jacrev (forward-over-reverse): jacrev also covers MSE.
-        loss_gradient = jacrev(lambda o: self._criterion(o, batch))
+        loss_gradient = self._loss_derivative(lambda o: self._criterion(o, batch))
 
         def column(tangents):
             jv = jvp(lambda tensors: self._call(tensors, batch), (primals,), (tangents,))[1]

@@ -608,7 +608,7 @@ def section_cost(model, loss_fn, X, y, args, summary):
         )
         for be, ref, label in (
             ("auto", "16 matvecs", f"auto ({op.block_backends.get(16)}), cold"),
-            ("vmap", "16 matvecs", "vmap, cold (forward-over-reverse)"),
+            ("vmap", "16 matvecs", "vmap, cold (batched double backward)"),
             ("auto cached", "16 matvecs cached", f"auto ({opc.block_backends.get(16)}), cached graph (both sides)"),
         ):
             rows5.append([str(dtype).replace("torch.", ""), label, t[ref] * 1e3, t[be] * 1e3, t[be] / t[ref]])

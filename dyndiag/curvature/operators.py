@@ -2,12 +2,14 @@
 
 Products are exact (no finite differences) and side-effect free:
 
-* ``matvec(v)`` (and a one-column ``matmat``) multiplies by double backward,
-  cheaper than forward-over-reverse for a single vector;
+* ``matvec(v)`` (and a one-column ``matmat``) multiplies by double backward on
+  the gradient graph (kept between products for a single batch);
 * ``matmat(V)`` multiplies ``k`` columns in chunks of ``max_batch_vectors``
-  (memory grows with the chunk, not with ``k``), by ``torch.func.vmap`` over
-  forward-over-reverse products (``backend="vmap"``) or by double backward column
-  by column on a gradient graph built once per batch (``backend="loop"``).
+  (memory grows with the chunk, not with ``k``), by double backward with the
+  columns batched by ``torch.func.vmap`` (``backend="vmap"``) or one column at a
+  time on a gradient graph built once per batch (``backend="loop"``). Both are
+  reverse mode only, so losses without forward-mode derivatives (MSE, Huber in
+  torch 2.13) work on both.
   ``backend="auto"`` takes vmap on CUDA and, on the CPU, whichever of the two is
   faster for this operator and chunk width, timed on the first such chunk
   (:mod:`dyndiag.curvature.blocks`; both are exact, ``op.block_backends`` holds
@@ -41,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..data import (
@@ -63,15 +65,6 @@ from .base import CurvatureOperator
 from .blocks import AUTO_CPU_CHUNK, auto_chunk, cpu_chunk, race, remembered
 
 __all__ = ["HessianOperator", "GGNOperator"]
-
-with warnings.catch_warnings():
-    # torch's forward-AD decompositions load on the first jvp and call the deprecated
-    # torch.jit.script; load them here once so users are not shown torch's own warning.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
-    try:
-        import torch._decomp.decompositions_for_jvp  # noqa: F401
-    except ImportError:  # pragma: no cover - layout differs across torch versions
-        pass
 
 
 class _ModelOperator(CurvatureOperator):
@@ -135,7 +128,6 @@ class _ModelOperator(CurvatureOperator):
         #: ``backend="auto"`` on the CPU: the backend each chunk width was multiplied by.
         self.block_backends: dict[int, str] = {}
         self._vmap_failed = False
-        self._loss_derivative = grad  # of the criterion on the vmap path (see _vmap_chunk)
         self._data = data
         self._cached = None
         if cache_data:
@@ -416,25 +408,8 @@ class _ModelOperator(CurvatureOperator):
     def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         return self._loop_columns(self._loop_graph(batch), V)
 
-    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
-        """``H V`` by vmap over forward-over-reverse columns.
-
-        The model is differentiated by ``vjp`` and the criterion by ``grad``, or by
-        ``jacrev`` once ``grad`` has failed: torch.func's forward-over-reverse
-        through ``grad`` fails for MSE ("ZeroTensors are immutable") and Huber
-        losses in torch 2.13, through ``jacrev`` it works. (``jacrev`` of the whole
-        loss would be wrong for LayerNorm and train-mode BatchNorm models; of the
-        criterion alone it is exact.)
-        """
-        try:
-            return self._vmap_columns(batch, V)
-        except RuntimeError:
-            if self.loss_fn is None or self._loss_derivative is jacrev:
-                raise
-            self._loss_derivative = jacrev
-        return self._vmap_columns(batch, V)
-
-    def _vmap_columns(self, batch, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``H V`` with the columns batched by ``torch.func.vmap``."""
         raise NotImplementedError
 
     def _loop_graph(self, batch) -> object:  # pragma: no cover - abstract
@@ -513,11 +488,12 @@ class HessianOperator(_ModelOperator):
         BatchNorm in train mode or ``drop_last=True``, random augmentation (such
         data is refused with a ``ValueError`` on first use otherwise).
     backend:
-        How blocks of several columns are multiplied: ``"vmap"``
-        (forward-over-reverse, batched), ``"loop"`` (double backward column by
-        column, the gradient graph reused across the columns of a block) or
+        How blocks of several columns are multiplied: ``"vmap"`` (double
+        backward, columns batched by ``torch.func.vmap``), ``"loop"`` (double
+        backward column by column, the gradient graph reused across the columns
+        of a block) or
         ``"auto"``: vmap on CUDA; on the CPU the faster of the two for this model,
-        data and chunk width, timed on halves of the first chunk of that width
+        data and chunk width, timed on the first chunk of that width
         (``block_backends`` holds the choices). One column is always multiplied by
         double backward unless ``backend="vmap"``.
     cache_graph:
@@ -584,21 +560,13 @@ class HessianOperator(_ModelOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
 
-    def _vmap_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
-        primals = tuple(self._values())
-        if self.loss_fn is None:
-            gradient = grad(lambda tensors: self._loss(tensors, batch))
-        else:
-            loss_gradient = self._loss_derivative(lambda outputs: self._criterion(outputs, batch))
-
-            def gradient(tensors):
-                outputs, pullback = vjp(lambda t: self._call(t, batch), tensors)
-                return pullback(loss_gradient(outputs))[0]
-
-        def hvp(tangents):
-            return jvp(gradient, (primals,), (tangents,))[1]
-
-        return self._join(vmap(hvp)(self._split(V.T)), V.shape[1]).T
+    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+        # Double backward with the columns batched: the pullback of the gradient
+        # (H^T u = H u) under vmap. Reverse mode only: jvp(grad(loss)) fails for MSE
+        # and Huber losses in torch 2.13, and costs more per column.
+        gradient = grad(lambda tensors: self._loss(tensors, batch))
+        _, pullback = vjp(gradient, tuple(self._values()))
+        return self._join(vmap(pullback)(self._split(V.T))[0], V.shape[1]).T
 
     def _gradient_graph(self, batch):
         leaves = self._leaves()
@@ -679,15 +647,16 @@ class GGNOperator(_ModelOperator):
             compute_dtype=compute_dtype,
         )
 
-    def _vmap_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
-        primals = tuple(self._values())
-        outputs, pullback = vjp(lambda tensors: self._call(tensors, batch), primals)
+    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+        # Reverse mode only, columns batched: J v as the pullback of u -> J^T u (linear
+        # in u), H_L by double backward, J^T by the model's pullback.
+        outputs, model_pullback = vjp(lambda tensors: self._call(tensors, batch), tuple(self._values()))
         outputs = outputs.detach()
-        loss_gradient = self._loss_derivative(lambda o: self._criterion(o, batch))
+        _, jacobian = vjp(lambda u: model_pullback(u)[0], torch.zeros_like(outputs))
+        _, loss_hessian = vjp(grad(lambda o: self._criterion(o, batch)), outputs)
 
         def column(tangents):
-            jv = jvp(lambda tensors: self._call(tensors, batch), (primals,), (tangents,))[1]
-            return pullback(jvp(loss_gradient, (outputs,), (jv,))[1])[0]
+            return model_pullback(loss_hessian(jacobian(tangents)[0])[0])[0]
 
         return self._join(vmap(column)(self._split(V.T)), V.shape[1]).T
 

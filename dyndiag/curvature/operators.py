@@ -290,11 +290,12 @@ class _ModelOperator(CurvatureOperator):
             tuple(t._version for t in tensors_in(self._data)),
         )
 
-    def _reuse_graph(self, build: Callable) -> object:
-        """``build()``'s graph, cached across products while its key is unchanged."""
+    def _reuse_graph(self, kind: str, build: Callable) -> object:
+        """``build()``'s graph (one per backend ``kind``), cached across products
+        while its key is unchanged; one graph is kept at a time."""
         if not self.cache_graph:
             return build()
-        key = self._graph_key()
+        key = (kind, self._graph_key())
         if self._graph is None or self._graph[0] != key:
             self._graph = None  # free the stale graph before building the new one
             self._graph = (key, build())
@@ -497,9 +498,9 @@ class HessianOperator(_ModelOperator):
         (``block_backends`` holds the choices). One column is always multiplied by
         double backward unless ``backend="vmap"``.
     cache_graph:
-        Keep the gradient graph between products when ``data`` is one batch, so
-        later double-backward products skip the forward and the first backward
-        (what Lanczos pays at each of its one-vector steps). The graph is rebuilt when the
+        Keep the gradient graph (of the backend in use) between products when
+        ``data`` is one batch, so later products skip the forward and the first
+        backward (what Lanczos pays at each of its one-vector steps). The graph is rebuilt when the
         parameters, buffers, normalisation-layer modes or batch tensors change (an
         optimizer step, ``load_state_dict``), so it is never stale. It holds the
         activations of one forward/backward between calls: ``clear_cache()``
@@ -564,8 +565,10 @@ class HessianOperator(_ModelOperator):
         # Double backward with the columns batched: the pullback of the gradient
         # (H^T u = H u) under vmap. Reverse mode only: jvp(grad(loss)) fails for MSE
         # and Huber losses in torch 2.13, and costs more per column.
-        gradient = grad(lambda tensors: self._loss(tensors, batch))
-        _, pullback = vjp(gradient, tuple(self._values()))
+        def build():
+            return vjp(grad(lambda tensors: self._loss(tensors, batch)), tuple(self._values()))[1]
+
+        pullback = self._reuse_graph("vmap", build)
         return self._join(vmap(pullback)(self._split(V.T))[0], V.shape[1]).T
 
     def _gradient_graph(self, batch):
@@ -577,7 +580,7 @@ class HessianOperator(_ModelOperator):
         return leaves, g, live
 
     def _loop_graph(self, batch):
-        return self._reuse_graph(lambda: self._gradient_graph(batch))
+        return self._reuse_graph("loop", lambda: self._gradient_graph(batch))
 
     def _loop_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
         leaves, g, live = graph
@@ -601,7 +604,7 @@ class GGNOperator(_ModelOperator):
     criterion's reduction says (:class:`HessianOperator`).
 
     Parameters are as for :class:`HessianOperator`, except ``loss_fn`` and ``forward``
-    (and there is no ``closure``, ``reduction`` or ``cache_graph``).
+    (and there is no ``closure`` or ``reduction``).
 
     Parameters
     ----------
@@ -626,6 +629,7 @@ class GGNOperator(_ModelOperator):
         max_batch_vectors: int | str = "auto",
         cache_data: bool = False,
         backend: str = "auto",
+        cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
@@ -642,7 +646,7 @@ class GGNOperator(_ModelOperator):
             max_batch_vectors=max_batch_vectors,
             cache_data=cache_data,
             backend=backend,
-            cache_graph=False,  # GGN products rebuild their graphs; no cache to keep
+            cache_graph=cache_graph,
             at=at,
             compute_dtype=compute_dtype,
         )
@@ -650,10 +654,14 @@ class GGNOperator(_ModelOperator):
     def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         # Reverse mode only, columns batched: J v as the pullback of u -> J^T u (linear
         # in u), H_L by double backward, J^T by the model's pullback.
-        outputs, model_pullback = vjp(lambda tensors: self._call(tensors, batch), tuple(self._values()))
-        outputs = outputs.detach()
-        _, jacobian = vjp(lambda u: model_pullback(u)[0], torch.zeros_like(outputs))
-        _, loss_hessian = vjp(grad(lambda o: self._criterion(o, batch)), outputs)
+        def build():
+            outputs, model_pullback = vjp(lambda tensors: self._call(tensors, batch), tuple(self._values()))
+            outputs = outputs.detach()
+            _, jacobian = vjp(lambda u: model_pullback(u)[0], torch.zeros_like(outputs))
+            _, loss_hessian = vjp(grad(lambda o: self._criterion(o, batch)), outputs)
+            return model_pullback, jacobian, loss_hessian
+
+        model_pullback, jacobian, loss_hessian = self._reuse_graph("vmap", build)
 
         def column(tangents):
             return model_pullback(loss_hessian(jacobian(tangents)[0])[0])[0]
@@ -661,6 +669,9 @@ class GGNOperator(_ModelOperator):
         return self._join(vmap(column)(self._split(V.T)), V.shape[1]).T
 
     def _loop_graph(self, batch):
+        return self._reuse_graph("loop", lambda: self._ggn_graph(batch))
+
+    def _ggn_graph(self, batch):
         # Reverse mode only, graphs built once per batch and reused for every column:
         # J v by the double-vjp trick (J v = d/du <J^T u, v>), H_L by double backward.
         leaves = self._leaves()

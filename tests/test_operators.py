@@ -543,7 +543,8 @@ def test_race_keeps_the_faster_backend_and_returns_its_own_result(monkeypatch, w
 
     V = torch.randn(5, 8, dtype=torch.float64)
     key = ("test", winner)
-    out, chosen = blocks.race(key, V, vmap_fn, lambda: None, loop_columns, graph_is_reused=True)
+    out, chosen = blocks.race(key, V, (lambda: None, lambda g, W: vmap_fn(W)), (lambda: None, loop_columns),
+                              graph_is_reused=True)
     assert chosen == blocks.remembered(key) == winner
     assert torch.equal(out, vmap_fn(V) if winner == "vmap" else 2 * V)  # all from the winner
     assert calls[:2] == [("loop", 2), ("vmap", 8)]

@@ -68,32 +68,32 @@ def remembered(key: tuple) -> str | None:
 def race(
     key: tuple,
     V: torch.Tensor,
-    vmap_fn: Callable[[torch.Tensor], torch.Tensor],
-    loop_graph: Callable[[], object],
-    loop_columns: Callable[[object, torch.Tensor], torch.Tensor],
+    vmap: tuple[Callable[[], object], Callable[[object, torch.Tensor], torch.Tensor]],
+    loop: tuple[Callable[[], object], Callable[[object, torch.Tensor], torch.Tensor]],
     graph_is_reused: bool,
 ) -> tuple[torch.Tensor, str]:
     """``(H V, backend)`` for a ``(dim, w)`` chunk (``w >= 2``), choosing the backend for ``key``.
 
-    The loop's cost per column is its graph's build spread over the chunk (nothing
-    when the graph is reused across products) plus the cost of one of its columns,
-    timed on a quarter of the chunk; vmap's is the whole chunk's time over ``w``.
-    The faster is remembered for ``key``. The result is what the winner gives for
-    the chunk alone: vmap's whole chunk, or the loop's columns (which do not
-    depend on how a chunk is split).
+    ``vmap`` and ``loop`` are each ``(build, columns)``: ``build()`` makes the graph
+    the backend differentiates, ``columns(graph, W)`` multiplies ``W`` on it. A
+    backend's cost per column is its build spread over the chunk (nothing when the
+    graph is kept across products) plus its columns' time per column: the loop's
+    timed on a quarter of the chunk (its columns cost the same whatever their
+    number), vmap's on the whole chunk. The faster is remembered for ``key``. The
+    result is what the winner gives for the chunk alone: vmap's whole chunk, or
+    the loop's columns (which do not depend on how a chunk is split).
     """
     width = V.shape[1]
-    start = _clock()
-    graph = loop_graph()
-    build = 0.0 if graph_is_reused else _clock() - start
     m = max(1, width // 4)
-    start = _clock()
-    first = loop_columns(graph, V[:, :m])
-    per_loop = build / width + (_clock() - start) / m
-    start = _clock()
-    whole = vmap_fn(V)
-    per_vmap = (_clock() - start) / width
-    winner = _DECISIONS[key] = "vmap" if per_vmap <= per_loop else "loop"
+    costs, results = {}, {}
+    for name, (build, columns), cols in (("loop", loop, slice(0, m)), ("vmap", vmap, slice(0, width))):
+        start = _clock()
+        graph = build()
+        built = _clock()
+        results[name] = (graph, columns(graph, V[:, cols]))
+        costs[name] = (0.0 if graph_is_reused else built - start) / width + (_clock() - built) / (cols.stop - cols.start)
+    winner = _DECISIONS[key] = "vmap" if costs["vmap"] <= costs["loop"] else "loop"
     if winner == "vmap":
-        return whole, winner
-    return torch.cat([first, loop_columns(graph, V[:, m:])], dim=1), winner
+        return results["vmap"][1], winner
+    graph, first = results["loop"]
+    return torch.cat([first, loop[1](graph, V[:, m:])], dim=1), winner

@@ -376,8 +376,8 @@ class _ModelOperator(CurvatureOperator):
         if backend is None:
             def run() -> torch.Tensor:
                 out, self.block_backends[width] = race(
-                    key, V, lambda W: self._vmap_chunk(batch, W), lambda: self._loop_graph(batch),
-                    self._loop_columns, graph_is_reused=self.cache_graph,
+                    key, V, (lambda: self._vmap_graph(batch), self._vmap_columns),
+                    (lambda: self._loop_graph(batch), self._loop_columns), graph_is_reused=self.cache_graph,
                 )
                 return out
 
@@ -409,8 +409,15 @@ class _ModelOperator(CurvatureOperator):
     def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         return self._loop_columns(self._loop_graph(batch), V)
 
-    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        """``H V`` with the columns batched by ``torch.func.vmap``."""
+    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+        return self._vmap_columns(self._vmap_graph(batch), V)
+
+    def _vmap_graph(self, batch) -> object:  # pragma: no cover - abstract
+        """The pullbacks vmap batches the columns of a chunk on ``batch`` through."""
+        raise NotImplementedError
+
+    def _vmap_columns(self, graph: object, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``H V`` with the columns batched by ``torch.func.vmap`` on a graph from :meth:`_vmap_graph`."""
         raise NotImplementedError
 
     def _loop_graph(self, batch) -> object:  # pragma: no cover - abstract
@@ -561,14 +568,16 @@ class HessianOperator(_ModelOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
 
-    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+    def _vmap_graph(self, batch):
         # Double backward with the columns batched: the pullback of the gradient
         # (H^T u = H u) under vmap. Reverse mode only: jvp(grad(loss)) fails for MSE
         # and Huber losses in torch 2.13, and costs more per column.
         def build():
             return vjp(grad(lambda tensors: self._loss(tensors, batch)), tuple(self._values()))[1]
 
-        pullback = self._reuse_graph("vmap", build)
+        return self._reuse_graph("vmap", build)
+
+    def _vmap_columns(self, pullback, V: torch.Tensor) -> torch.Tensor:
         return self._join(vmap(pullback)(self._split(V.T))[0], V.shape[1]).T
 
     def _gradient_graph(self, batch):
@@ -651,7 +660,7 @@ class GGNOperator(_ModelOperator):
             compute_dtype=compute_dtype,
         )
 
-    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+    def _vmap_graph(self, batch):
         # Reverse mode only, columns batched: J v as the pullback of u -> J^T u (linear
         # in u), H_L by double backward, J^T by the model's pullback.
         def build():
@@ -661,7 +670,10 @@ class GGNOperator(_ModelOperator):
             _, loss_hessian = vjp(grad(lambda o: self._criterion(o, batch)), outputs)
             return model_pullback, jacobian, loss_hessian
 
-        model_pullback, jacobian, loss_hessian = self._reuse_graph("vmap", build)
+        return self._reuse_graph("vmap", build)
+
+    def _vmap_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
+        model_pullback, jacobian, loss_hessian = graph
 
         def column(tangents):
             return model_pullback(loss_hessian(jacobian(tangents)[0])[0])[0]

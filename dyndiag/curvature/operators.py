@@ -145,7 +145,7 @@ class _ModelOperator(CurvatureOperator):
         if cache_graph and not one_batch:
             raise ValueError("cache_graph=True needs data to be a single batch (or cache_data=True with one batch)")
         self.cache_graph = one_batch if cache_graph is None else bool(cache_graph)
-        self._graph = None  # (key, graph) of the last single-batch evaluation
+        self._graphs: dict[str, tuple] = {}  # backend -> (key, graph) of the single batch
         self._norm_layers = [m for m in model.modules() if isinstance(m, _NormBase)]
 
     # -- data -----------------------------------------------------------
@@ -273,8 +273,8 @@ class _ModelOperator(CurvatureOperator):
         return [p.requires_grad_(True) for p in self._values()]
 
     def clear_cache(self) -> None:
-        """Free the cached gradient graph (see ``cache_graph``)."""
-        self._graph = None
+        """Free the cached gradient graphs (see ``cache_graph``)."""
+        self._graphs.clear()
 
     def _graph_key(self) -> tuple:
         # Everything the cached graph depends on: in-place parameter updates (optimizer
@@ -291,15 +291,17 @@ class _ModelOperator(CurvatureOperator):
         )
 
     def _reuse_graph(self, kind: str, build: Callable) -> object:
-        """``build()``'s graph (one per backend ``kind``), cached across products
-        while its key is unchanged; one graph is kept at a time."""
+        """``build()``'s graph for backend ``kind``, cached across products while
+        its key is unchanged (one graph per backend: ``matvec`` uses the loop's,
+        blocks may use vmap's)."""
         if not self.cache_graph:
             return build()
-        key = (kind, self._graph_key())
-        if self._graph is None or self._graph[0] != key:
-            self._graph = None  # free the stale graph before building the new one
-            self._graph = (key, build())
-        return self._graph[1]
+        key = self._graph_key()
+        cached = self._graphs.get(kind)
+        if cached is None or cached[0] != key:
+            self._graphs.pop(kind, None)  # free the stale graph before building the new one
+            self._graphs[kind] = cached = (key, build())
+        return cached[1]
 
     def _guarded(self):
         return operator_mode(self.model)
@@ -379,6 +381,8 @@ class _ModelOperator(CurvatureOperator):
                     key, V, (lambda: self._vmap_graph(batch), self._vmap_columns),
                     (lambda: self._loop_graph(batch), self._loop_columns), graph_is_reused=self.cache_graph,
                 )
+                if self.block_backends[width] == "loop":
+                    self._graphs.pop("vmap", None)  # the loser's graph would only hold memory
                 return out
 
             return self._vmap_or_fallback(batch, V, run)

@@ -559,3 +559,23 @@ def test_auto_backend_is_reproducible_and_recorded():
     assert torch.equal(op.matmat(V), first)
     ref = dd.HessianOperator(model, CE, batch, backend=op.block_backends[6]).matmat(V)
     assert torch.equal(first, ref)
+
+
+def test_race_counts_a_graph_build_unless_the_graph_is_kept(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(blocks, "_clock", lambda: clock[0])
+
+    def backend(build_seconds, column_seconds):
+        def build():
+            clock[0] += build_seconds
+
+        def columns(graph, W):
+            clock[0] += column_seconds * W.shape[1]
+            return W
+
+        return build, columns
+
+    V = torch.randn(5, 8, dtype=torch.float64)
+    vmap, loop = backend(16.0, 1.0), backend(0.0, 2.0)  # vmap: 16 s / 8 columns + 1 s a column = 3 s
+    assert blocks.race(("build", False), V, vmap, loop, graph_is_reused=False)[1] == "loop"
+    assert blocks.race(("build", True), V, vmap, loop, graph_is_reused=True)[1] == "vmap"

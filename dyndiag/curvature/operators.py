@@ -321,9 +321,9 @@ class _ModelOperator(CurvatureOperator):
         start = 0
         if self.max_batch_vectors == "auto":
             start = self._size_chunks(batch, V, out)
-        for start in range(start, V.shape[1], self.max_batch_vectors):
-            cols = slice(start, start + self.max_batch_vectors)
-            out[:, cols] = self._chunk(batch, V[:, cols])
+        step = 1 if self.max_batch_vectors == "auto" else self.max_batch_vectors
+        for start in range(start, V.shape[1], step):
+            out[:, start : start + step] = self._chunk(batch, V[:, start : start + step])
         return out
 
     def _size_chunks(self, batch, V: torch.Tensor, out: torch.Tensor) -> int:
@@ -340,10 +340,10 @@ class _ModelOperator(CurvatureOperator):
         if self.backend == "loop":
             self.max_batch_vectors = AUTO_CPU_CHUNK
             return 0
+        if V.shape[1] <= 1:  # a single column needs no chunk: decide on the first block
+            return 0
         if not _is_cuda(self.device):
             self.max_batch_vectors = cpu_chunk(self._saved_bytes(batch))
-            return 0
-        if V.shape[1] == 0:  # nothing to measure with: decide on the next product
             return 0
         base, peak_before = _cuda_memory(self.device)
         out[:, :1] = self._vmap_or_fallback(batch, V[:, :1])

@@ -493,7 +493,8 @@ class HessianOperator(_ModelOperator):
         Columns multiplied in one vmapped pass; bounds memory of ``matmat``.
         ``"auto"`` (default): on CUDA with the vmap backend, sized from the free GPU
         memory and the measured cost of one column (half the free memory kept
-        spare); elsewhere 32.
+        spare); elsewhere at most 32, fewer where vmap's columns would not fit in
+        half of the host's available memory.
     cache_data:
         Materialise the batches once on the operator's device. Needed when the
         batches change between passes over ``data``: a shuffling DataLoader with
@@ -503,19 +504,19 @@ class HessianOperator(_ModelOperator):
         How blocks of several columns are multiplied: ``"vmap"`` (double
         backward, columns batched by ``torch.func.vmap``), ``"loop"`` (double
         backward column by column, the gradient graph reused across the columns
-        of a block) or
-        ``"auto"``: vmap on CUDA; on the CPU the faster of the two for this model,
-        data and chunk width, timed on the first chunk of that width
-        (``block_backends`` holds the choices). One column is always multiplied by
-        double backward unless ``backend="vmap"``.
+        of a block) or ``"auto"``: vmap on CUDA; on the CPU the faster of the two
+        for this model, data and chunk width, timed on the first chunk of that
+        width (``block_backends`` holds the choices). One column is always
+        multiplied by double backward unless ``backend="vmap"``.
     cache_graph:
         Keep the gradient graph (of the backend in use) between products when
         ``data`` is one batch, so later products skip the forward and the first
-        backward (what Lanczos pays at each of its one-vector steps). The graph is rebuilt when the
-        parameters, buffers, normalisation-layer modes or batch tensors change (an
-        optimizer step, ``load_state_dict``), so it is never stale. It holds the
-        activations of one forward/backward between calls: ``clear_cache()``
-        frees them. Default: on for a single batch, off for iterables.
+        backward (what Lanczos pays at each of its one-vector steps). The graph is
+        rebuilt when the parameters, buffers, normalisation-layer modes or batch
+        tensors change (an optimizer step, ``load_state_dict``), so it is never
+        stale. It holds the activations of one forward/backward between calls:
+        ``clear_cache()`` frees them. Default: on for a single batch, off for
+        iterables.
     at:
         Parameter values to take the Hessian at instead of the model's current ones
         (one tensor per parameter of ``params``, e.g. a saved copy of the weights

@@ -25,7 +25,7 @@ __all__ = ["AUTO_CPU_CHUNK", "AUTO_MAX_CHUNK", "auto_chunk", "cpu_chunk", "remem
 
 #: Most columns ``max_batch_vectors="auto"`` multiplies at once off CUDA.
 AUTO_CPU_CHUNK = 32
-#: Bytes a vmapped column holds per byte the forward saves for backward (tangents of
+#: Bytes a vmapped column holds per byte the forward saves for backward (derivatives of
 #: the activations and their gradients), measured 1.0-3.0 on CPU MLPs and CNNs.
 VMAP_BYTES_PER_SAVED_BYTE = 4
 #: Largest chunk ``"auto"`` picks: past it, vmap gains nothing and compile times grow.

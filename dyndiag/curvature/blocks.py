@@ -1,7 +1,8 @@
 """How a model operator multiplies a block of columns: which backend, how many at once.
 
-Two exact backends multiply several columns (design.md): ``vmap`` (forward-over-
-reverse, batched) and the column ``loop`` (double backward on one gradient graph).
+Two exact backends multiply several columns (design.md): ``vmap`` (double backward
+with the columns batched by vmap) and the column ``loop`` (double backward on one
+gradient graph, one column at a time).
 Which is faster depends on the model, the data and the number of columns: vmap
 turns many small kernels into a few large ones (convolutions, small models,
 several batches), the loop wins where each column is already a large matrix

@@ -21,6 +21,11 @@ Sections
      eigenvalues; PyHessian's density
   4. one HVP / one gradient, float64 and float32
   5. matmat(16) / 16 matvecs per backend, float64 and float32
+  6. time per product (matvec, matmat(16)) against curvlinops on its own test
+     cases (MLPs with CE/MSE-sum/BCE, a shared-weight sequence model, a CNN with
+     max-pooling; two float32 batches each) and on the digits MLP, Hessian and
+     GGN; Hutch++ at 99 products. Needs curvlinops installed next to torch
+     (docs/benchmarks.md says how); skipped otherwise.
 
 Timings are medians of interleaved repeats after one warm-up (``time.perf_counter``);
 the machine this was written for has 2 shared cores: expect 10-30 % noise, and
@@ -90,8 +95,9 @@ def _fmt(x):
     return str(x)
 
 
-def bench(fns, repeats, warmup=1, raw=None):
-    """Median wall time of each callable; calls are interleaved round-robin.
+def bench(fns, repeats, warmup=1, raw=None, clock=time.perf_counter):
+    """Median time of each callable (wall time unless ``clock`` says otherwise);
+    calls are interleaved round-robin.
 
     Interleaving spreads the noise of a shared machine over all candidates
     instead of letting a slow stretch hit one of them.
@@ -102,9 +108,9 @@ def bench(fns, repeats, warmup=1, raw=None):
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     if raw is not None:
         raw.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -366,18 +372,13 @@ def try_curvlinops(model, loss_fn, X, y, ev):
     try:
         from curvlinops import HessianLinearOperator  # noqa: F401
     except ImportError:
-        msg = (
-            "curvlinops: not installed. `pip install --dry-run curvlinops-for-pytorch` (3.0.1) "
-            "wants torch 2.14.1 (via backpack-for-pytorch/torchvision), replacing torch 2.13.0, "
-            "so it was skipped."
-        )
+        msg = "curvlinops: not installed, skipped (install it next to torch: see docs/benchmarks.md)"
         print("\n" + msg)
         return msg
-    # (Only reached where curvlinops is installed alongside this torch.)
     import scipy.sparse.linalg as sla
 
     params = [p for p in model.parameters() if p.requires_grad]
-    Hop = HessianLinearOperator(model, loss_fn, params, [(X, y)])
+    Hop = HessianLinearOperator(model, loss_fn, params, [(X, y)], progressbar=False)
     if hasattr(Hop, "to_scipy"):
         Hop = Hop.to_scipy()
     count = [0]
@@ -607,14 +608,15 @@ def section_cost(model, loss_fn, X, y, args, summary):
             repeats=args.repeats,
         )
         for be, ref, label in (
-            ("auto", "16 matvecs", "auto, cold (double backward, graph reused over the block)"),
-            ("vmap", "16 matvecs", "vmap, cold (forward-over-reverse)"),
-            ("auto cached", "16 matvecs cached", "auto, cached graph (both sides)"),
+            ("auto", "16 matvecs", f"auto ({op.block_backends.get(16)}), cold"),
+            ("vmap", "16 matvecs", "vmap, cold (batched double backward)"),
+            ("auto cached", "16 matvecs cached", f"auto ({opc.block_backends.get(16)}), cached graph (both sides)"),
         ):
             rows5.append([str(dtype).replace("torch.", ""), label, t[ref] * 1e3, t[be] * 1e3, t[be] / t[ref]])
             out[("matmat", be, dtype)] = t[be] / t[ref]
         # sanity: both backends give the same products
-        d = float((op.matmat(V) - opv.matmat(V)).abs().max() / op.matmat(V).abs().max())
+        loop = dd.HessianOperator(m, loss_fn, (Xd, y), backend="loop").matmat(V)
+        d = float((loop - opv.matmat(V)).abs().max() / loop.abs().max())
         out[("agree", dtype)] = d
     table(
         ["dtype", "gradient [ms]", "dd matvec cold [ms]", "cold/grad", "dd matvec cached [ms]", "cached/grad", "PyH HVP [ms]", "PyH HVP/grad"],
@@ -630,10 +632,112 @@ def section_cost(model, loss_fn, X, y, args, summary):
         f"5. matmat(16) vs 16 separate matvecs, median of {args.repeats}",
     )
     print(
-        "backends agree: max|auto - vmap| / max|auto| = "
+        "backends agree: max|loop - vmap| / max|loop| = "
         + ", ".join(f"{str(dt).replace('torch.', '')} {out[('agree', dt)]:.1e}" for dt in (torch.float64, torch.float32))
     )
     summary["cost"] = out
+
+
+# ---------------------------------------------------------------------------
+# 6. products against curvlinops
+# ---------------------------------------------------------------------------
+class SequenceModel(nn.Module):
+    """One MLP shared over the 5 positions of a sequence; classes in dim 1 for cross-entropy."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.net(x).transpose(1, 2)
+
+
+def product_cases(model, loss_fn, X, y):
+    """(name, model, loss, data): curvlinops' own test cases (float32, two batches) and the digits MLP."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g)
+
+    def labels(shape, classes):
+        return torch.randint(0, classes, shape, generator=g)
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 3))
+    mlp_mse = nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+    mlp_bce = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2))
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    )
+    sequence = SequenceModel()
+    return [
+        ("peer MLP, CE mean", mlp, nn.CrossEntropyLoss(), [(rand(3, 10), labels((3,), 3)), (rand(4, 10), labels((4,), 3))]),
+        ("peer MLP, MSE sum", mlp_mse, nn.MSELoss(reduction="sum"), [(rand(2, 8), rand(2, 3)), (rand(6, 8), rand(6, 3))]),
+        ("peer MLP, BCE mean", mlp_bce, nn.BCEWithLogitsLoss(), [(rand(3, 10), labels((3, 2), 2).float()), (rand(4, 10), labels((4, 2), 2).float())]),
+        ("peer sequence, CE mean", sequence, nn.CrossEntropyLoss(), [(rand(3, 5, 10), labels((3, 5), 3)), (rand(4, 5, 10), labels((4, 5), 3))]),
+        ("peer CNN, CE mean", cnn, nn.CrossEntropyLoss(), [(rand(5, 1, 28, 28), labels((5,), 10)) for _ in range(2)]),
+        ("digits MLP float64", model, loss_fn, [(X, y)]),
+        ("digits MLP float32", copy.deepcopy(model).float(), loss_fn, [(X.float(), y)]),
+    ]
+
+
+def section_products(model, loss_fn, X, y, args, summary):
+    print("\n" + "=" * 78)
+    print("6. Time per product against curvlinops (same model, data and vectors)")
+    print("=" * 78)
+    try:
+        import curvlinops
+        from curvlinops import GGNLinearOperator, HessianLinearOperator
+        from curvlinops.trace.meyer2020hutch import hutchpp_trace
+    except ImportError:
+        print("curvlinops: not installed, skipped (install it next to torch: see docs/benchmarks.md)")
+        return
+    from importlib.metadata import version
+
+    print(f"curvlinops {version('curvlinops-for-pytorch')} ({os.path.dirname(curvlinops.__file__)})")
+    # With one torch thread, the thread's CPU time is the wall time without the
+    # time other jobs hold the core: both libraries are measured by the same clock.
+    clock, clock_name = (time.thread_time, "thread CPU time") if torch.get_num_threads() == 1 else (time.perf_counter, "wall time")
+    rows, out = [], {}
+    for name, m, lf, batches in product_cases(model, loss_fn, X, y):
+        params = [p for p in m.parameters() if p.requires_grad]
+        dtype = params[0].dtype
+        g = torch.Generator().manual_seed(1)
+        dim = sum(p.numel() for p in params)
+        V = torch.randn(dim, args.block, generator=g, dtype=torch.float64).to(dtype)
+        v = V[:, 0].clone()
+        data = batches[0] if len(batches) == 1 else batches
+        for kind, ours, theirs in (("H", dd.HessianOperator, HessianLinearOperator), ("GGN", dd.GGNOperator, GGNLinearOperator)):
+            op = ours(m, lf, data)
+            cl = theirs(m, lf, params, batches, progressbar=False, check_deterministic=False)
+            diff = float((op @ V - cl @ V).abs().max() / (cl @ V).abs().max())
+            t = bench(
+                {"cl mv": lambda: cl @ v, "dd mv": lambda: op @ v, "cl mm": lambda: cl @ V, "dd mm": lambda: op @ V},
+                repeats=args.repeats_fast, clock=clock,
+            )
+            k = args.block
+            for prod, label in (("mv", "matvec"), ("mm", f"matmat({k}) / {k}")):
+                per = k if prod == "mm" else 1
+                ratio = t[f"cl {prod}"] / t[f"dd {prod}"]
+                backend = "double backward" if prod == "mv" else op.block_backends.get(min(k, op.max_batch_vectors), "?")
+                rows.append([name, kind, label, t[f"cl {prod}"] * 1e3 / per, t[f"dd {prod}"] * 1e3 / per, ratio, backend, diff])
+                out[(name, kind, prod)] = ratio
+    table(
+        ["case", "op", "product", "curvlinops [ms/col]", "dyndiag [ms/col]", "curvlinops/dyndiag", "dyndiag backend", "max rel diff"],
+        rows,
+        f"6. time per column ({clock_name}), median of {args.repeats_fast} interleaved repeats (ratio > 1: dyndiag faster)",
+        left=3,
+    )
+    # Hutch++ on the digits MLP at the same budget (99 products: curvlinops needs a multiple of 3)
+    op = dd.HessianOperator(model, loss_fn, (X, y))
+    cl = HessianLinearOperator(model, loss_fn, [p for p in model.parameters()], [(X, y)], progressbar=False,
+                               check_deterministic=False)
+    t = bench({"cl": lambda: hutchpp_trace(cl, 99), "dd": lambda: dd.trace(op, 99)}, repeats=args.repeats, clock=clock)
+    print(f"Hutch++ trace, 99 products, digits MLP float64: curvlinops {t['cl']*1e3:.0f} ms, dyndiag {t['dd']*1e3:.0f} ms "
+          f"({t['cl']/t['dd']:.2f}x)")
+    out["hutch++"] = t["cl"] / t["dd"]
+    summary["products"] = out
 
 
 # ---------------------------------------------------------------------------
@@ -685,8 +789,14 @@ def print_summary(summary):
         if ("matmat", "auto cached", dt) in co:
             r = co[("matmat", "auto cached", dt)]
             rows.append([f"matmat(16) / 16 matvecs, both cached: (no target) ({str(dt).replace('torch.', '')})", f"{r:.2f}", "-"])
+    pr = summary.get("products", {})
+    if pr:
+        slowest = min((r, key) for key, r in pr.items() if key != "hutch++")
+        rows.append(["per product, dyndiag at least as fast as curvlinops (every case, H and GGN)",
+                     f"worst curvlinops/dyndiag {slowest[0]:.2f} ({', '.join(slowest[1])})", slowest[0] >= 1])
+        rows.append(["Hutch++ at 99 products, digits MLP: curvlinops/dyndiag", f"{pr['hutch++']:.2f}", pr["hutch++"] >= 1])
     if summary.get("curvlinops"):
-        rows.append(["curvlinops comparison", "skipped (would replace torch)" if "skipped" in summary["curvlinops"] else summary["curvlinops"], "-"])
+        rows.append(["curvlinops top-5 (scipy eigsh)", "not installed" if "skipped" in summary["curvlinops"] else summary["curvlinops"], "-"])
     table(["target", "measured", "met?"], rows, left=3)
 
 
@@ -694,16 +804,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 16 hidden units, fewer seeds and repeats")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--sections", default="1,2,3,4", help="comma list of 1 (top-k), 2 (trace), 3 (density), 4 (HVP costs, incl. 5)")
+    p.add_argument("--sections", default="1,2,3,4,6",
+                   help="comma list of 1 (top-k), 2 (trace), 3 (density), 4 (HVP costs, incl. 5), 6 (products vs curvlinops)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.hidden, args.repeats, args.repeats_fast = 16, 3, 5
+        args.hidden, args.repeats, args.repeats_fast, args.block = 16, 3, 5, 16
         args.seeds_eig, args.seeds_trace, args.trace_budgets, args.passes = 2, 4, [10, 50, 100], 1
         args.lowrank_n, args.density, args.density_repeats = 400, (4, 30), 1
     else:
-        args.hidden, args.repeats, args.repeats_fast = 48, 7, 21
+        args.hidden, args.repeats, args.repeats_fast, args.block = 48, 7, 21, 16
         args.seeds_eig, args.seeds_trace, args.trace_budgets, args.passes = 5, 10, [10, 50, 100, 200], 2
         args.lowrank_n, args.density, args.density_repeats = 1000, (8, 80), 3
     sections = {s.strip() for s in args.sections.split(",")}
@@ -734,6 +845,7 @@ def main(argv=None):
         ("2", section_trace, (model, init, loss_fn, X, y, H, ev, args, summary)),
         ("3", section_density, (model, loss_fn, X, y, ev, args, summary)),
         ("4", section_cost, (model, loss_fn, X, y, args, summary)),
+        ("6", section_products, (model, loss_fn, X, y, args, summary)),
     ]:
         if key in sections:
             t0 = time.perf_counter()

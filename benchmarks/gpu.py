@@ -10,8 +10,8 @@ at width 19 (1.0 M parameters), random 32x32x3 inputs and labels, batch 128,
 float32, eval mode.
 
 Sections
-  1. one gradient; one HVP on each backend (vmap: forward-over-reverse, the CUDA
-     default; loop: double backward), in gradients
+  1. one gradient; one HVP on each backend (vmap: double backward with the
+     columns batched, the CUDA default; loop: double backward), in gradients
   2. matmat(16) against 16 matvecs on the vmap backend (target <= 0.2x), the chunk
      ``max_batch_vectors="auto"`` chose, and the peak memory of the block
   3. top-5 eigenvalues: dyndiag (Lanczos, tol 1e-4) against PyHessian (power

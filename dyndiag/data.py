@@ -9,11 +9,18 @@ Rule for telling them apart: ``data`` is one batch when it is a mapping, a
 tuple/list whose first item is a tensor, or a pair ``(mapping, tensor)``. Anything else iterable is a
 sequence of batches. A single batch of another shape is passed as ``[batch]``.
 
-An iterable is iterated afresh for every product. A shuffling DataLoader changes
-nothing for the mean over all samples as long as examples do not interact; with
-BatchNorm in train mode (batch statistics), random augmentation, or ``drop_last``
-and shuffling, the operator changes with the batches — pass ``cache_data=True`` to
-fix them once (they are then held in memory on the operator's device).
+An iterable is iterated afresh for every product, so the batches must be the
+same on every pass. A plain shuffling DataLoader qualifies as long as examples do
+not interact (the mean over all samples does not depend on the order). It does
+not when they do or when the samples themselves change: BatchNorm in train mode
+(batch statistics depend on which examples share a batch), ``drop_last`` with
+shuffling (a different remainder is dropped), random augmentation. The curvature
+operators check this on first use and refuse such data; pass ``cache_data=True``
+to fix the batches once (held in memory on the operator's device).
+
+A criterion's *reduction* says how its batch losses combine into the loss over
+all the data: ``"mean"`` (per-batch means weighted by batch size, the default) or
+``"sum"`` (batch sums added), see :func:`loss_reduction`.
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ __all__ = [
     "to_device",
     "model_outputs",
     "make_loss_closure",
+    "criterion_outputs",
     "batch_targets",
     "check_scalar_loss",
     "tensors_in",
     "weighted_mean",
+    "loss_reduction",
 ]
 
 Batch = Any
@@ -85,26 +94,51 @@ def default_batch_size(batch: Batch) -> int:
     return int(t.shape[0])
 
 
-def weighted_mean(terms: Iterable[tuple[torch.Tensor, int]], zero: torch.Tensor) -> torch.Tensor:
-    """``sum_b n_b x_b / sum_b n_b`` over ``(x_b, n_b)`` pairs, summed over ranks.
+def weighted_mean(
+    terms: Iterable[tuple[torch.Tensor, int]], zero: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """The loss-like quantity of all of ``data`` from per-batch ``(x_b, n_b)`` pairs,
+    summed over ranks.
 
-    The mean over every sample of ``data`` from per-batch means ``x_b`` of ``n_b``
-    samples. ``zero`` (zeros of the result's shape, dtype and device) is the
-    accumulator, so a rank whose shard is empty still joins the reduction; pairs
-    with ``n_b <= 0`` are skipped. ``ValueError`` when no rank saw a sample.
+    ``reduction="mean"``: ``sum_b n_b x_b / sum_b n_b``, the mean over every sample
+    from per-batch means ``x_b`` of ``n_b`` samples. ``reduction="sum"``:
+    ``sum_b x_b``, for per-batch sums. ``zero`` (zeros of the result's shape, dtype
+    and device) is the accumulator, so a rank whose shard is empty still joins the
+    reduction; pairs with ``n_b <= 0`` are skipped. ``ValueError`` when no rank saw
+    a sample.
     """
     total = zero
     count = 0
     for value, n in terms:
         if n > 0:
-            total.add_(value.to(total.dtype), alpha=n)
+            total.add_(value.to(total.dtype), alpha=n if reduction == "mean" else 1)
             count += n
     if is_distributed():
         all_reduce_sum(total)
         count = int(all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64, device=total.device)).item())
     if count == 0:
         raise ValueError("data yielded no samples")
-    return total / count
+    return total / count if reduction == "mean" else total
+
+
+def loss_reduction(loss_fn: Callable | None, reduction: str | None) -> str:
+    """How batch losses combine: ``"mean"`` or ``"sum"``.
+
+    ``reduction=None`` reads it from the criterion (``nn`` losses carry
+    ``loss_fn.reduction``; ``"sum"`` is a sum, anything else a mean); a closure, or
+    a criterion without that attribute, is a mean unless ``reduction="sum"`` says
+    it sums over its batch. A stated reduction that contradicts the criterion's is
+    a ``ValueError``.
+    """
+    if reduction not in (None, "mean", "sum"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or None, got {reduction!r}")
+    declared = getattr(loss_fn, "reduction", None) if loss_fn is not None else None
+    declared = None if declared is None else ("sum" if declared == "sum" else "mean")
+    if reduction is not None and declared is not None and reduction != declared:
+        raise ValueError(
+            f"reduction={reduction!r} contradicts loss_fn.reduction={loss_fn.reduction!r}"
+        )
+    return reduction or declared or "mean"
 
 
 def tensors_in(obj: object) -> Iterator[torch.Tensor]:
@@ -179,13 +213,16 @@ def make_loss_closure(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
 
     def criterion_closure(model: nn.Module, batch: Batch) -> torch.Tensor:
-        if isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError(
-                "with loss_fn, each batch must be (inputs, targets); use closure= for other batches"
-            )
-        return loss_fn(model_outputs(model, batch[0]), batch[1])
+        return loss_fn(criterion_outputs(model, batch), batch[1])
 
     return criterion_closure
+
+
+def criterion_outputs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's outputs on an ``(inputs, targets)`` batch, for a criterion."""
+    if isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError("with loss_fn, each batch must be (inputs, targets); use closure= for other batches")
+    return model_outputs(model, batch[0])
 
 
 def check_scalar_loss(loss: object, source: str) -> torch.Tensor:

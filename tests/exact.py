@@ -21,21 +21,29 @@ def _prepared_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-def mean_loss(model, loss_fn, batches):
-    total = sum(x.shape[0] * loss_fn(model(x), y) for x, y in batches)
-    return total / sum(x.shape[0] for x, _ in batches)
+def _weights(loss_fn, batches):
+    """Each batch's weight in the loss over all of them: n_b / N for a mean, 1 for a sum."""
+    if getattr(loss_fn, "reduction", "mean") == "sum":
+        return [1.0] * len(batches)
+    N = sum(x.shape[0] for x, _ in batches)
+    return [x.shape[0] / N for x, _ in batches]
+
+
+def total_loss(model, loss_fn, batches):
+    return sum(w * loss_fn(model(x), y) for w, (x, y) in zip(_weights(loss_fn, batches), batches))
 
 
 def exact_hessian(model, loss_fn, batches, param_names=None) -> torch.Tensor:
-    """(dim, dim) Hessian of the sample-weighted mean loss over ``batches``."""
+    """(dim, dim) Hessian of the loss over ``batches`` (sample-weighted mean of batch
+    means, or sum of batch sums for ``reduction="sum"``); unused parameters get zeros."""
     model = _prepared_copy(model)
     named = dict(model.named_parameters())
     names = param_names or [n for n, p in named.items() if p.requires_grad]
     params = [named[n] for n in names]
     for p in params:
         p.requires_grad_(True)
-    g = torch.autograd.grad(mean_loss(model, loss_fn, batches), params, create_graph=True)
-    flat = torch.cat([gi.reshape(-1) for gi in g])
+    g = torch.autograd.grad(total_loss(model, loss_fn, batches), params, create_graph=True, allow_unused=True)
+    flat = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for gi, p in zip(g, params)])
     rows = []
     for i in range(flat.numel()):
         if flat[i].requires_grad:
@@ -47,14 +55,13 @@ def exact_hessian(model, loss_fn, batches, param_names=None) -> torch.Tensor:
 
 
 def exact_ggn(model, loss_fn, batches, param_names=None) -> torch.Tensor:
-    """(dim, dim) J^T H_L J summed over batches with weights n_b / N, by explicit Jacobians."""
+    """(dim, dim) J^T H_L J summed over batches with the loss's weights, by explicit Jacobians."""
     model = _prepared_copy(model)
     named = dict(model.named_parameters())
     names = param_names or [n for n, p in named.items() if p.requires_grad]
     base = {n: p.detach() for n, p in named.items()}
-    N = sum(x.shape[0] for x, _ in batches)
     G = 0
-    for x, y in batches:
+    for w, (x, y) in zip(_weights(loss_fn, batches), batches):
         def f(*flat_params):
             mapping = dict(base)
             mapping.update(dict(zip(names, flat_params)))
@@ -64,5 +71,5 @@ def exact_ggn(model, loss_fn, batches, param_names=None) -> torch.Tensor:
         J = torch.autograd.functional.jacobian(f, tuple(base[n] for n in names))
         J = torch.cat([j.reshape(out.numel(), -1) for j in J], dim=1)
         HL = torch.autograd.functional.hessian(lambda o: loss_fn(o.reshape(out.shape), y), out.reshape(-1))
-        G = G + x.shape[0] * (J.T @ HL @ J)
-    return G / N
+        G = G + w * (J.T @ HL @ J)
+    return G

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import random
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 import dyndiag as dd
-from dyndiag.curvature import operators
+from dyndiag.curvature import blocks, operators
 from exact import exact_ggn, exact_hessian
 from snapshots import assert_same, snapshot
 from models import (
@@ -45,37 +47,12 @@ def cases():
     }
 
 
-@pytest.mark.parametrize("name", list(cases()))
-@pytest.mark.parametrize("backend", ["vmap", "loop"])
-def test_products_match_exact_hessian(name, backend):
-    model, batch = cases()[name]
-    H = exact_hessian(model, CE, [batch])
-    assert (H - H.T).abs().max() < 1e-12
-    op = dd.HessianOperator(model, CE, batch, backend=backend, max_batch_vectors=3)
-    assert op.shape == H.shape and op.dtype == torch.float64
-    V = torch.randn(op.dim, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    assert rel(op.matmat(V), H @ V) < 1e-10
-    assert rel(op.matvec(V[:, 0]), H @ V[:, 0]) < 1e-10
-    assert rel(op @ V[:, 1], H @ V[:, 1]) < 1e-10
-    assert op.num_matvecs == 9
-
-
 def test_tied_parameters_counted_once_and_frozen_excluded():
     model = TiedFrozen(d=6)
     op = dd.HessianOperator(model, CE, classification_data(classes=3))
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert op.dim == sum(p.numel() for p in model.parameters() if id(p) in trainable)
     assert "frozen.weight" not in op.names and "b.weight" not in op.names
-
-
-def test_unequal_batches_equal_full_batch_hessian():
-    model = tanh_mlp()
-    x, y = classification_data(n=15)
-    batches = [(x[:7], y[:7]), (x[7:12], y[7:12]), (x[12:], y[12:])]
-    H_full = exact_hessian(model, CE, [(x, y)])
-    for data in (batches, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)):
-        op = dd.HessianOperator(model, CE, data)
-        assert rel(op.to_dense(), H_full) < 1e-10
 
 
 def test_shuffling_loader_gives_the_same_operator_and_leaves_rng_alone():
@@ -87,17 +64,6 @@ def test_shuffling_loader_gives_the_same_operator_and_leaves_rng_alone():
     v = torch.ones(op.dim, dtype=torch.float64)
     assert rel(op.matvec(v), exact_hessian(model, CE, [(x, y)]) @ v) < 1e-10
     assert torch.equal(torch.get_rng_state(), before)
-
-
-def test_params_subset_is_the_matching_block():
-    model = tanh_mlp()
-    batch = classification_data()
-    H = exact_hessian(model, CE, [batch])
-    last = [model[2].weight, model[2].bias]
-    op = dd.HessianOperator(model, CE, batch, params=last)
-    start = model[0].weight.numel() + model[0].bias.numel()
-    assert op.names == ["2.weight", "2.bias"]
-    assert rel(op.to_dense(), H[start:, start:]) < 1e-10
 
 
 def test_dropout_is_off_and_products_are_deterministic():
@@ -152,18 +118,6 @@ def test_ggn_equals_hessian_for_linear_mse(backend):
     assert rel(G, exact_hessian(model, nn.MSELoss(), [(x, y)])) < 1e-10
 
 
-@pytest.mark.parametrize("backend", ["vmap", "loop"])
-@pytest.mark.parametrize("name", ["tanh_mlp", "batchnorm_train", "cnn"])
-def test_ggn_matches_explicit_jacobians_and_is_psd(name, backend):
-    model, batch = cases()[name]
-    x, y = batch
-    batches = [(x[: len(x) // 2], y[: len(y) // 2]), (x[len(x) // 2 :], y[len(y) // 2 :])]
-    G_exact = exact_ggn(model, CE, batches)
-    G = dd.GGNOperator(model, CE, batches, backend=backend).to_dense()
-    assert rel(G, G_exact) < 1e-10
-    assert torch.linalg.eigvalsh(G).min() > -1e-12 * torch.linalg.eigvalsh(G).max()
-
-
 def test_ggn_differs_from_hessian_for_a_nonlinear_model():
     model, batch = cases()["tanh_mlp"]
     G = dd.GGNOperator(model, CE, batch).to_dense()
@@ -186,7 +140,7 @@ def test_no_side_effects_batchnorm_train_with_grads(cls, backend):
     assert_same(before, snapshot(model))
 
 
-def test_vmap_failure_falls_back_with_one_warning(monkeypatch):
+def test_vmap_failure_falls_back_with_one_warning():
     class NoVmap(torch.autograd.Function):  # a custom Function without vmap support
         @staticmethod
         def forward(ctx, x):
@@ -208,12 +162,11 @@ def test_vmap_failure_falls_back_with_one_warning(monkeypatch):
 
     model = Model()
     batch = classification_data()
-    monkeypatch.setattr(operators, "_preferred_backend", lambda device: "vmap")  # as on a GPU
-    op = dd.HessianOperator(model, CE, batch)
+    op = dd.HessianOperator(model, CE, batch)  # "auto" tries vmap on the first block
     V = torch.randn(op.dim, 3, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="falling back"):
         out = op.matmat(V)
-    assert op.backend == "loop"
+    assert op.block_backends == {3: "loop"}
     ref = dd.HessianOperator(model, CE, batch, backend="loop").matmat(V)
     assert torch.equal(out, ref)
 
@@ -261,16 +214,6 @@ def test_bad_input_errors_name_the_argument():
         dd.GGNOperator(model, None, batch)
 
 
-@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.HuberLoss(delta=0.5)], ids=["mse", "huber"])
-def test_regression_losses_work_on_every_backend(loss_fn):
-    model = tanh_mlp(classes=3)
-    x, _ = classification_data()
-    y = torch.randn(x.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    H = exact_hessian(model, loss_fn, [(x, y)])
-    for backend in ("auto", "loop"):
-        assert rel(dd.HessianOperator(model, loss_fn, (x, y), backend=backend).to_dense(), H) < 1e-10
-
-
 def test_params_may_name_a_frozen_parameter():
     model = tanh_mlp()
     batch = classification_data()
@@ -301,9 +244,9 @@ def test_cached_graph_is_reused_and_matches_uncached():
     model = batchnorm_mlp(train=True)
     batch = classification_data()
     calls = _count_forwards(model)
-    op = dd.HessianOperator(model, CE, batch)
+    op = dd.HessianOperator(model, CE, batch, backend="loop")  # vmap would run its own forward
     assert op.cache_graph is True
-    ref = dd.HessianOperator(model, CE, batch, cache_graph=False)
+    ref = dd.HessianOperator(model, CE, batch, cache_graph=False, backend="loop")
     V = torch.randn(op.dim, 3, dtype=torch.float64)
     first = [op.matvec(V[:, j]) for j in range(3)] + [op.matmat(V)]
     assert len(calls) == 1  # one forward for four products
@@ -315,13 +258,15 @@ def test_cached_graph_is_reused_and_matches_uncached():
 
 
 @pytest.mark.parametrize("change", ["optimizer_step", "mode", "batch_in_place", "data_swap", "load_state_dict"])
-def test_cached_graph_is_rebuilt_when_what_it_depends_on_changes(change):
+@pytest.mark.parametrize("cls", [dd.HessianOperator, dd.GGNOperator])
+def test_cached_graph_is_rebuilt_when_what_it_depends_on_changes(cls, change):
     model = batchnorm_mlp(train=True)
     x, y = classification_data()
     x = x.clone()
-    op = dd.HessianOperator(model, CE, (x, y))
-    v = torch.randn(op.dim, dtype=torch.float64)
-    before = op.matvec(v)
+    ops = [cls(model, CE, (x, y), backend=backend) for backend in ("loop", "vmap")]
+    V = torch.randn(ops[0].dim, 2, dtype=torch.float64)
+    before = [op.matmat(V) for op in ops]
+    assert all(torch.equal(op.matmat(V), b) for op, b in zip(ops, before))  # a kept graph gives the same products
     if change == "optimizer_step":
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         CE(model(x), y).backward()
@@ -335,10 +280,11 @@ def test_cached_graph_is_rebuilt_when_what_it_depends_on_changes(change):
     else:
         sd = {k: v * 1.1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
         model.load_state_dict(sd)
-    after = op.matvec(v)
-    fresh = dd.HessianOperator(model, CE, (x, y), cache_graph=False).matvec(v)
-    assert rel(after, fresh) < 1e-12
-    assert rel(after, before) > 1e-6  # the change mattered, so reuse would have been caught
+    fresh = cls(model, CE, (x, y), cache_graph=False, backend="loop").matmat(V)
+    for op, b in zip(ops, before):
+        after = op.matmat(V)
+        assert rel(after, fresh) < 1e-12
+        assert rel(after, b) > 1e-6  # the change mattered, so reuse would have been caught
 
 
 def test_cache_graph_needs_a_single_batch():
@@ -431,17 +377,17 @@ def test_compute_dtype_float64_on_a_float32_model():
 
 
 def test_auto_chunk_fits_half_the_free_memory():
-    assert operators.auto_chunk(per_column_bytes=10, free_bytes=1000) == 50
-    assert operators.auto_chunk(per_column_bytes=10**9, free_bytes=10**8) == 1  # never below one column
-    assert operators.auto_chunk(per_column_bytes=1, free_bytes=10**12) == operators.AUTO_MAX_CHUNK
-    assert operators.auto_chunk(per_column_bytes=0, free_bytes=10) == operators.AUTO_MAX_CHUNK
+    assert blocks.auto_chunk(per_column_bytes=10, free_bytes=1000) == 50
+    assert blocks.auto_chunk(per_column_bytes=10**9, free_bytes=10**8) == 1  # never below one column
+    assert blocks.auto_chunk(per_column_bytes=1, free_bytes=10**12) == blocks.AUTO_MAX_CHUNK
+    assert blocks.auto_chunk(per_column_bytes=0, free_bytes=10) == blocks.AUTO_MAX_CHUNK
     model, (x, y) = tanh_mlp(), classification_data()
     op = dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
     assert op.max_batch_vectors == "auto"
     V = torch.randn(op.dim, 5, dtype=op.dtype)
     assert torch.allclose(op @ V, dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), max_batch_vectors=2) @ V,
                           rtol=1e-12, atol=1e-14)
-    assert op.max_batch_vectors == operators.AUTO_CPU_CHUNK  # resolved on first use, off CUDA
+    assert op.max_batch_vectors == blocks.AUTO_CPU_CHUNK  # resolved on first use, off CUDA
     for bad in (0, -1, "big", True, 2.5):
         with pytest.raises(ValueError, match="max_batch_vectors"):
             dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), max_batch_vectors=bad)
@@ -469,3 +415,167 @@ def test_auto_chunk_on_cuda_measures_one_column_then_fills_half_the_free_memory(
     ref = dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), backend="loop") @ V
     assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)  # 1 + 5 + 5 + 1 columns, all multiplied
     assert op.num_matvecs == 12
+
+
+# -- sum-reduced criteria ----------------------------------------------------------
+@pytest.mark.parametrize("cls", [dd.HessianOperator, dd.GGNOperator])
+def test_sum_reduction_gives_one_operator_for_every_split_of_the_data(cls):
+    model = tanh_mlp()
+    x, y = classification_data(n=8)
+    CE_sum = nn.CrossEntropyLoss(reduction="sum")
+    splits = [
+        (x, y),
+        [(x[:4], y[:4]), (x[4:], y[4:])],
+        [(x[:2], y[:2]), (x[2:], y[2:])],
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3),
+    ]
+    exact = (exact_hessian if cls is dd.HessianOperator else exact_ggn)(model, CE_sum, [(x, y)])
+    for data in splits:
+        op = cls(model, CE_sum, data)
+        assert op.reduction == "sum"
+        assert rel(op.to_dense(), exact) < 1e-12
+    mean = cls(model, CE, splits[2]).to_dense()
+    assert rel(exact, 8 * mean) < 1e-12
+
+
+def test_a_closure_declares_that_it_sums():
+    model = tanh_mlp()
+    x, y = classification_data(n=8)
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    op = dd.HessianOperator(model, data=batches, closure=lambda m, b: summed(m(b[0]), b[1]), reduction="sum")
+    assert rel(op.to_dense(), exact_hessian(model, summed, [(x, y)])) < 1e-12
+    assert op.loss() == pytest.approx(summed(model(x), y).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="contradicts"):
+        dd.HessianOperator(model, CE, batches, reduction="sum")
+    with pytest.raises(ValueError, match="reduction must be"):
+        dd.HessianOperator(model, CE, batches, reduction="max")
+
+
+def test_estimators_and_the_monitor_on_a_sum_reduced_loss():
+    model = tanh_mlp()
+    x, y = classification_data(n=8)
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    H_sum = dd.HessianOperator(model, summed, [(x[:5], y[:5]), (x[5:], y[5:])])
+    H_mean = dd.HessianOperator(model, CE, (x, y))
+    top_sum = dd.eigenvalues(H_sum, k=2, tol=1e-10).values
+    assert torch.allclose(top_sum, 8 * dd.eigenvalues(H_mean, k=2, tol=1e-10).values, rtol=1e-8)
+    assert dd.trace(H_sum, 30, seed=1).value == pytest.approx(8 * dd.trace(H_mean, 30, seed=1).value, rel=1e-10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with dd.Monitor(model, opt, [dd.probes.HessianSpectrum(k=1, trace_matvecs=0, tol=1e-10)], loss_fn=summed,
+                    probe_data=(x, y)) as mon:
+        opt.zero_grad()
+        summed(model(x), y).backward()
+        at = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+    exact = torch.linalg.eigvalsh(dd.HessianOperator(model, summed, (x, y), at=at).to_dense())[-1]
+    assert mon.records().value.iloc[0] == pytest.approx(float(exact), rel=1e-8)
+
+
+# -- data that changes between passes ----------------------------------------------
+class _Augmented(torch.utils.data.Dataset):
+    """Random noise added to every input when it is read."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn_like(self.x[i]), self.y[i]
+
+
+def _changing_data(kind):
+    x, y = classification_data(n=20)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    if kind == "batchnorm_shuffle":
+        return batchnorm_mlp(train=True), torch.utils.data.DataLoader(dataset, batch_size=6, shuffle=True)
+    if kind == "drop_last_shuffle":
+        return tanh_mlp(), torch.utils.data.DataLoader(dataset, batch_size=6, shuffle=True, drop_last=True)
+    return tanh_mlp(), torch.utils.data.DataLoader(_Augmented(x, y), batch_size=6)
+
+
+@pytest.mark.parametrize("kind", ["batchnorm_shuffle", "drop_last_shuffle", "augmentation"])
+@pytest.mark.parametrize("cls", [dd.HessianOperator, dd.GGNOperator])
+def test_data_that_changes_between_passes_is_refused_and_rng_is_restored(kind, cls):
+    model, loader = _changing_data(kind)
+    op = cls(model, CE, loader)
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    for use in (lambda: op.matvec(torch.ones(op.dim, dtype=torch.float64)), op.loss):
+        with pytest.raises(ValueError, match=r"cache_data=True.*eval mode.*shuffle=False"):
+            use()
+        assert torch.equal(torch.get_rng_state(), states[0])
+        assert np.array_equal(np.random.get_state()[1], states[1][1]) and random.getstate() == states[2]
+    fixed = cls(model, CE, loader, cache_data=True)
+    v = torch.ones(fixed.dim, dtype=torch.float64)
+    first = fixed.matvec(v)
+    torch.rand(3)
+    assert torch.equal(fixed.matvec(v), first)
+
+
+def test_shuffled_batches_without_batch_statistics_are_accepted_and_iterators_refused():
+    x, y = classification_data(n=20)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6, shuffle=True)
+    model = batchnorm_mlp(train=False)  # running statistics: the order does not matter
+    assert rel(dd.HessianOperator(model, CE, loader).to_dense(), exact_hessian(model, CE, [(x, y)])) < 1e-10
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        dd.HessianOperator(tanh_mlp(), CE, iter([(x, y)]))
+
+
+# -- the CPU backend race ----------------------------------------------------------
+@pytest.mark.parametrize("winner", ["vmap", "loop"])
+def test_race_keeps_the_faster_backend_and_returns_its_own_result(monkeypatch, winner):
+    clock = [0.0]
+    monkeypatch.setattr(blocks, "_clock", lambda: clock[0])
+    costs = {"vmap": 1.0, "loop": 3.0} if winner == "vmap" else {"vmap": 3.0, "loop": 1.0}
+    calls = []
+
+    def vmap_fn(W):  # vmap's columns differ in the last bits from the loop's
+        calls.append(("vmap", W.shape[1]))
+        clock[0] += costs["vmap"] * W.shape[1]
+        return 2 * W + 1e-16
+
+    def loop_columns(graph, W):
+        calls.append(("loop", W.shape[1]))
+        clock[0] += costs["loop"] * W.shape[1]
+        return 2 * W
+
+    V = torch.randn(5, 8, dtype=torch.float64)
+    key = ("test", winner)
+    out, chosen = blocks.race(key, V, (lambda: None, lambda g, W: vmap_fn(W)), (lambda: None, loop_columns),
+                              graph_is_reused=True)
+    assert chosen == blocks.remembered(key) == winner
+    assert torch.equal(out, vmap_fn(V) if winner == "vmap" else 2 * V)  # all from the winner
+    assert calls[:2] == [("loop", 2), ("vmap", 8)]
+
+
+def test_auto_backend_is_reproducible_and_recorded():
+    model, batch = small_cnn(), image_data()
+    op = dd.HessianOperator(model, CE, batch)
+    V = torch.randn(op.dim, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = op.matmat(V)
+    assert set(op.block_backends) == {6} and op.block_backends[6] in ("vmap", "loop")
+    assert torch.equal(op.matmat(V), first)
+    ref = dd.HessianOperator(model, CE, batch, backend=op.block_backends[6]).matmat(V)
+    assert torch.equal(first, ref)
+
+
+def test_race_counts_a_graph_build_unless_the_graph_is_kept(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(blocks, "_clock", lambda: clock[0])
+
+    def backend(build_seconds, column_seconds):
+        def build():
+            clock[0] += build_seconds
+
+        def columns(graph, W):
+            clock[0] += column_seconds * W.shape[1]
+            return W
+
+        return build, columns
+
+    V = torch.randn(5, 8, dtype=torch.float64)
+    vmap, loop = backend(16.0, 1.0), backend(0.0, 2.0)  # vmap: 16 s / 8 columns + 1 s a column = 3 s
+    assert blocks.race(("build", False), V, vmap, loop, graph_is_reused=False)[1] == "loop"
+    assert blocks.race(("build", True), V, vmap, loop, graph_is_reused=True)[1] == "vmap"

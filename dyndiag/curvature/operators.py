@@ -1,15 +1,25 @@
-"""Hessian and generalized Gauss–Newton operators of a model's mean loss.
+"""Hessian and generalized Gauss–Newton operators of a model's loss over its data.
 
 Products are exact (no finite differences) and side-effect free:
 
+* ``matvec(v)`` (and a one-column ``matmat``) multiplies by double backward on
+  the gradient graph (kept between products for a single batch);
 * ``matmat(V)`` multiplies ``k`` columns in chunks of ``max_batch_vectors``
-  (memory grows with the chunk, not with ``k``). ``backend="vmap"`` (the default
-  on CUDA) runs ``torch.func.vmap`` over forward-over-reverse ``jvp(grad(loss))``;
-  ``backend="loop"`` (the default on the CPU) runs double backward column by
-  column on a gradient graph built once per batch. A model ``vmap`` cannot handle
-  falls back to the loop with one warning;
-* ``matvec(v)`` multiplies one vector by double backward, which is cheaper than
-  forward-over-reverse for a single vector.
+  (memory grows with the chunk, not with ``k``), by double backward with the
+  columns batched by ``torch.func.vmap`` (``backend="vmap"``) or one column at a
+  time on a gradient graph built once per batch (``backend="loop"``). Both are
+  reverse mode only, so losses without forward-mode derivatives (MSE, Huber in
+  torch 2.13) work on both.
+  ``backend="auto"`` takes vmap on CUDA and, on the CPU, whichever of the two is
+  faster for this operator and chunk width, timed on the first such chunk
+  (:mod:`dyndiag.curvature.blocks`; both are exact, ``op.block_backends`` holds
+  the choices). A model ``vmap`` cannot handle falls back to the loop with one
+  warning.
+
+The loss over several batches is the loss's own reduction over all the data: the
+sample-weighted mean of batch means for ``reduction="mean"``, the sum of batch
+losses for ``reduction="sum"`` (an ``nn`` loss's ``reduction`` attribute, or the
+operator's ``reduction=`` argument for a closure).
 
 The model is evaluated functionally (``torch.func.functional_call``) on detached
 views of its parameters and on fresh copies of its buffers, so parameters,
@@ -20,42 +30,42 @@ operator breaks Lanczos — and normalisation layers keep the model's mode (trai
 mode: batch statistics, the loss training sees). Attention runs with PyTorch's
 MATH scaled-dot-product kernel, the only one with a double backward on CPU.
 Modes and RNG states are restored after every product (:func:`dyndiag.evaluation.operator_mode`).
+Data that is not the same on every pass (a shuffling DataLoader with train-mode
+BatchNorm or ``drop_last``, random augmentation) is refused on first use.
 """
 
 from __future__ import annotations
 
+import random
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..data import (
     batch_targets,
     check_scalar_loss,
+    criterion_outputs,
     default_batch_size,
     iter_batches,
     is_single_batch,
+    loss_reduction,
     make_loss_closure,
     tensors_in,
     to_device,
     weighted_mean,
 )
 from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params, unwrap
+from ..state import rng_state, set_rng_state
 from .base import CurvatureOperator
+from .blocks import AUTO_CPU_CHUNK, auto_chunk, cpu_chunk, race, remembered
 
 __all__ = ["HessianOperator", "GGNOperator"]
 
-with warnings.catch_warnings():
-    # torch's forward-AD decompositions load on the first jvp and call the deprecated
-    # torch.jit.script; load them here once so users are not shown torch's own warning.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
-    try:
-        import torch._decomp.decompositions_for_jvp  # noqa: F401
-    except ImportError:  # pragma: no cover - layout differs across torch versions
-        pass
 
 class _ModelOperator(CurvatureOperator):
     """Shared machinery: parameter selection, data iteration, guards, chunking."""
@@ -66,7 +76,9 @@ class _ModelOperator(CurvatureOperator):
         data: object,
         params: Sequence[torch.Tensor] | None,
         fn: Callable,
+        criterion: Callable | None,
         *,
+        reduction: str,
         batch_size_fn: Callable | None,
         max_batch_vectors: int | str,
         cache_data: bool,
@@ -90,6 +102,8 @@ class _ModelOperator(CurvatureOperator):
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError("batch_size_fn must be callable (batch) -> int")
         self.model = model
+        self.loss_fn = criterion
+        self.reduction = reduction
         self.names, self.params = select_params(model, params)
         self.dim = sum(p.numel() for p in self.params)
         self.param_dtype = self.params[0].dtype
@@ -110,17 +124,28 @@ class _ModelOperator(CurvatureOperator):
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
         self._batch_size_fn = batch_size_fn or default_batch_size
         self.max_batch_vectors = max_batch_vectors
-        self._auto_chunk = max_batch_vectors == "auto"
         self.backend = backend
+        #: ``backend="auto"`` on the CPU: the backend each chunk width was multiplied by.
+        self.block_backends: dict[int, str] = {}
+        self._vmap_failed = False
         self._data = data
         self._cached = None
         if cache_data:
             self._cached = [(self._prepare(b), self._count(b)) for b in iter_batches(data)]
+        elif isinstance(data, Iterator):
+            raise ValueError(
+                "data is a one-shot iterator, but every product reads the data again: pass a list "
+                "of batches, a DataLoader, or cache_data=True"
+            )
+        # Only an iterable that is not a list of batches can give other batches on the next pass.
+        self._repeatable = (
+            self._cached is not None or is_single_batch(data) or isinstance(data, (list, tuple))
+        )
         one_batch = is_single_batch(data) or (self._cached is not None and len(self._cached) == 1)
         if cache_graph and not one_batch:
             raise ValueError("cache_graph=True needs data to be a single batch (or cache_data=True with one batch)")
         self.cache_graph = one_batch if cache_graph is None else bool(cache_graph)
-        self._graph = None  # (key, graph) of the last single-batch evaluation
+        self._graphs: dict[str, tuple] = {}  # backend -> (key, graph) of the single batch
         self._norm_layers = [m for m in model.modules() if isinstance(m, _NormBase)]
 
     # -- data -----------------------------------------------------------
@@ -134,8 +159,41 @@ class _ModelOperator(CurvatureOperator):
         if self._cached is not None:
             yield from self._cached
             return
+        self._check_repeatable()
+        yield from self._read()
+
+    def _read(self) -> Iterator[tuple[object, int]]:
         for b in iter_batches(self._data):
             yield self._prepare(b), self._count(b)
+
+    def _check_repeatable(self) -> None:
+        """Refuse data whose loss changes between two passes with the RNG moved
+        between them (run once, on first use, inside the product's guard)."""
+        if self._repeatable:
+            return
+        state = rng_state()
+        try:
+            first = self._total_loss(self._read())
+            set_rng_state(state)
+            # Whatever a DataLoader or an augmentation draws from (its sampler's seed,
+            # worker seeds, numpy or python transforms) now starts elsewhere.
+            torch.rand(1)
+            np.random.random()
+            random.random()
+            second = self._total_loss(self._read())
+        finally:
+            set_rng_state(state)
+        tol = 1000 * torch.finfo(self.dtype).eps * (abs(first) + abs(second))
+        if not abs(first - second) <= tol:
+            raise ValueError(
+                f"data gives another loss on each pass ({first:.10g}, then {second:.10g} after the "
+                "random number generator moved), so the operator would change between products. "
+                "Typical causes: BatchNorm in train mode with a shuffling DataLoader, drop_last=True "
+                "with shuffling, random augmentation. Remedies: cache_data=True (fixes the batches "
+                "once), BatchNorm in eval mode (model.eval() before building the operator), or a "
+                "DataLoader with shuffle=False and no random transforms."
+            )
+        self._repeatable = True
 
     def _prepare(self, batch):
         """The batch on the operator's device; floating tensors in the compute dtype
@@ -155,9 +213,32 @@ class _ModelOperator(CurvatureOperator):
             mapping[name] = b.to(self.dtype) if cast else b.clone()
         return mapping
 
+    def _call(self, tensors: Sequence[torch.Tensor], batch):
+        """``fn(model, batch)`` with the model's parameters replaced by ``tensors``."""
+        return functional_call(self._evaluate, self._mapping(tensors), (batch,))
+
+    def _criterion(self, outputs: torch.Tensor, batch) -> torch.Tensor:
+        return check_scalar_loss(self.loss_fn(outputs, batch_targets(batch)), "loss_fn")
+
     def _loss(self, tensors: Sequence[torch.Tensor], batch) -> torch.Tensor:
-        loss = functional_call(self._evaluate, self._mapping(tensors), (batch,))
-        return check_scalar_loss(loss, "loss_fn/closure")
+        """The batch's loss: ``loss_fn(outputs, targets)``, or the closure's value."""
+        if self.loss_fn is None:
+            return check_scalar_loss(self._call(tensors, batch), "closure")
+        return self._criterion(self._call(tensors, batch), batch)
+
+    def _total_loss(self, batches: Iterable[tuple[object, int]]) -> float:
+        with torch.no_grad():
+            values = self._values()
+            terms = ((self._loss(values, b), n) for b, n in batches if n > 0)
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
+            return float(weighted_mean(terms, zero, self.reduction))
+
+    def loss(self) -> float:
+        """The loss over ``data`` (mean or sum, as ``reduction``) at the operator's
+        parameters, evaluated as products are (dropout off, normalisation layers in
+        the model's mode, buffers copied); reduced over ranks like the products."""
+        with self._guarded():
+            return self._total_loss(self._batches())
 
     def _split(self, V: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rows of ``V`` (k, dim) -> per-parameter tensors (k, *shape)."""
@@ -166,8 +247,16 @@ class _ModelOperator(CurvatureOperator):
             t.reshape(k, *s) for t, s in zip(torch.split(V, self._numels, dim=1), self._shapes)
         )
 
-    def _join(self, parts: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-        return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
+    def _join(self, parts: Sequence[torch.Tensor | None], k: int) -> torch.Tensor:
+        """Per-parameter ``(k, *shape)`` tensors -> ``(k, dim)``; ``None`` (a parameter
+        with no path to the loss) is a block of zeros."""
+        return torch.cat(
+            [
+                (torch.zeros(k, n, dtype=self.dtype, device=self.device) if p is None else p.reshape(k, -1))
+                for p, n in zip(parts, self._numels)
+            ],
+            dim=1,
+        )
 
     def _sources(self) -> list[torch.Tensor]:
         """The parameter tensors the operator is taken at (``at=`` or the live ones)."""
@@ -179,9 +268,13 @@ class _ModelOperator(CurvatureOperator):
             return [t.detach() for t in self._sources()]
         return [t.detach().to(self.dtype) for t in self._sources()]
 
+    def _leaves(self) -> list[torch.Tensor]:
+        """The parameter values as fresh leaves that require grad."""
+        return [p.requires_grad_(True) for p in self._values()]
+
     def clear_cache(self) -> None:
-        """Free the cached gradient graph (see ``cache_graph``)."""
-        self._graph = None
+        """Free the cached gradient graphs (see ``cache_graph``)."""
+        self._graphs.clear()
 
     def _graph_key(self) -> tuple:
         # Everything the cached graph depends on: in-place parameter updates (optimizer
@@ -197,24 +290,28 @@ class _ModelOperator(CurvatureOperator):
             tuple(t._version for t in tensors_in(self._data)),
         )
 
-    def _reuse_graph(self, build: Callable) -> object:
-        """``build()``'s graph, cached across products while its key is unchanged."""
+    def _reuse_graph(self, kind: str, build: Callable) -> object:
+        """``build()``'s graph for backend ``kind``, cached across products while
+        its key is unchanged (one graph per backend: ``matvec`` uses the loop's,
+        blocks may use vmap's)."""
         if not self.cache_graph:
             return build()
         key = self._graph_key()
-        if self._graph is None or self._graph[0] != key:
-            self._graph = None  # free the stale graph before building the new one
-            self._graph = (key, build())
-        return self._graph[1]
+        cached = self._graphs.get(kind)
+        if cached is None or cached[0] != key:
+            self._graphs.pop(kind, None)  # free the stale graph before building the new one
+            self._graphs[kind] = cached = (key, build())
+        return cached[1]
 
     def _guarded(self):
         return operator_mode(self.model)
 
     # -- products ---------------------------------------------------------
     def _accumulate(self, per_batch: Callable, V: torch.Tensor) -> torch.Tensor:
-        """sum_b n_b * per_batch(batch, V) / sum_b n_b, reduced over ranks."""
+        """The loss's reduction over batches (and ranks) of ``per_batch(batch, V)``."""
         with self._guarded():
-            return weighted_mean(((per_batch(b, V), n) for b, n in self._batches() if n > 0), torch.zeros_like(V))
+            terms = ((per_batch(b, V), n) for b, n in self._batches() if n > 0)
+            return weighted_mean(terms, torch.zeros_like(V), self.reduction)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._batch_matmat, V)
@@ -224,9 +321,9 @@ class _ModelOperator(CurvatureOperator):
         start = 0
         if self.max_batch_vectors == "auto":
             start = self._size_chunks(batch, V, out)
-        for start in range(start, V.shape[1], self.max_batch_vectors):
-            cols = slice(start, start + self.max_batch_vectors)
-            out[:, cols] = self._chunk(batch, V[:, cols])
+        step = 1 if self.max_batch_vectors == "auto" else self.max_batch_vectors
+        for start in range(start, V.shape[1], step):
+            out[:, start : start + step] = self._chunk(batch, V[:, start : start + step])
         return out
 
     def _size_chunks(self, batch, V: torch.Tensor, out: torch.Tensor) -> int:
@@ -235,17 +332,21 @@ class _ModelOperator(CurvatureOperator):
         On CUDA with the vmap backend, the first column is multiplied alone while the
         allocator's peak is watched; its cost per column and the free memory (the
         driver's plus what torch's cache holds unused) give the chunk, keeping half of
-        the free memory spare. Elsewhere columns are multiplied one at a time anyway
-        (double backward), so the chunk only bounds the output block: 32.
+        the free memory spare. Elsewhere at most
+        :data:`~dyndiag.curvature.blocks.AUTO_CPU_CHUNK`, fewer where vmap's columns
+        (sized from what one forward saves for backward) would not fit in half of
+        the host's available memory.
         """
-        backend = self.backend if self.backend != "auto" else _preferred_backend(self.device)
-        if not _is_cuda(self.device) or backend != "vmap":
+        if self.backend == "loop":
             self.max_batch_vectors = AUTO_CPU_CHUNK
             return 0
-        if V.shape[1] == 0:  # nothing to measure with: decide on the next product
+        if V.shape[1] <= 1:  # a single column needs no chunk: decide on the first block
+            return 0
+        if not _is_cuda(self.device):
+            self.max_batch_vectors = cpu_chunk(self._saved_bytes(batch))
             return 0
         base, peak_before = _cuda_memory(self.device)
-        out[:, :1] = self._chunk(batch, V[:, :1])
+        out[:, :1] = self._vmap_or_fallback(batch, V[:, :1])
         _, peak_after = _cuda_memory(self.device)
         # Without resetting the user's peak statistics: a new peak measures the column;
         # an older, higher peak bounds it from above (a conservative estimate).
@@ -253,39 +354,83 @@ class _ModelOperator(CurvatureOperator):
         self.max_batch_vectors = auto_chunk(per_column, _cuda_free(self.device))
         return 1
 
+    def _saved_bytes(self, batch) -> int:
+        """Bytes one forward of the loss on ``batch`` saves for backward."""
+        sizes = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._loss(self._leaves(), batch)
+        return sum(sizes)
+
     def _chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
-        backend = self.backend if self.backend != "auto" else _preferred_backend(self.device)
-        if backend == "vmap":
-            try:
-                return self._vmap_chunk(batch, V)
-            except (ValueError, TypeError):
-                raise
-            except RuntimeError as err:
-                if self.backend == "vmap":
-                    raise
-                warnings.warn(
-                    f"{type(self).__name__}: batched products (torch.func.vmap) failed for this "
-                    f"model ({str(err).splitlines()[0][:200]}); falling back to one product per "
-                    "column. Pass backend='loop' to skip the attempt.",
-                    RuntimeWarning,
-                    stacklevel=4,
+        width = V.shape[1]
+        if self.backend == "loop" or (self.backend == "auto" and (width == 1 or self._vmap_failed)):
+            return self._loop_chunk(batch, V)
+        if self.backend == "vmap" or _is_cuda(self.device):
+            return self._vmap_or_fallback(batch, V)
+        key = (type(self).__name__, tuple(zip(self.names, self._shapes)), self.dtype, self.cache_graph,
+               width, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
+        backend = remembered(key)
+        if backend is None:
+            def run() -> torch.Tensor:
+                out, self.block_backends[width] = race(
+                    key, V, (lambda: self._vmap_graph(batch), self._vmap_columns),
+                    (lambda: self._loop_graph(batch), self._loop_columns), graph_is_reused=self.cache_graph,
                 )
-                self.backend = "loop"
+                if self.block_backends[width] == "loop":
+                    self._graphs.pop("vmap", None)  # the loser's graph would only hold memory
+                return out
+
+            return self._vmap_or_fallback(batch, V, run)
+        self.block_backends[width] = backend
+        return self._vmap_or_fallback(batch, V) if backend == "vmap" else self._loop_chunk(batch, V)
+
+    def _vmap_or_fallback(self, batch, V: torch.Tensor, run: Callable | None = None) -> torch.Tensor:
+        """``run()`` (default: vmap on ``V``), or with ``backend="auto"`` the loop
+        with one warning when vmap fails for this model."""
+        try:
+            return run() if run is not None else self._vmap_chunk(batch, V)
+        except (ValueError, TypeError):
+            raise
+        except RuntimeError as err:
+            if self.backend == "vmap":
+                raise
+            warnings.warn(
+                f"{type(self).__name__}: batched products (torch.func.vmap) failed for this "
+                f"model ({str(err).splitlines()[0][:200]}); falling back to one product per "
+                "column. Pass backend='loop' to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=9,
+            )
+        self._vmap_failed = True
+        self.block_backends[V.shape[1]] = "loop"
         return self._loop_chunk(batch, V)
 
+    def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+        return self._loop_columns(self._loop_graph(batch), V)
 
-#: ``max_batch_vectors="auto"`` off CUDA (products are one column at a time there).
-AUTO_CPU_CHUNK = 32
-#: Largest chunk ``"auto"`` picks: past it, vmap gains nothing and compile times grow.
-AUTO_MAX_CHUNK = 256
+    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+        return self._vmap_columns(self._vmap_graph(batch), V)
 
+    def _vmap_graph(self, batch) -> object:  # pragma: no cover - abstract
+        """The pullbacks vmap batches the columns of a chunk on ``batch`` through."""
+        raise NotImplementedError
 
-def auto_chunk(per_column_bytes: int, free_bytes: int, spare: float = 0.5) -> int:
-    """Columns per vmapped pass that fit in ``(1 - spare) * free_bytes`` at
-    ``per_column_bytes`` each, between 1 and :data:`AUTO_MAX_CHUNK`."""
-    if per_column_bytes <= 0:
-        return AUTO_MAX_CHUNK
-    return int(max(1, min(AUTO_MAX_CHUNK, (1 - spare) * free_bytes // per_column_bytes)))
+    def _vmap_columns(self, graph: object, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``H V`` with the columns batched by ``torch.func.vmap`` on a graph from :meth:`_vmap_graph`."""
+        raise NotImplementedError
+
+    def _loop_graph(self, batch) -> object:  # pragma: no cover - abstract
+        """What the loop differentiates for every column of a chunk on ``batch``."""
+        raise NotImplementedError
+
+    def _loop_columns(self, graph: object, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``H V`` column by column on a graph from :meth:`_loop_graph`."""
+        raise NotImplementedError
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -315,35 +460,32 @@ def _compute_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> t
     return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
 
 
-def _preferred_backend(device: torch.device) -> str:
-    """What ``backend="auto"`` uses on ``device``.
-
-    On CPU, double backward with the gradient graph built once per batch and reused
-    for every column: free of torch.func's forward-AD gaps (MSE, Huber). On GPUs,
-    vmap, which turns k small kernels into one large one.
-    """
-    return "loop" if device.type == "cpu" else "vmap"
-
-
 class HessianOperator(_ModelOperator):
-    """The Hessian of the mean loss over every sample in ``data``, as an operator.
+    """The Hessian of the loss over every sample in ``data``, as an operator.
 
     Parameters
     ----------
     model:
         The network. Evaluated functionally; never modified.
     loss_fn:
-        Criterion ``loss_fn(outputs, targets) -> scalar`` with mean reduction.
+        Criterion ``loss_fn(outputs, targets) -> scalar`` (mean or sum reduction).
     data:
-        One batch ``(inputs, targets)`` or an iterable of batches of any sizes; the
-        operator is the Hessian of the sample-weighted mean loss (each batch's mean
-        loss weighted by its size).
+        One batch ``(inputs, targets)`` or an iterable of batches of any sizes. The
+        operator is the Hessian of the loss over all of it: the sample-weighted mean
+        of the batch losses (each batch's mean weighted by its size) for a mean
+        reduction, their sum for a sum. An iterable must give the same batches on
+        every pass (checked on first use, see ``cache_data``).
     params:
         The parameters to differentiate, in order; default: every parameter of the
-        model with ``requires_grad``. Flat vectors follow this order.
+        model with ``requires_grad``. Flat vectors follow this order. A parameter
+        with no path to the loss has zero rows and columns.
     closure:
         ``closure(model, batch) -> scalar loss``, instead of ``loss_fn``, for dict
         batches or losses that are not a criterion.
+    reduction:
+        ``"mean"`` or ``"sum"``: how batch losses combine. Default: read from
+        ``loss_fn.reduction`` (``nn`` losses), else ``"mean"``; a closure that sums
+        over its batch declares ``reduction="sum"``.
     batch_size_fn:
         ``(batch) -> int`` sample count used for weighting; default dim 0 of the
         batch's first tensor.
@@ -351,23 +493,30 @@ class HessianOperator(_ModelOperator):
         Columns multiplied in one vmapped pass; bounds memory of ``matmat``.
         ``"auto"`` (default): on CUDA with the vmap backend, sized from the free GPU
         memory and the measured cost of one column (half the free memory kept
-        spare); elsewhere 32, since products there are one column at a time.
+        spare); elsewhere at most 32, fewer where vmap's columns would not fit in
+        half of the host's available memory.
     cache_data:
-        Materialise the batches once on the operator's device (fixes the operator
-        when ``data`` is a shuffling/augmenting DataLoader).
+        Materialise the batches once on the operator's device. Needed when the
+        batches change between passes over ``data``: a shuffling DataLoader with
+        BatchNorm in train mode or ``drop_last=True``, random augmentation (such
+        data is refused with a ``ValueError`` on first use otherwise).
     backend:
-        ``"auto"`` (CPU: double backward with the gradient graph reused across the
-        columns of a block; CUDA: vmap, falling back to double backward), ``"vmap"``
-        or ``"loop"``.
+        How blocks of several columns are multiplied: ``"vmap"`` (double
+        backward, columns batched by ``torch.func.vmap``), ``"loop"`` (double
+        backward column by column, the gradient graph reused across the columns
+        of a block) or ``"auto"``: vmap on CUDA; on the CPU the faster of the two
+        for this model, data and chunk width, timed on the first chunk of that
+        width (``block_backends`` holds the choices). One column is always
+        multiplied by double backward unless ``backend="vmap"``.
     cache_graph:
-        Keep the gradient graph between products when ``data`` is one batch, so
-        later double-backward products skip the forward and the first backward
-        (what Lanczos pays at each of its one-vector steps). The graph is rebuilt when the
-        parameters, buffers, normalisation-layer modes or batch tensors change (an
-        optimizer step, ``load_state_dict``), so it is never stale. It holds the
-        activations of one forward/backward between calls: ``clear_cache()``
-        frees them. Default: on for a single batch, off for iterables.
-
+        Keep the gradient graph (of the backend in use) between products when
+        ``data`` is one batch, so later products skip the forward and the first
+        backward (what Lanczos pays at each of its one-vector steps). The graph is
+        rebuilt when the parameters, buffers, normalisation-layer modes or batch
+        tensors change (an optimizer step, ``load_state_dict``), so it is never
+        stale. It holds the activations of one forward/backward between calls:
+        ``clear_cache()`` frees them. Default: on for a single batch, off for
+        iterables.
     at:
         Parameter values to take the Hessian at instead of the model's current ones
         (one tensor per parameter of ``params``, e.g. a saved copy of the weights
@@ -383,8 +532,8 @@ class HessianOperator(_ModelOperator):
     Notes
     -----
     Under an initialised ``torch.distributed`` process group each rank passes its
-    shard; products are summed over ranks with sample weights, so every rank holds
-    the operator of the union of the shards.
+    shard; products are reduced over ranks like the loss (sample-weighted mean or
+    sum), so every rank holds the operator of the union of the shards.
     """
 
     def __init__(
@@ -395,6 +544,7 @@ class HessianOperator(_ModelOperator):
         params: Sequence[torch.Tensor] | None = None,
         closure: Callable | None = None,
         *,
+        reduction: str | None = None,
         batch_size_fn: Callable | None = None,
         max_batch_vectors: int | str = "auto",
         cache_data: bool = False,
@@ -403,12 +553,14 @@ class HessianOperator(_ModelOperator):
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
-        fn = make_loss_closure(loss_fn, closure)
+        make_loss_closure(loss_fn, closure)  # exactly one of them, callable
         super().__init__(
             model,
             data,
             params,
-            fn,
+            closure if loss_fn is None else criterion_outputs,
+            loss_fn,
+            reduction=loss_reduction(loss_fn, reduction),
             batch_size_fn=batch_size_fn,
             max_batch_vectors=max_batch_vectors,
             cache_data=cache_data,
@@ -418,75 +570,62 @@ class HessianOperator(_ModelOperator):
             compute_dtype=compute_dtype,
         )
 
-    def loss(self) -> float:
-        """The mean loss over ``data`` at the operator's parameters, evaluated as
-        products are (dropout off, normalisation layers in the model's mode,
-        buffers copied); reduced over ranks like the products."""
-        with self._guarded(), torch.no_grad():
-            values = self._values()
-            terms = ((self._loss(values, b), n) for b, n in self._batches() if n > 0)
-            return float(weighted_mean(terms, torch.zeros((), dtype=torch.float64, device=self.device)))
-
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
 
-    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
-        primals = tuple(self._values())
+    def _vmap_graph(self, batch):
+        # Double backward with the columns batched: the pullback of the gradient
+        # (H^T u = H u) under vmap. Reverse mode only: jvp(grad(loss)) fails for MSE
+        # and Huber losses in torch 2.13, and costs more per column.
+        def build():
+            return vjp(grad(lambda tensors: self._loss(tensors, batch)), tuple(self._values()))[1]
 
-        def gradient(tensors):
-            return grad(self._loss)(tensors, batch)
+        return self._reuse_graph("vmap", build)
 
-        def hvp(tangents):
-            return jvp(gradient, (primals,), (tangents,))[1]
-
-        k = V.shape[1]
-        return self._join(vmap(hvp)(self._split(V.T)), k).T
+    def _vmap_columns(self, pullback, V: torch.Tensor) -> torch.Tensor:
+        return self._join(vmap(pullback)(self._split(V.T))[0], V.shape[1]).T
 
     def _gradient_graph(self, batch):
-        leaves = [p.requires_grad_(True) for p in self._values()]
-        g = torch.autograd.grad(self._loss(leaves, batch), leaves, create_graph=True)
-        # Parameters that do not reach the loss (or only linearly) have no second-order
-        # graph; their rows of H are zero.
-        live = [i for i, gi in enumerate(g) if gi.requires_grad]
+        leaves = self._leaves()
+        g = torch.autograd.grad(self._loss(leaves, batch), leaves, create_graph=True, allow_unused=True)
+        # Parameters that do not reach the loss, or reach it only linearly, have no
+        # second-order graph: their rows of H are zero.
+        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
         return leaves, g, live
 
-    def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
-        leaves, g, live = self._reuse_graph(lambda: self._gradient_graph(batch))
-        keep = self.cache_graph
+    def _loop_graph(self, batch):
+        return self._reuse_graph("loop", lambda: self._gradient_graph(batch))
+
+    def _loop_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
+        leaves, g, live = graph
         out = torch.zeros_like(V)
         rows = self._split(V.T)
-        k = V.shape[1]
-        for j in range(k):
-            hv = [torch.zeros_like(leaf) for leaf in leaves]
-            if live:
-                parts = torch.autograd.grad(
-                    [g[i] for i in live],
-                    leaves,
-                    grad_outputs=[rows[i][j] for i in live],
-                    retain_graph=keep or j < k - 1,
-                    allow_unused=True,
-                )
-                hv = [h if h is not None else z for h, z in zip(parts, hv)]
-            out[:, j] = torch.cat([h.reshape(-1) for h in hv])
+        for j in range(V.shape[1] if live else 0):
+            parts = torch.autograd.grad(
+                [g[i] for i in live], leaves, [rows[i][j] for i in live], retain_graph=True, allow_unused=True
+            )
+            out[:, j] = self._join(parts, 1)[0]
         return out
 
 
 class GGNOperator(_ModelOperator):
-    """The generalized Gauss–Newton matrix ``J^T H_L J`` of the mean loss.
+    """The generalized Gauss–Newton matrix ``J^T H_L J`` of the loss over ``data``.
 
     ``J`` is the Jacobian of the model's outputs with respect to the parameters and
     ``H_L`` the Hessian of the criterion with respect to the outputs. For a loss
     convex in the outputs (cross-entropy, MSE) the GGN is positive semi-definite;
-    for a linear model with MSE it equals the Hessian.
+    for a linear model with MSE it equals the Hessian. Batches combine as the
+    criterion's reduction says (:class:`HessianOperator`).
 
     Parameters are as for :class:`HessianOperator`, except ``loss_fn`` and ``forward``
-    (and there is no ``closure`` or ``cache_graph``).
+    (and there is no ``closure`` or ``reduction``).
 
     Parameters
     ----------
     loss_fn:
         A criterion ``loss_fn(outputs, targets)`` (required: the GGN needs the
-        outputs and the loss separately).
+        outputs and the loss separately); ``loss_fn.reduction="sum"`` makes the
+        operator the GGN of the summed loss.
     forward:
         ``forward(model, batch) -> outputs`` for batches that are not
         ``(inputs, targets)``; targets are then ``batch[1]`` or ``batch["labels"]``.
@@ -504,72 +643,73 @@ class GGNOperator(_ModelOperator):
         max_batch_vectors: int | str = "auto",
         cache_data: bool = False,
         backend: str = "auto",
+        cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise TypeError("loss_fn must be a criterion loss_fn(outputs, targets) for the GGN")
-        self.loss_fn = loss_fn
         super().__init__(
             model,
             data,
             params,
             outputs_fn(forward),
+            loss_fn,
+            reduction=loss_reduction(loss_fn, None),
             batch_size_fn=batch_size_fn,
             max_batch_vectors=max_batch_vectors,
             cache_data=cache_data,
             backend=backend,
-            cache_graph=False,  # GGN products rebuild their graphs; no cache to keep
+            cache_graph=cache_graph,
             at=at,
             compute_dtype=compute_dtype,
         )
 
-    def _vmap_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
-        primals = tuple(self._values())
-        targets = batch_targets(batch)
+    def _vmap_graph(self, batch):
+        # Reverse mode only, columns batched: J v as the pullback of u -> J^T u (linear
+        # in u), H_L by double backward, J^T by the model's pullback.
+        def build():
+            outputs, model_pullback = vjp(lambda tensors: self._call(tensors, batch), tuple(self._values()))
+            outputs = outputs.detach()
+            _, jacobian = vjp(lambda u: model_pullback(u)[0], torch.zeros_like(outputs))
+            _, loss_hessian = vjp(grad(lambda o: self._criterion(o, batch)), outputs)
+            return model_pullback, jacobian, loss_hessian
 
-        def out_fn(tensors):
-            return functional_call(self._evaluate, self._mapping(tensors), (batch,))
+        return self._reuse_graph("vmap", build)
 
-        def loss_of_outputs(o):
-            return check_scalar_loss(self.loss_fn(o, targets), "loss_fn")
-
-        outputs, pullback = vjp(out_fn, primals)
-        outputs = outputs.detach()
+    def _vmap_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
+        model_pullback, jacobian, loss_hessian = graph
 
         def column(tangents):
-            jv = jvp(out_fn, (primals,), (tangents,))[1]
-            # H_L (J v) by reverse-over-reverse: jvp(grad(mse_loss)) hits a torch.func gap.
-            hjv = grad(lambda o: (grad(loss_of_outputs)(o) * jv).sum())(outputs)
-            return pullback(hjv)[0]
+            return model_pullback(loss_hessian(jacobian(tangents)[0])[0])[0]
 
         return self._join(vmap(column)(self._split(V.T)), V.shape[1]).T
 
-    def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
+    def _loop_graph(self, batch):
+        return self._reuse_graph("loop", lambda: self._ggn_graph(batch))
+
+    def _ggn_graph(self, batch):
         # Reverse mode only, graphs built once per batch and reused for every column:
         # J v by the double-vjp trick (J v = d/du <J^T u, v>), H_L by double backward.
-        leaves = [p.requires_grad_(True) for p in self._values()]
-        out = functional_call(self._evaluate, self._mapping(leaves), (batch,))
+        leaves = self._leaves()
+        out = self._call(leaves, batch)
         o = out.detach().requires_grad_(True)
-        loss = check_scalar_loss(self.loss_fn(o, batch_targets(batch)), "loss_fn")
-        (gl,) = torch.autograd.grad(loss, o, create_graph=True)
+        (gl,) = torch.autograd.grad(self._criterion(o, batch), o, create_graph=True)
         u = torch.zeros_like(out, requires_grad=True)
         jtu = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
         live = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
+        return leaves, out, o, gl, u, jtu, live
+
+    def _loop_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
+        leaves, out, o, gl, u, jtu, live = graph
         rows = self._split(V.T)
         result = torch.zeros_like(V)
-        for j in range(V.shape[1]):
-            if not live:
-                break
-            (jv,) = torch.autograd.grad(
-                [jtu[i] for i in live], u, [rows[i][j] for i in live], retain_graph=True
-            )
+        for j in range(V.shape[1] if live else 0):
+            (jv,) = torch.autograd.grad([jtu[i] for i in live], u, [rows[i][j] for i in live], retain_graph=True)
             if gl.requires_grad:
                 (hjv,) = torch.autograd.grad(gl, o, jv, retain_graph=True)
             else:  # loss linear in the outputs
                 hjv = torch.zeros_like(o)
             parts = torch.autograd.grad(out, leaves, hjv, retain_graph=True, allow_unused=True)
-            result[:, j] = torch.cat(
-                [(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(parts, leaves)]
-            )
+            result[:, j] = self._join(parts, 1)[0]
         return result

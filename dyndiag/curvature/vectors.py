@@ -49,7 +49,8 @@ def multiply(op: object, V: torch.Tensor) -> torch.Tensor:
     """``H V`` for a ``(dim, k)`` block: ``op.matmat``, or ``op.matvec`` for one column.
 
     Operators multiply a single vector by a cheaper path than a batch (double
-    backward rather than a vmapped forward-over-reverse), and both count one product.
+    backward on a kept gradient graph rather than a vmapped pass), and both count
+    one product.
     """
     if V.shape[1] == 1 and callable(getattr(op, "matvec", None)):
         return op.matvec(V[:, 0]).unsqueeze(1)  # type: ignore[attr-defined]

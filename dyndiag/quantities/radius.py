@@ -12,6 +12,7 @@ order along a direction ``v`` each sample's logits move as ``z + tau a`` with
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,6 +33,15 @@ from ._common import (
 )
 
 __all__ = ["safe_step_radius"]
+
+with warnings.catch_warnings():
+    # torch's forward-AD decompositions load on the first jvp and call the deprecated
+    # torch.jit.script; load them here once so users are not shown torch's own warning.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
+    try:
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:  # pragma: no cover - layout differs across torch versions
+        pass
 
 
 def safe_step_radius(

@@ -88,6 +88,31 @@ def test_edge_of_stability_with_adam_adds_preconditioned_sharpness(adam_records)
     assert "preconditioned sharpness" in [t.get_text() for t in top.get_legend().get_texts()]
 
 
+def test_edge_of_stability_draws_one_line_set_per_param_group(tmp_path):
+    # Two groups of different learning rates: rows keyed "0" and "1", each drawn with its own threshold.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = classification_data(n=32, dtype=torch.float32)
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                           {"params": model[2].parameters(), "lr": 0.02}])
+    with dd.Monitor(model, opt, [dd.probes.EdgeOfStability(every=2)], loss_fn=CE, probe_data=(x, y),
+                    log_dir=tmp_path):
+        for _ in range(4):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            opt.step()
+    df = dd.load_records(tmp_path)
+    fig = dd.plot.edge_of_stability(df)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    for g in ("0", "1"):
+        steps, sharp = _values(df, "sharpness", g)
+        np.testing.assert_array_equal(lines[f"$\\lambda_{{\\max}}$ of the loss Hessian (group {g})"].get_ydata(), sharp)
+        _, thresh = _values(df, "threshold", g)
+        np.testing.assert_array_equal(lines[f"stability threshold (group {g})"].get_ydata(), thresh)
+    assert _values(df, "threshold", "0")[1][0] == pytest.approx(2 / 0.1)
+    assert _values(df, "threshold", "1")[1][0] == pytest.approx(2 / 0.02)
+
+
 def test_edge_of_stability_on_given_axes_draws_one_panel(sgd_records):
     fig = Figure()
     ax = fig.add_subplot()

@@ -174,29 +174,38 @@ def edge_of_stability(
     ``preconditioned_sharpness`` (Adam) when recorded, and the recorded threshold
     (2/η for SGD, momentum-aware) as a dashed step line, since a schedule changes
     it; bottom panel, the probe batch's ``loss`` on a log axis (omitted when the
-    records have no ``loss``).
+    records have no ``loss``). With several param groups (keys ``"0"``, ``"1"``,
+    ...), each group's sharpness and threshold are drawn in a colour of their own.
     """
     _check_frame(df)
-    steps, sharp = _series(df, "sharpness", probe)
-    t_steps, thresh = _series(df, "threshold", probe)
-    lacking = [m for m, v in (("sharpness", sharp), ("threshold", thresh)) if v.size == 0]
+    mine = df[df["probe"] == probe]
+    lacking = [m for m in ("sharpness", "threshold") if not (mine["metric"] == m).any()]
     if lacking:
         raise ValueError(
             f"df has no {' or '.join(repr(m) for m in lacking)} records from probe {probe!r}; "
             "record them with dd.probes.EdgeOfStability (probes present: "
             f"{sorted(df['probe'].astype(str).unique())})"
         )
-    p_steps, psharp = _series(df, "preconditioned_sharpness", probe)
+    # One line set per param group (key "0", "1", ...); a single group has key "".
+    groups = _key_order(mine.loc[mine["metric"] == "sharpness", "key"])
     l_steps, loss = _series(df, "loss", probe)
 
     fig, top, bottom = _panels(ax, bool(loss.size), figsize)
 
-    top.plot(steps, sharp, "o-", color="C0", ms=2.5, label="$\\lambda_{\\max}$ of the loss Hessian")
-    if psharp.size:
-        top.plot(p_steps, psharp, "s-", color="C1", ms=2.5, label="preconditioned sharpness")
-    top.plot(t_steps, thresh, "--", drawstyle="steps-post", color="C3", label="stability threshold")
+    drawn = []
+    for i, g in enumerate(groups):
+        steps, sharp = _series(df, "sharpness", probe, g)
+        t_steps, thresh = _series(df, "threshold", probe, g)
+        p_steps, psharp = _series(df, "preconditioned_sharpness", probe, g)
+        # One group: the usual colours. Several: one colour per group, told apart by line style.
+        tag, colours = (f" (group {g})", [f"C{i}"] * 3) if len(groups) > 1 else ("", ["C0", "C1", "C3"])
+        top.plot(steps, sharp, "o-", color=colours[0], ms=2.5, label=f"$\\lambda_{{\\max}}$ of the loss Hessian{tag}")
+        if psharp.size:
+            top.plot(p_steps, psharp, "s-", color=colours[1], ms=2.5, label=f"preconditioned sharpness{tag}")
+        top.plot(t_steps, thresh, "--", drawstyle="steps-post", color=colours[2], label=f"stability threshold{tag}")
+        drawn += [sharp, thresh, psharp]
     top.set_ylabel("sharpness")
-    drawn = np.concatenate([sharp, thresh, psharp])
+    drawn = np.concatenate(drawn)
     if logy or (logy is None and _auto_log(drawn)):  # Adam: lambda_max ~25 next to a threshold ~4000
         top.set_yscale("log")
     else:

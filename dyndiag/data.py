@@ -95,7 +95,7 @@ def default_batch_size(batch: Batch) -> int:
 
 
 def weighted_mean(
-    terms: Iterable[tuple[torch.Tensor, int]], zero: torch.Tensor, reduction: str = "mean"
+    terms: Iterable[tuple[torch.Tensor, int]], zero: torch.Tensor, reduction: str = "mean", *, over_ranks: bool = True
 ) -> torch.Tensor:
     """The loss-like quantity of all of ``data`` from per-batch ``(x_b, n_b)`` pairs,
     summed over ranks.
@@ -104,8 +104,8 @@ def weighted_mean(
     from per-batch means ``x_b`` of ``n_b`` samples. ``reduction="sum"``:
     ``sum_b x_b``, for per-batch sums. ``zero`` (zeros of the result's shape, dtype
     and device) is the accumulator, so a rank whose shard is empty still joins the
-    reduction; pairs with ``n_b <= 0`` are skipped. ``ValueError`` when no rank saw
-    a sample.
+    reduction; pairs with ``n_b <= 0`` are skipped. ``over_ranks=False`` keeps this
+    process's data alone (no collective). ``ValueError`` when no rank saw a sample.
     """
     total = zero
     count = 0
@@ -113,7 +113,7 @@ def weighted_mean(
         if n > 0:
             total.add_(value.to(total.dtype), alpha=n if reduction == "mean" else 1)
             count += n
-    if is_distributed():
+    if over_ranks and is_distributed():
         all_reduce_sum(total)
         count = int(all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64, device=total.device)).item())
     if count == 0:

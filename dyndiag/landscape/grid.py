@@ -89,6 +89,7 @@ from ..data import (
     model_outputs,
     tensors_in,
     to_device,
+    weighted_mean,
 )
 from ..evaluation import Evaluate, operator_mode, select_params, unwrap
 from ..state import preserve_state
@@ -362,24 +363,26 @@ def _evaluator(point_fn, model, names, chosen, theta, D, batches, device, batche
 
     def evaluate(c: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         forward = forward_at(c)
-        # float64 sums of n * loss in batch order: both ways give equal means for equal
-        # per-batch losses.
-        total = torch.zeros(len(c), dtype=torch.float64, device=device)
-        total_m = torch.zeros(len(c), dtype=torch.float64, device=device)
         has_m = False
-        count = 0
-        for batch, n in _iter_prepared(batches, device):
-            if n <= 0:
-                continue
-            loss, *m = forward(batch)
-            total += n * loss.double()
-            if m and m[0] is not None:
-                has_m = True
-                total_m += n * torch.as_tensor(m[0], dtype=torch.float64, device=device)
-            count += n
-        if count == 0:
-            raise ValueError("data yielded no samples")
-        return (total / count).cpu().numpy(), ((total_m / count).cpu().numpy() if has_m else None)
+
+        def terms():
+            # Row 0 the loss, row 1 the metric (zeros without one), per point of the chunk.
+            nonlocal has_m
+            for batch, n in _iter_prepared(batches, device):
+                if n <= 0:
+                    continue
+                loss, *m = forward(batch)
+                metric = m[0] if m and m[0] is not None else None
+                has_m = has_m or metric is not None
+                metric = torch.zeros(()) if metric is None else metric
+                yield torch.stack([loss.double().expand(len(c)),
+                                   torch.as_tensor(metric, dtype=torch.float64, device=device).expand(len(c))]), n
+
+        # Both ways accumulate float64 in batch order: equal per-batch losses give equal
+        # means. Each process evaluates its own data (no collective).
+        mean = weighted_mean(terms(), torch.zeros(2, len(c), dtype=torch.float64, device=device),
+                             over_ranks=False).cpu().numpy()
+        return mean[0], (mean[1] if has_m else None)
 
     return evaluate
 

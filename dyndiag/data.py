@@ -37,6 +37,9 @@ __all__ = [
     "is_single_batch",
     "iter_batches",
     "default_batch_size",
+    "loss_count",
+    "CausalLMLoss",
+    "IGNORE_INDEX",
     "to_device",
     "model_outputs",
     "make_loss_closure",
@@ -49,6 +52,8 @@ __all__ = [
 ]
 
 Batch = Any
+#: Label value that losses skip (padding, prompt tokens): PyTorch's and Hugging Face's convention.
+IGNORE_INDEX = -100
 LossClosure = Callable[[nn.Module, Batch], torch.Tensor]
 
 
@@ -92,6 +97,60 @@ def default_batch_size(batch: Batch) -> int:
             "pass batch_size_fn=lambda batch: ..."
         )
     return int(t.shape[0])
+
+
+class CausalLMLoss(nn.Module):
+    """Next-token cross-entropy of a causal language model, as a criterion.
+
+    ``forward(logits, labels)``: ``logits`` ``(B, T, V)``, ``labels`` ``(B, T)`` token
+    ids aligned with the inputs (Hugging Face's convention: the loss shifts them, so
+    position ``t`` predicts ``labels[:, t + 1]``); labels equal to ``ignore_index``
+    (padding, prompt tokens) are skipped. ``reduction="mean"`` averages over the
+    tokens that are not ignored (what Hugging Face causal LMs return as ``.loss``),
+    ``"sum"`` adds them. :meth:`count` is the number of tokens the mean averages,
+    which dyndiag uses to weight batches (:func:`loss_count`).
+    """
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+            raise ValueError(
+                f"CausalLMLoss needs logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
+
+    def count(self, labels: torch.Tensor) -> int:
+        """Tokens the mean averages: labels after the first position that are not ignored."""
+        return int((labels[:, 1:] != self.ignore_index).sum())
+
+
+def loss_count(batch: Batch, loss_fn: Callable | None = None) -> int:
+    """How many terms a batch's mean loss averages: its weight among batches.
+
+    ``loss_fn.count(targets)`` when the criterion defines it (:class:`CausalLMLoss`);
+    for a mapping batch with integer ``labels`` of two or more dimensions (a Hugging
+    Face language-model batch), the labels after the first position that are not
+    ``-100``, the tokens a causal LM's ``.loss`` averages; otherwise the number of
+    samples (:func:`default_batch_size`).
+    """
+    count = getattr(loss_fn, "count", None)
+    if callable(count):
+        return int(count(batch_targets(batch)))
+    if isinstance(batch, Mapping):
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and not labels.is_floating_point():
+            return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return default_batch_size(batch)
 
 
 def weighted_mean(

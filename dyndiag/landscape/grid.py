@@ -61,6 +61,32 @@ uninterrupted run; a file resumed with another setting mixes values that agree
 to float rounding. A torn last line (a crash while writing) is dropped and
 truncated away on the next run. The key does not cover ``data``, the loss or
 ``batch_points``: reuse a path only for the same data and loss.
+
+Under ``torch.distributed`` (a process group of several ranks; every rank calls
+``surface`` with the same directions, grid, metric setting and ``batch_points``,
+checked through the key):
+
+* split (default): the fixed chunks holding a point to do are dealt round-robin
+  (chunk ``k`` to rank ``k % world``) and each rank evaluates its chunks on the
+  data it is given, so give every rank the same data. The chunk size is agreed
+  (the smallest any rank chose) and capped at ``ceil(points / world)`` so every
+  rank has work. After each round (one chunk per rank) the ranks all-gather the
+  round's values, so every rank returns the whole surface; a rank whose
+  evaluation raises says so in that gather and the others raise
+  ``RuntimeError("surface: rank r failed: ...")`` instead of waiting for it.
+  Whether vmap runs (the first-chunk trial) is each rank's own decision.
+* ``data_parallel=True``: every rank evaluates every point on its own shard and
+  each point's loss (and metric) is the sample-weighted mean over all shards
+  (:func:`dyndiag.data.weighted_mean` over ranks, one all-reduce per chunk);
+  the chunk size and the first-chunk trial's outcome are agreed across ranks so
+  every rank enters the same all-reduces. An error on one rank only (not in the
+  trial) leaves the others waiting in the all-reduce, as in any data-parallel
+  program.
+
+Rank 0 alone reads and writes ``path`` (the other ranks' ``path`` is ignored) and
+broadcasts the finished points, so an interrupted run resumes on any number of
+ranks, one process included; with the same world size and ``batch_points`` the
+chunks are the same and resumed values bit-identical.
 """
 
 from __future__ import annotations
@@ -114,7 +140,8 @@ class Surface:
     ``values[i, j]`` the loss at ``(coords[0][i], coords[1][j])``;
     ``metric_values`` is the same for ``metric`` (None without one).
     ``batch_points`` is how this call evaluated its points: the chunk size under
-    vmap, 1 for the per-point loop, 0 if every point was already stored.
+    vmap, 1 for the per-point loop, 0 if every point was already stored (under
+    ``torch.distributed``, this rank's way; every rank returns the same values).
     """
 
     coords: tuple[np.ndarray, ...]
@@ -176,7 +203,8 @@ def surface(
     path:
         Resumable store (JSON lines, see the module docstring). Finished points
         are read back and not recomputed; a file made for another grid,
-        directions, centre or metric setting raises ``ValueError``.
+        directions, centre or metric setting raises ``ValueError``. Under
+        ``torch.distributed`` rank 0 alone reads and writes it.
     closure:
         ``closure(model, batch) -> scalar loss`` instead of ``loss_fn`` (always
         evaluated per point).
@@ -192,8 +220,16 @@ def surface(
         rule in the module docstring), an int > 1, or 1 (or 0) for the per-point
         loop. Where vmap cannot run, every point goes per point (with a warning
         for an int > 1).
+    data_parallel:
+        Under ``torch.distributed``: False (default) splits the grid points across
+        ranks, each evaluating its points on its own ``data`` (give every rank the
+        same data); True evaluates every point on every rank and averages each
+        point's loss over the ranks' data shards (the surface of their union).
+        Either way every rank returns the same surface and rank 0 writes ``path``
+        (module docstring). No effect in a single process.
     progress:
-        Progress bar over the grid points; ``None`` shows it on a terminal only.
+        Progress bar over the grid points; ``None`` shows it on a terminal only
+        (rank 0's alone under ``torch.distributed``).
 
     Returns
     -------

@@ -16,7 +16,7 @@ from torch import nn
 import dyndiag.landscape as L
 from tests.models import classification_data, tanh_mlp
 
-pytestmark = pytest.mark.slow  # one spawn of 2 ranks (about 7-15 s on a busy 2-core machine) for the module
+pytestmark = pytest.mark.slow  # the module shares one spawn of 2 ranks
 
 CE = nn.CrossEntropyLoss()
 SPLIT = 10  # data_parallel: rank 0 holds 10 samples, rank 1 the other 14

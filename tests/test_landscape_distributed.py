@@ -4,6 +4,7 @@ return the single-process surface; rank 0 alone writes the store, which resumes.
 from __future__ import annotations
 
 import os
+import warnings
 import socket
 
 import numpy as np
@@ -115,6 +116,13 @@ def _worker(rank: int, world: int, init_file: str, out: str, port: int) -> None:
         counter = Counting()
         res["dp_per_point"] = L.surface(model, None, shard, dirs, closure=counter, data_parallel=True, **KW).values
         res["dp_calls"] = counter.calls
+        # A metric vmap cannot batch on rank 1 only (.item()): both ranks go per point, in step.
+        item_metric = (lambda o, t: float(accuracy(o, t))) if rank == 1 else accuracy
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            s = L.surface(model, CE, shard, dirs, metric=item_metric, data_parallel=True, batch_points=4, **KW)
+        res["dp_fallback"], res["dp_fallback_chunk"] = s.values, s.batch_points
+        res["dp_fallback_warning"] = [str(w.message) for w in caught if w.category is RuntimeWarning]
 
         # Interrupted on both ranks in the same round (4th point of each), then resumed.
         path = os.path.join(out, "resume.jsonl")
@@ -188,6 +196,11 @@ def test_data_parallel_equals_one_process_on_the_union(ranks, single):
     np.testing.assert_allclose(r0["dp_metric"], single.metric_values, rtol=1e-12, atol=0)
     assert r0["dp_calls"] == r1["dp_calls"] == 16 * 2  # every point on both of its batches
     assert r0["dp_chunk"] == r1["dp_chunk"] > 1  # batched on both
+    np.testing.assert_array_equal(r0["dp_fallback"], r1["dp_fallback"])
+    np.testing.assert_allclose(r0["dp_fallback"], single.values, rtol=1e-12, atol=0)
+    assert r0["dp_fallback_chunk"] == r1["dp_fallback_chunk"] == 1
+    (w0,), (w1,) = r0["dp_fallback_warning"], r1["dp_fallback_warning"]
+    assert "on rank 1, the first chunk failed batched" in w0 and "the first chunk failed batched" in w1
 
 
 def test_interrupted_distributed_run_resumes_from_the_store(ranks, single):

@@ -63,8 +63,8 @@ truncated away on the next run. The key does not cover ``data``, the loss or
 ``batch_points``: reuse a path only for the same data and loss.
 
 Under ``torch.distributed`` (a process group of several ranks; every rank calls
-``surface`` with the same directions, grid, metric setting and ``batch_points``,
-checked through the key):
+``surface`` with the same directions, centre, grid and metric setting, compared
+through the key, and the same ``batch_points``):
 
 * split (default): the fixed chunks holding a point to do are dealt round-robin
   (chunk ``k`` to rank ``k % world``) and each rank evaluates its chunks on the
@@ -397,7 +397,9 @@ def _report_failure(error: Exception) -> None:
 def _agree_first(result: object) -> object:
     """Data-parallel trial chunk: batched only if it ran batched on every rank."""
     whys = all_gather_object(result if isinstance(result, str) else None)
-    return next((w if w == result else f"on another rank, {w}" for w in whys if w is not None), result)
+    if isinstance(result, str):
+        return result
+    return next((f"on rank {r}, {w}" for r, w in enumerate(whys) if w is not None), result)
 
 
 def _check_batch_points(batch_points: object) -> int | None:

@@ -16,6 +16,7 @@ from torch import nn
 
 import dyndiag.landscape as L
 from tests.models import classification_data, tanh_mlp
+from tests.test_landscape import _failing_metric
 
 pytestmark = pytest.mark.slow  # the module shares one spawn of 2 ranks
 
@@ -39,18 +40,6 @@ class Counting:
         if self.fail_at is not None and self.calls >= self.fail_at:
             raise RuntimeError("interrupted")
         return CE(model(batch[0]), batch[1])
-
-
-def failing_metric(after):
-    calls = [0]
-
-    def metric(outputs, targets):
-        calls[0] += 1
-        if calls[0] > after:
-            raise RuntimeError("interrupted")
-        return accuracy(outputs, targets)
-
-    return metric
 
 
 def _shard(rank):
@@ -139,7 +128,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, port: int) -> None:
         kw = dict(KW, batch_points=2)
         path = os.path.join(out, "batched.jsonl")
         res["full2"] = L.surface(model, CE, data, dirs, metric=accuracy, **kw).values
-        res["stop_batched"] = _raises(L.surface, model, CE, data, dirs, metric=failing_metric(2), path=path, **kw)
+        res["stop_batched"] = _raises(L.surface, model, CE, data, dirs, metric=_failing_metric(2), path=path, **kw)
         res["resumed2"] = L.surface(model, CE, data, dirs, metric=accuracy, path=path, **kw).values
 
         # Ranks that disagree on the directions are refused on every rank.

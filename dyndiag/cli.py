@@ -399,7 +399,7 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
     OUT/landscape.csv (x[, y], loss) and the figure (with the training path drawn
     on it for trajectory directions).
 
-    Under torchrun (torchrun --nproc-per-node N -m dyndiag.cli landscape ...) the
+    Under torchrun (torchrun --nproc-per-node N -m dyndiag landscape ...) the
     ranks share the grid (or, with --data-parallel, the data) through a process
     group the command starts (gloo on the cpu, nccl with --device cuda); rank 0
     writes OUT and prints.
@@ -440,9 +440,9 @@ def _torchrun_group(device: str) -> Iterator:
 
 def _landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, out, kind, dims, extent,
                resolution, seed, batch_points, formats, device, data_parallel, progress) -> None:
-    from .distributed import is_writer, world_size
     from . import plot as dplot
     from .checkpoints import load_checkpoint, match_state_dict, sort_checkpoints
+    from .distributed import is_writer, world_size
     from .curvature.operators import HessianOperator
     from .landscape import eigen_directions, random_directions, surface, trajectory_directions
 

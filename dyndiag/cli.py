@@ -6,7 +6,9 @@ no traceback unless ``--debug``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -381,18 +383,66 @@ def tensorboard(run_dir, out) -> None:
               help="Grid points evaluated together: 'auto', a number, or 1 for one point at a time "
                    "(see surface(batch_points=) in docs/landscapes.md).")
 @click.option("--format", "formats", default="pdf,png", show_default=True, help="Comma-separated figure formats.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the model runs; cuda: the current GPU, under torchrun the rank's (LOCAL_RANK).")
+@click.option("--data-parallel", is_flag=True,
+              help="Under torchrun: --data returns this rank's shard and every point's loss is averaged over "
+                   "the shards of all ranks. Default: every rank gets the same --data and evaluates its share "
+                   "of the grid points.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, out, kind, dims, extent,
-              resolution, seed, batch_points, formats, progress) -> None:
+              resolution, seed, batch_points, formats, device, data_parallel, progress) -> None:
     """Loss landscape around the last CHECKPOINT (in step order).
 
     Grid points are stored in OUT/landscape.jsonl as they are evaluated; a re-run
     with the same settings resumes and skips finished points. Writes
     OUT/landscape.csv (x[, y], loss) and the figure (with the training path drawn
     on it for trajectory directions).
+
+    Under torchrun (torchrun --nproc-per-node N -m dyndiag landscape ...) the
+    ranks share the grid (or, with --data-parallel, the data) through a process
+    group the command starts (gloo on the cpu, nccl with --device cuda); rank 0
+    writes OUT and prints.
     """
+    with _torchrun_group(device) as where:
+        _landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, out, kind, dims, extent,
+                   resolution, seed, batch_points, formats, where, data_parallel, progress)
+
+
+@contextlib.contextmanager
+def _torchrun_group(device: str) -> Iterator:
+    """The ``torch.device`` to run on, inside a process group when torchrun started this
+    process (its ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` are set and
+    no group exists yet): nccl on ``cuda`` (this rank's GPU, ``LOCAL_RANK``), gloo on the
+    cpu; destroyed on the way out."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available", param_hint="'--device'")
+    launched = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    start = launched and dist.is_available() and not dist.is_initialized()
+    if device == "cuda" and launched:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    where = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    if start:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    try:
+        yield where
+        if start:
+            dist.barrier()  # every rank past its last collective before the group goes
+    finally:
+        if start:
+            dist.destroy_process_group()
+
+
+def _landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, out, kind, dims, extent,
+               resolution, seed, batch_points, formats, device, data_parallel, progress) -> None:
     from . import plot as dplot
     from .checkpoints import load_checkpoint, match_state_dict, sort_checkpoints
+    from .distributed import is_writer, world_size
     from .curvature.operators import HessianOperator
     from .landscape import eigen_directions, random_directions, surface, trajectory_directions
 
@@ -411,6 +461,7 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
     for step, path in ordered if kind == "trajectory" else ordered[-1:]:
         states.append(match_state_dict(load_checkpoint(path, trust=trust_checkpoint).state_dict, model))
     model.load_state_dict(states[-1])
+    model.to(device)
     trajectory = None
     if kind == "random":
         dirs = random_directions(model, n=dims, normalization="filter", seed=seed)
@@ -418,12 +469,14 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
         dirs = eigen_directions(HessianOperator(model, loss_fn, data), k=dims, seed=seed)
     else:
         dirs = trajectory = trajectory_directions(states, n=dims, params_of=model)
-        click.echo("trajectory PCA explained variance: "
-                   + ", ".join(f"{v:.3f}" for v in trajectory.explained_variance))
+        if is_writer():
+            click.echo("trajectory PCA explained variance: "
+                       + ", ".join(f"{v:.3f}" for v in trajectory.explained_variance))
     if extent is None:
         extent = trajectory.extent() if trajectory is not None else 1.0
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
     if batch_points != "auto":
         try:
             batch_points = int(batch_points)
@@ -433,8 +486,10 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
         if batch_points < 0:
             raise click.BadParameter(f"must be 'auto' or a whole number >= 0, got {batch_points}",
                                      param_hint="--batch-points")
-    surf = surface(model, loss_fn, data, dirs, extent=extent, resolution=resolution,
-                   path=out / "landscape.jsonl", batch_points=batch_points, progress=progress)
+    surf = surface(model, loss_fn, data, dirs, extent=extent, resolution=resolution, path=out / "landscape.jsonl",
+                   batch_points=batch_points, data_parallel=data_parallel, progress=progress)
+    if not is_writer():
+        return
     surf.to_dataframe().to_csv(out / "landscape.csv", index=False)
     labels = {"random": ("random direction 1", "random direction 2"),
               "hessian": ("Hessian eigenvector 1", "Hessian eigenvector 2"),
@@ -444,6 +499,8 @@ def landscape(checkpoints, model_spec, data_spec, loss_spec, trust_checkpoint, o
         saved = dplot.save(fig, out / "landscape", formats=fmts)
     how = {0: "all points read back from landscape.jsonl", 1: "one point at a time"}.get(
         surf.batch_points, f"{surf.batch_points} points at a time")
+    if world_size() > 1:
+        how += f"; {world_size()} ranks, " + ("data shards averaged" if data_parallel else "grid split")
     click.echo(f"{'x'.join([str(resolution)] * dims)} grid around step {ordered[-1][0]} ({how}): loss "
                f"{surf.values.min():.4g} .. {surf.values.max():.4g}; wrote {out / 'landscape.csv'}, "
                + ", ".join(str(p) for p in saved))

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["initialized", "rank", "world_size", "is_distributed", "is_writer", "all_reduce_sum", "all_reduce_max"]
+__all__ = [
+    "initialized", "rank", "world_size", "is_distributed", "is_writer", "all_reduce_sum", "all_reduce_max",
+    "broadcast_object", "all_gather_object",
+]
 
 
 def initialized() -> bool:
@@ -64,3 +67,25 @@ def all_reduce_max(t):
 
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself outside a group of several ranks)."""
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` outside a group)."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

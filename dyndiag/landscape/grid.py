@@ -61,6 +61,32 @@ uninterrupted run; a file resumed with another setting mixes values that agree
 to float rounding. A torn last line (a crash while writing) is dropped and
 truncated away on the next run. The key does not cover ``data``, the loss or
 ``batch_points``: reuse a path only for the same data and loss.
+
+Under ``torch.distributed`` (a process group of several ranks; every rank calls
+``surface`` with the same directions, centre, grid and metric setting, compared
+through the key, and the same ``batch_points``):
+
+* split (default): the fixed chunks holding a point to do are dealt round-robin
+  (chunk ``k`` to rank ``k % world``) and each rank evaluates its chunks on the
+  data it is given, so give every rank the same data. The chunk size is agreed
+  (the smallest any rank chose) and capped at ``ceil(points / world)`` so every
+  rank has work. After each round (one chunk per rank) the ranks all-gather the
+  round's values, so every rank returns the whole surface; a rank whose
+  evaluation raises says so in that gather and the others raise
+  ``RuntimeError("surface: rank r failed: ...")`` instead of waiting for it.
+  Whether vmap runs (the first-chunk trial) is each rank's own decision.
+* ``data_parallel=True``: every rank evaluates every point on its own shard and
+  each point's loss (and metric) is the sample-weighted mean over all shards
+  (:func:`dyndiag.data.weighted_mean` over ranks, one all-reduce per chunk);
+  the chunk size and the first-chunk trial's outcome are agreed across ranks so
+  every rank enters the same all-reduces. An error on one rank only (not in the
+  trial) leaves the others waiting in the all-reduce, as in any data-parallel
+  program.
+
+Rank 0 alone reads and writes ``path`` (the other ranks' ``path`` is ignored) and
+broadcasts the finished points, so an interrupted run resumes on any number of
+ranks, one process included; with the same world size and ``batch_points`` the
+chunks are the same and resumed values bit-identical.
 """
 
 from __future__ import annotations
@@ -91,6 +117,7 @@ from ..data import (
     to_device,
     weighted_mean,
 )
+from ..distributed import all_gather_object, broadcast_object, is_distributed, is_writer, rank, world_size
 from ..evaluation import Evaluate, operator_mode, select_params, unwrap
 from ..state import preserve_state
 
@@ -113,7 +140,8 @@ class Surface:
     ``values[i, j]`` the loss at ``(coords[0][i], coords[1][j])``;
     ``metric_values`` is the same for ``metric`` (None without one).
     ``batch_points`` is how this call evaluated its points: the chunk size under
-    vmap, 1 for the per-point loop, 0 if every point was already stored.
+    vmap, 1 for the per-point loop, 0 if every point was already stored (under
+    ``torch.distributed``, this rank's way; every rank returns the same values).
     """
 
     coords: tuple[np.ndarray, ...]
@@ -150,6 +178,7 @@ def surface(
     metric: Callable | None = None,
     params: Sequence[torch.Tensor] | None = None,
     batch_points: int | str = "auto",
+    data_parallel: bool = False,
     progress: bool | None = None,
 ) -> Surface:
     """The loss on a 1-D or 2-D grid around the model's current parameters.
@@ -174,7 +203,8 @@ def surface(
     path:
         Resumable store (JSON lines, see the module docstring). Finished points
         are read back and not recomputed; a file made for another grid,
-        directions, centre or metric setting raises ``ValueError``.
+        directions, centre or metric setting raises ``ValueError``. Under
+        ``torch.distributed`` rank 0 alone reads and writes it.
     closure:
         ``closure(model, batch) -> scalar loss`` instead of ``loss_fn`` (always
         evaluated per point).
@@ -190,8 +220,16 @@ def surface(
         rule in the module docstring), an int > 1, or 1 (or 0) for the per-point
         loop. Where vmap cannot run, every point goes per point (with a warning
         for an int > 1).
+    data_parallel:
+        Under ``torch.distributed``: False (default) splits the grid points across
+        ranks, each evaluating its points on its own ``data`` (give every rank the
+        same data); True evaluates every point on every rank and averages each
+        point's loss over the ranks' data shards (the surface of their union).
+        Either way every rank returns the same surface and rank 0 writes ``path``
+        (module docstring). No effect in a single process.
     progress:
-        Progress bar over the grid points; ``None`` shows it on a terminal only.
+        Progress bar over the grid points; ``None`` shows it on a terminal only
+        (rank 0's alone under ``torch.distributed``).
 
     Returns
     -------
@@ -214,6 +252,8 @@ def surface(
     if isinstance(data, Iterator):
         raise TypeError("data must be re-iterable (a batch, a list of batches or a DataLoader), not an iterator")
     requested = _check_batch_points(batch_points)
+    if not isinstance(data_parallel, bool):
+        raise TypeError(f"data_parallel must be True or False, got {type(data_parallel).__name__}")
 
     model = unwrap(model)
     names, chosen = select_params(model, params)
@@ -223,11 +263,16 @@ def surface(
     shape = tuple(len(c) for c in coords)
 
     theta = torch.cat([p.detach().reshape(-1) for p in chosen])
-    store = None
-    done: dict[tuple[int, ...], tuple[float, float | None]] = {}
-    if path is not None:
-        store = os.fspath(path)
-        done = _load(store, _key(coords, dirs, theta, metric is not None), shape)
+    ranks = world_size()
+    split = ranks > 1 and not data_parallel  # grid points split across ranks
+    key = _key(coords, dirs, theta, metric is not None) if path is not None or ranks > 1 else None
+    if ranks > 1 and len(set(all_gather_object(key))) > 1:
+        raise ValueError(
+            "directions, centre parameters, extent, resolution or metric differ across ranks; every rank must "
+            "call surface with the same ones (random_directions with the same seed gives the same directions)"
+        )
+    store = os.fspath(path) if path is not None and is_writer() else None
+    done = _resume(store, key, shape)
 
     values = np.full(shape, np.nan)
     metric_values = np.full(shape, np.nan) if metric is not None else None
@@ -244,19 +289,21 @@ def surface(
     from tqdm.auto import tqdm
 
     point_fn = _point_fn(fn, loss_fn if closure is None else None, metric)
-    bar = tqdm(total=len(todo), desc="landscape", disable=None if progress is None else not progress)
+    quiet = not is_writer() or (False if progress is None else not progress)
+    bar = tqdm(total=len(todo), desc="landscape", disable=True if quiet else None)
     handle = open(store, "a", encoding="utf-8") if store is not None else None
 
-    def record(points: list[tuple[int, float, float | None]]) -> None:
+    def keep(points: list[tuple[int, float, float | None]]) -> None:
         """Store finished points ``(flat index, loss, metric)``: arrays, file (one fsync), bar."""
         for f, loss, m in points:
             values[grid[f]] = loss
             if metric_values is not None:
                 metric_values[grid[f]] = m
-        if handle is not None:
+        if handle is not None and points:
             _append(handle, [(grid[f], loss, m) for f, loss, m in points])
         bar.update(len(points))
 
+    record, on_error = (_gathering(keep), _report_failure) if split else (keep, None)
     try:
         # The state guard restores what the per-point loop writes (parameters, running
         # statistics a train-mode BatchNorm moves); vmap writes nothing.
@@ -267,23 +314,92 @@ def surface(
             C = torch.tensor([[float(c[i]) for c, i in zip(coords, idx)] for idx in grid], dtype=dtype, device=device)
             batches = _prepared(data, device)
             evaluator = lambda batched: _evaluator(point_fn, model, names, chosen, theta, D, batches,  # noqa: E731
-                                                   device, batched)
+                                                   device, batched, metric is not None, data_parallel)
             why = _unbatchable(model, closure)
             size = requested or (1 if why else _auto_chunk(model, point_fn, batches, theta.numel(), device))
+            if ranks > 1:
+                # One chunk size and one reason for every rank: the chunks are the unit of
+                # work (split) or of the all-reduces every rank must enter (data_parallel).
+                agreed = all_gather_object((size, why))
+                size = min(s for s, _ in agreed)
+                why = next((w for _, w in agreed if w is not None), None)
+            if split:
+                size = min(size, -(-len(grid) // ranks))  # every rank gets a chunk of a fresh grid
+            chunks = _chunks(todo, size, len(grid), rank() if split else 0, ranks if split else 1)
+            agree = _agree_first if data_parallel and ranks > 1 else None
             if size > 1 and why is None:
-                why = _run(evaluator(True), C, todo, size, record, first=model)
+                why = _run(evaluator(True), C, chunks, set(todo), record, first=model, agree=agree,
+                           on_error=on_error)
             if size > 1 and why is not None:
                 if requested:
                     warnings.warn(f"surface: batch_points={requested} falls back to the per-point loop: {why}",
                                   RuntimeWarning, stacklevel=2)
                 size = 1
             if size == 1:
-                _run(evaluator(False), C, todo, 1, record)
+                # Split: this rank's chunks as they were dealt (the rounds stay in step across
+                # ranks); one process or data-parallel: one point at a time.
+                points = chunks if split else [(f, f + 1) for f in todo]
+                _run(evaluator(False), C, points, set(todo), record, per_point=True, on_error=on_error)
     finally:
         bar.close()
         if handle is not None:
             handle.close()
     return Surface(coords=coords, values=values, metric_values=metric_values, batch_points=size)
+
+
+def _resume(store: str | None, key: str | None, shape: tuple[int, ...]) -> dict:
+    """Finished points of the store: read by the writer (``store`` is None elsewhere) and
+    broadcast, so every rank skips the same points; an error reading it is raised on every rank."""
+    done, error = {}, None
+    if store is not None:
+        try:
+            done = _load(store, key, shape)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    if is_distributed():
+        done, shared = broadcast_object((done, error))
+        error = error or shared
+    if error is not None:
+        raise error
+    return done
+
+
+def _chunks(todo: list[int], size: int, n: int, rank: int, ranks: int) -> list[tuple[int, int] | None]:
+    """This rank's chunks ``(start, stop)`` of flat indices, one per round: the fixed
+    chunks ``[k*size, (k+1)*size)`` holding a point to do, dealt round-robin over ``ranks``
+    (None: nothing for this rank in the last round)."""
+    starts = sorted({f - f % size for f in todo})
+    rounds = -(-len(starts) // ranks)
+    return [(starts[i], min(starts[i] + size, n)) if i < len(starts) else None
+            for i in range(rank, rounds * ranks, ranks)]
+
+
+def _gathering(keep: Callable) -> Callable:
+    """``record`` of a split grid: every rank's points of the round, gathered on every rank
+    and kept (arrays everywhere, the file on the writer); a rank that reported a failure
+    (:func:`_report_failure`) raises it on the others instead of leaving them waiting."""
+
+    def record(points: list) -> None:
+        gathered = all_gather_object(points)
+        failed = [(r, g) for r, g in enumerate(gathered) if isinstance(g, str)]
+        if failed:
+            raise RuntimeError(f"surface: rank {failed[0][0]} failed: {failed[0][1]}")
+        keep([p for g in gathered for p in g])
+
+    return record
+
+
+def _report_failure(error: Exception) -> None:
+    """Tell the other ranks of a split grid, in this round's gather, that this rank failed."""
+    all_gather_object(f"{type(error).__name__}: {error}")
+
+
+def _agree_first(result: object) -> object:
+    """Data-parallel trial chunk: batched only if it ran batched on every rank."""
+    whys = all_gather_object(result if isinstance(result, str) else None)
+    if isinstance(result, str):
+        return result
+    return next((f"on rank {r}, {w}" for r, w in enumerate(whys) if w is not None), result)
 
 
 def _check_batch_points(batch_points: object) -> int | None:
@@ -334,10 +450,13 @@ def _auto_chunk(model: nn.Module, point_fn: Callable, batches: object, dim: int,
     return 1 if device.type == "cpu" and size < _CPU_MIN_CHUNK else max(size, 1)
 
 
-def _evaluator(point_fn, model, names, chosen, theta, D, batches, device, batched: bool) -> Callable:
-    """``c (P, k) -> (loss (P,), metric (P,) or None)``, float64 numpy: the
-    sample-weighted means over ``batches`` at ``theta + D @ c[r]`` for every row,
-    under vmap (``batched``) or, for one row, in the live parameters."""
+def _evaluator(point_fn, model, names, chosen, theta, D, batches, device, batched: bool, has_metric: bool,
+               over_ranks: bool) -> tuple[Callable, Callable]:
+    """``(local, reduce)``: ``reduce(local(c))`` maps ``c (P, k)`` to ``(loss (P,),
+    metric (P,) or None)``, float64 numpy, the sample-weighted means over ``batches`` at
+    ``theta + D @ c[r]`` for every row, under vmap (``batched``) or, for one row, in the
+    live parameters. ``local`` runs the forwards on this process's data; ``reduce``
+    averages them, over ranks too with ``over_ranks`` (a collective)."""
     if batched:
         vm = _vmapped(model, point_fn)
         numels = [p.numel() for p in chosen]
@@ -358,56 +477,71 @@ def _evaluator(point_fn, model, names, chosen, theta, D, batches, device, batche
 
             def forward(batch):
                 loss, m = point_fn(model, batch)
-                return check_scalar_loss(loss, "loss_fn/closure"), m
+                return (check_scalar_loss(loss, "loss_fn/closure"),) + (() if m is None else (m,))
             return forward
 
-    def evaluate(c: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    def local(c: torch.Tensor) -> tuple[list[tuple[torch.Tensor, int]], int]:
+        """Per batch of this process: ``(stack([loss, metric]) (2, P), count)`` (metric
+        row zeros without one), and P."""
         forward = forward_at(c)
-        has_m = False
+        terms = []
+        for batch, n in _iter_prepared(batches, device):
+            if n <= 0:
+                continue
+            loss, *m = forward(batch)
+            if has_metric and not m:
+                raise TypeError("metric must return a scalar (a tensor or a number), got None")
+            metric = torch.as_tensor(m[0], dtype=torch.float64, device=device) if m else torch.zeros((), device=device)
+            terms.append((torch.stack([loss.double().expand(len(c)), metric.double().expand(len(c))]), n))
+        return terms, len(c)
 
-        def terms():
-            # Row 0 the loss, row 1 the metric (zeros without one), per point of the chunk.
-            nonlocal has_m
-            for batch, n in _iter_prepared(batches, device):
-                if n <= 0:
-                    continue
-                loss, *m = forward(batch)
-                metric = m[0] if m and m[0] is not None else None
-                has_m = has_m or metric is not None
-                metric = torch.zeros(()) if metric is None else metric
-                yield torch.stack([loss.double().expand(len(c)),
-                                   torch.as_tensor(metric, dtype=torch.float64, device=device).expand(len(c))]), n
+    def reduce(part) -> tuple[np.ndarray, np.ndarray | None]:
+        # Both ways accumulate float64 in batch order: equal per-batch losses give equal means.
+        terms, P = part
+        mean = weighted_mean(terms, torch.zeros(2, P, dtype=torch.float64, device=device),
+                             over_ranks=over_ranks).cpu().numpy()
+        return mean[0], (mean[1] if has_metric else None)
 
-        # Both ways accumulate float64 in batch order: equal per-batch losses give equal
-        # means. Each process evaluates its own data (no collective).
-        mean = weighted_mean(terms(), torch.zeros(2, len(c), dtype=torch.float64, device=device),
-                             over_ranks=False).cpu().numpy()
-        return mean[0], (mean[1] if has_m else None)
-
-    return evaluate
+    return local, reduce
 
 
-def _run(evaluate: Callable, C: torch.Tensor, todo: list[int], size: int, record, first: nn.Module | None = None):
-    """Evaluate ``todo`` (flat indices) in fixed chunks ``[k*size, (k+1)*size)``.
+def _run(evaluator: tuple[Callable, Callable], C: torch.Tensor, chunks: list[tuple[int, int] | None],
+         pending: set[int], record: Callable, *, per_point: bool = False, first: nn.Module | None = None,
+         agree: Callable | None = None, on_error: Callable | None = None):
+    """Evaluate ``chunks`` (``(start, stop)`` flat index ranges, in order) and
+    ``record`` the points of ``pending`` each holds, one call per chunk (None: a round
+    with nothing to evaluate here, recorded empty).
 
-    A chunk with any point to do is evaluated whole, so a resumed run evaluates
-    the same chunks as an uninterrupted one; only its new points are recorded.
-    With ``first`` (the model), the first chunk is a trial (:func:`_first_chunk`):
-    returns why it failed (nothing recorded, buffers and RNG as before), else None.
+    A chunk is evaluated whole, so a resumed run evaluates the same chunks as an
+    uninterrupted one; ``per_point`` evaluates its pending points one by one instead.
+    With ``first`` (the model), the first chunk is a trial (:func:`_first_chunk`,
+    its outcome passed through ``agree``): returns why it failed (nothing recorded,
+    buffers and RNG as before), else None. ``on_error(exception)`` runs before an
+    evaluation error propagates.
     """
-    pending = set(todo)
-    for k, start in enumerate(sorted({f - f % size for f in todo})):
-        stop = min(start + size, C.shape[0])
-        c = C[start:stop]
-        result = _first_chunk(evaluate, first, c) if k == 0 and first is not None else evaluate(c)
-        if isinstance(result, str):
-            return result
-        losses, metrics = result
-        record([
-            (f, float(losses[f - start]), None if metrics is None else float(metrics[f - start]))
-            for f in range(start, stop)
-            if f in pending
-        ])
+    local, reduce = evaluator
+    for k, chunk in enumerate(chunks):
+        points = []
+        if chunk is not None:
+            start, stop = chunk
+            ranges = [(f, f + 1) for f in range(start, stop) if f in pending] if per_point else [chunk]
+            try:
+                for a, b in ranges:
+                    if k == 0 and first is not None:
+                        part = _first_chunk(local, first, C[a:b])
+                        part = agree(part) if agree is not None else part
+                        if isinstance(part, str):
+                            return part
+                    else:
+                        part = local(C[a:b])
+                    losses, metrics = reduce(part)
+                    points += [(f, float(losses[f - a]), None if metrics is None else float(metrics[f - a]))
+                               for f in range(a, b) if f in pending]
+            except Exception as e:
+                if on_error is not None:
+                    on_error(e)
+                raise
+        record(points)
     return None
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
+from ..data import IGNORE_INDEX
 from ..quantities.softmax import collapsed_fraction
 from .base import Probe
 from .context import StepContext
@@ -15,17 +17,44 @@ __all__ = ["SoftmaxCollapse", "DataScores"]
 
 class SoftmaxCollapse(Probe):
     """``collapsed_fraction``: the fraction of the last training forward's rows whose
-    top softmax probability is exactly 1 in the logits' dtype (the value stays on
-    the device: ``syncs = False``)."""
+    top softmax probability is exactly 1 in the dtype the training loss was computed
+    in (float32 for half-precision logits under autocast, else the logits' dtype),
+    see :func:`~dyndiag.quantities.softmax_collapse`. The value stays on the
+    device (``syncs = False``).
+
+    Rows whose label is ``ignore_index`` are not counted when the labels of that
+    forward are known (``ctx.run.targets``): the ``labels`` a Hugging Face model is
+    called with, or the targets the training loop passes to the Monitor's
+    ``loss_fn`` module together with these logits. For token-level logits
+    ``(B, T, V)`` position ``t`` is judged by label ``t + 1`` (``shift_labels``:
+    causal LM), so the last position and the positions before an ignored label are
+    not counted. Without labels every row counts.
+    """
 
     modifies_state = False
     syncs = False
 
     needs = frozenset({"logits"})
 
+    def __init__(self, every=1, name=None, *, shift_labels: bool = True, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(every, name)
+        self.shift_labels = shift_labels
+        self.ignore_index = ignore_index
+
     def compute(self, ctx: StepContext) -> Mapping:
-        logits = ctx.logits
-        return {"collapsed_fraction": collapsed_fraction(logits.reshape(-1, logits.shape[-1]))}
+        logits, targets = ctx.logits, ctx.run.targets
+        fits = (
+            logits.dim() in (2, 3)
+            and isinstance(targets, torch.Tensor)
+            and targets.shape == logits.shape[:-1]
+            and not (targets.is_floating_point() or targets.dtype == torch.bool)
+        )
+        if not fits:  # no labels (or soft ones): every row counts
+            logits, targets = logits.reshape(-1, logits.shape[-1]), None
+        value = collapsed_fraction(
+            logits, targets, dtype=ctx.run.loss_dtype, shift_labels=self.shift_labels, ignore_index=self.ignore_index
+        )
+        return {"collapsed_fraction": value}
 
 
 class DataScores(Probe):

@@ -192,3 +192,21 @@ def test_data_scores_and_coherence_probes_on_lm_batches(tmp_path):
     df = dd.load_records(tmp_path)
     coh = df[(df.probe == "gradient_coherence") & (df.metric == "coherence")].value.item()
     assert coh == pytest.approx(coherence_of(P), rel=1e-10)
+
+
+def test_probes_on_a_hugging_face_model_with_its_own_loss(tmp_path):
+    pytest.importorskip("transformers")
+    model, batch = hf_gpt2().train(), token_batch(batch=4, length=6)
+    G = loop_gradients(model, [batch], lambda m, b: m(**b).loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    probes = [dd.probes.DataScores(batch), dd.probes.GradientCoherence()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the per-example loop's notice
+        with dd.Monitor(model, opt, probes, closure=lambda m, b: m(**b).loss, probe_data=batch, log_dir=tmp_path):
+            model(**batch).loss.backward()
+            opt.step()
+    grand = torch.as_tensor(dd.load_arrays(tmp_path, "data_scores", "grand_scores")[0])
+    assert torch.allclose(grand, G.norm(dim=1).double(), rtol=1e-4, atol=0)
+    df = dd.load_records(tmp_path)
+    coh = df[(df.probe == "gradient_coherence") & (df.metric == "coherence")].value.item()
+    assert coh == pytest.approx(coherence_of(G.double()), rel=1e-4)

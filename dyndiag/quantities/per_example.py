@@ -162,6 +162,12 @@ def _warn_looped(desc: str, err: Exception) -> None:
 def _empty_examples(examples, loss_fn: Callable | None) -> torch.Tensor | None:
     """``(n,)`` bool: examples whose loss averages no term (all labels ignored), or None
     when every example has one (the usual case, and always for one-sample examples)."""
+    try:
+        targets = batch_targets(examples.part(0, examples.n))
+    except ValueError:  # a closure's batch without targets: nothing to count
+        return None
+    if not isinstance(targets, torch.Tensor) or targets.dim() < 2 or targets.is_floating_point():
+        return None  # class labels: every example is one term
     empty = [loss_count(examples.part(i, i + 1), loss_fn) == 0 for i in range(examples.n)]
     if not any(empty):
         return None

@@ -165,6 +165,9 @@ def test_what_cannot_run_even_one_sequence_alone_raises_its_own_error():
     assert "vmap" not in str(err.value)
     with pytest.raises(ValueError, match="forward= needs|not with closure"):
         q.grand_scores(model, None, batch, closure=lambda m, b: m(**b).loss, forward=fwd)
+    with pytest.raises(ValueError, match="mapping batch .* needs forward=") as err:
+        q.grand_scores(tiny_gpt(), CRIT, batch, progress=False)
+    assert "vmap" not in str(err.value)
     with pytest.raises(TypeError, match="forward="):
         q.el2n_scores(tiny_gpt(), batch, progress=False)  # model(**batch) with labels: refused, named
     with pytest.raises(ValueError, match="labels of shape"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -128,7 +128,19 @@ def loss_closure(loss_fn: Callable | None, closure: Callable | None, forward: Ca
     with ``forward(model, batch) -> outputs`` (targets ``batch[1]`` or ``batch["labels"]``),
     as the curvature operators take them."""
     if forward is None:
-        return make_loss_closure(loss_fn, closure)
+        fn = make_loss_closure(loss_fn, closure)
+        if closure is not None:
+            return fn
+
+        def tuple_closure(model: nn.Module, batch: object) -> torch.Tensor:
+            if isinstance(batch, Mapping):
+                raise ValueError(
+                    "with loss_fn, a mapping batch (e.g. input_ids, attention_mask, labels) needs "
+                    "forward=(model, batch) -> outputs; or pass closure=(model, batch) -> loss"
+                )
+            return fn(model, batch)
+
+        return tuple_closure
     if closure is not None:
         raise ValueError("give forward= with a criterion loss_fn, not with closure= (the closure computes the loss itself)")
     if loss_fn is None or not callable(loss_fn):

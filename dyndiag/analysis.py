@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .checkpoints import load_checkpoint, match_state_dict, sort_checkpoints
-from .data import iter_batches, make_loss_closure, model_outputs
+from .data import batch_targets, iter_batches, make_loss_closure, model_outputs
 from .evaluation import math_attention, operator_mode
 from .probes.base import Probe, check_probes, run_probes
 from .probes.context import RunContext, StepContext
@@ -213,6 +213,7 @@ def analyze(
                 if not due:
                     continue
                 run.logits = _first_outputs(run) if any("logits" in p.needs for p in due) else None
+                run.targets = _first_targets(run) if run.logits is not None else None
                 ctx = StepContext(run, step, due)
                 scalars, arrays = run_probes([p for p in due if p.phase == "pre"], ctx, warned)
                 post = [p for p in due if p.phase == "post"]
@@ -264,6 +265,15 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
 def _load(model: nn.Module, state_dict: dict) -> None:
     with torch.no_grad():
         model.load_state_dict(state_dict, strict=True)
+
+
+def _first_targets(run: RunContext) -> torch.Tensor | None:
+    """The first probe batch's targets (labels), which go with :func:`_first_outputs`."""
+    try:
+        targets = batch_targets(next(iter_batches(run.probe_data, "probe_data")))
+    except ValueError:  # a closure's batch without targets
+        return None
+    return targets if isinstance(targets, torch.Tensor) else None
 
 
 def _first_outputs(run: RunContext) -> torch.Tensor:

@@ -41,6 +41,7 @@ from torch import nn
 from .evaluation import is_probing, unwrap
 from .probes.base import Probe, check_probes, resolve_rows, run_probes, warn_once
 from .probes.context import RunContext, StepContext
+from .quantities.softmax import loss_dtype
 
 __all__ = ["Monitor"]
 
@@ -165,7 +166,9 @@ class Monitor:
         self._pending = None
         self._warned: set = set()
         self.step_hooks = step_hooks
-        self._handles = [model.register_forward_hook(self._capture)]
+        self._handles = [model.register_forward_hook(self._capture, with_kwargs=True)]
+        if isinstance(loss_fn, nn.Module):  # the criterion training calls sees the targets of the logits
+            self._handles.append(loss_fn.register_forward_hook(self._capture_targets))
         if step_hooks:
             self._handles += [
                 optimizer.register_step_pre_hook(self._pre_step),
@@ -185,15 +188,26 @@ class Monitor:
         atexit.register(self._close_at_exit)
 
     # -- hooks --------------------------------------------------------------
-    def _capture(self, module, inputs, output) -> None:
+    def _capture(self, module, inputs, kwargs, output) -> None:
         if is_probing():  # a probe's own forward (this Monitor's or another's) is not training's
             return
-        if isinstance(output, torch.Tensor):  # the usual case first: no getattr, which raises inside for a tensor
-            self.run.logits = output.detach()
-            return
-        logits = getattr(output, "logits", output)
+        # The usual case first: no getattr, which raises inside for a tensor.
+        logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", output)
         if isinstance(logits, torch.Tensor):
-            self.run.logits = logits.detach()
+            run = self.run
+            run.logits = logits.detach()
+            labels = kwargs.get("labels") if kwargs else None
+            run.targets = labels.detach() if isinstance(labels, torch.Tensor) else None
+            run.loss_dtype = loss_dtype(logits)
+
+    def _capture_targets(self, module, inputs, output) -> None:
+        run = self.run
+        if is_probing() or len(inputs) < 2 or run.logits is None:
+            return
+        logits, targets = inputs[0], inputs[1]
+        if isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor) and logits.shape == run.logits.shape:
+            run.targets = targets.detach()
+            run.loss_dtype = loss_dtype(logits)  # the autocast state the loss itself ran in
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         # torch passes step()'s own arguments, the optimizer first: (opt, closure?).

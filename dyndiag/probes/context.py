@@ -48,6 +48,15 @@ class RunContext:
         The last training forward's outputs (detached; ``.logits`` of a Hugging
         Face output), kept current by the Monitor's forward hook; offline, the
         outputs on the first probe batch. ``None`` until one is known.
+    targets, loss_dtype:
+        The labels that go with ``logits`` and the dtype the training loss was
+        computed in, where the Monitor could see them (``None`` otherwise): the
+        ``labels`` keyword of the forward (Hugging Face models), or the targets
+        and logits that the training loop passed to the Monitor's ``loss_fn``
+        module; offline, the first probe batch's targets. ``loss_dtype`` is
+        float32 for half-precision logits under autocast
+        (:func:`~dyndiag.quantities.softmax.loss_dtype`); ``None`` means the
+        logits' dtype.
     progress:
         A progress bar of the Hessian-vector products of a step's curvature
         probes, shown once they have run :data:`PROGRESS_DELAY` seconds: ``None``
@@ -72,6 +81,8 @@ class RunContext:
     batch_size_fn: Callable | None = None
     gradient_fn: Callable[[], torch.Tensor] | None = None
     logits: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    loss_dtype: torch.dtype | None = None
     progress: bool | None = None
     norms_before_clip: dict[int, torch.Tensor] | None = None
     params: list[torch.Tensor] = field(init=False, repr=False)

@@ -66,19 +66,31 @@ def _l2(norms: list) -> torch.Tensor | float:
 
 class GradientCoherence(Probe):
     """``coherence`` (m-coherence of the per-example gradients on the probe batch)
-    and ``gsnr`` (mean gradient signal-to-noise ratio over parameters)."""
+    and ``gsnr`` (mean gradient signal-to-noise ratio over parameters).
+
+    The run's ``loss_fn`` or ``closure`` evaluates each example; on language-model
+    batches the examples are sequences (see
+    :func:`~dyndiag.quantities.gradient_coherence`). ``forward(model, batch) ->
+    outputs`` goes with the run's ``loss_fn`` for batches that are not ``(inputs,
+    targets)``, as for :func:`~dyndiag.quantities.grand_scores`.
+    """
 
     modifies_state = False
 
     needs = frozenset({"probe_batch"})
 
+    def __init__(self, every=1, name=None, *, forward=None) -> None:
+        super().__init__(every, name)
+        if forward is not None and not callable(forward):
+            raise TypeError(f"forward must be callable (model, batch) -> outputs, got {type(forward).__name__}")
+        self.forward = forward
+
     def compute(self, ctx: StepContext) -> Mapping:
         from ..quantities.per_example import gradient_coherence, gradient_snr
 
         r = ctx.run
-        coherence = gradient_coherence(r.model, r.loss_fn, r.probe_data, params=ctx.params, closure=r.closure, progress=False)
+        how = dict(params=ctx.params, closure=r.closure, forward=self.forward if r.loss_fn is not None else None)
+        coherence = gradient_coherence(r.model, r.loss_fn, r.probe_data, progress=False, **how)
         # reduction="mean": per tensor over elements with non-zero variance; "" is the overall mean.
-        snr = gradient_snr(
-            r.model, r.loss_fn, r.probe_data, params=ctx.params, closure=r.closure, reduction="mean", progress=False
-        )
+        snr = gradient_snr(r.model, r.loss_fn, r.probe_data, reduction="mean", progress=False, **how)
         return {"coherence": coherence, "gsnr": float(snr[""])}

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..evaluation import Evaluate, operator_mode, per_example_mode, select_params
-from ..data import default_batch_size
+from ..evaluation import Evaluate, operator_mode, outputs_fn, per_example_mode, select_params
+from ..data import batch_targets, default_batch_size, make_loss_closure
 from ..distributed import is_distributed
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "split_examples",
     "gather_scores",
     "to_float",
+    "loss_closure",
 ]
 
 
@@ -120,6 +121,36 @@ class Examples:
 
 def split_examples(batch: object) -> Examples:
     return Examples(batch)
+
+
+def loss_closure(loss_fn: Callable | None, closure: Callable | None, forward: Callable | None) -> Callable:
+    """``(model, batch) -> scalar loss`` from a criterion, a closure, or a criterion
+    with ``forward(model, batch) -> outputs`` (targets ``batch[1]`` or ``batch["labels"]``),
+    as the curvature operators take them."""
+    if forward is None:
+        fn = make_loss_closure(loss_fn, closure)
+        if closure is not None:
+            return fn
+
+        def tuple_closure(model: nn.Module, batch: object) -> torch.Tensor:
+            if isinstance(batch, Mapping):
+                raise ValueError(
+                    "with loss_fn, a mapping batch (e.g. input_ids, attention_mask, labels) needs "
+                    "forward=(model, batch) -> outputs; or pass closure=(model, batch) -> loss"
+                )
+            return fn(model, batch)
+
+        return tuple_closure
+    if closure is not None:
+        raise ValueError("give forward= with a criterion loss_fn, not with closure= (the closure computes the loss itself)")
+    if loss_fn is None or not callable(loss_fn):
+        raise TypeError("forward= needs a criterion loss_fn(outputs, targets)")
+    outputs = outputs_fn(forward)
+
+    def criterion_closure(model: nn.Module, batch: object) -> torch.Tensor:
+        return loss_fn(outputs(model, batch), batch_targets(batch))
+
+    return criterion_closure
 
 
 # -- distributed ------------------------------------------------------------------

@@ -11,27 +11,42 @@ the RNG states are restored afterwards. The per-example loss is ``l(x_i, y_i)``:
 criterion (or closure) on a batch of that one example, not divided by the number of
 examples.
 
+Language models: an example is a sequence. A dict batch (``input_ids``,
+``attention_mask``, ``labels`` with ``-100``) or an ``(input_ids, labels)`` batch is
+split along dim 0 like any batch, each sequence keeping its own mask, and the
+sequence's loss is its mean over its tokens that are not ignored (what
+:class:`~dyndiag.data.CausalLMLoss` and a Hugging Face causal LM's ``.loss`` return on
+a batch of one sequence). A sequence with no such token has no loss: its GraNd and
+EL2N scores are NaN and coherence and GSNR leave it out.
+
 Per-example gradients are computed by ``torch.func.vmap(torch.func.grad(...))`` over
 ``functional_call``, ``chunk_size`` examples at a time (memory grows with
 ``chunk_size * dim``), in data order; batches of any sizes are split along dim 0.
+A model that cannot run under ``vmap`` (one that branches on its inputs' values, as
+Hugging Face models do when they build the attention mask from ``attention_mask``)
+is evaluated one example at a time instead, with one ``RuntimeWarning``: the same
+values, more slowly. Where even one example alone cannot be evaluated, the model's
+or the closure's own error is raised.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from ..data import batch_targets, check_scalar_loss, iter_batches, make_loss_closure, model_outputs, to_device
+from ..data import IGNORE_INDEX, batch_targets, check_scalar_loss, iter_batches, loss_count, model_outputs, to_device
 from ..distributed import all_reduce_sum, is_distributed
 from ._common import (
     Evaluate,
     check_chunk_size,
     check_model,
     gather_scores,
+    loss_closure,
     per_example_mode,
     select_params,
     split_examples,
@@ -59,19 +74,23 @@ def _per_example_gradients(
     data: object,
     params: Sequence[torch.Tensor] | None,
     closure: Callable | None,
+    forward: Callable | None,
     chunk_size: int | None,
     progress: bool | None,
     desc: str,
-    consume: Callable[[tuple[torch.Tensor, ...]], None],
+    consume: Callable[[tuple[torch.Tensor, ...], torch.Tensor | None], None],
 ) -> tuple[list[str], list[torch.Tensor], int]:
-    """Call ``consume(grads)`` for every chunk, in data order.
+    """Call ``consume(grads, empty)`` for every chunk, in data order.
 
     ``grads`` holds one ``(c, *shape)`` tensor per parameter: the gradients of the
-    ``c`` examples of the chunk, each evaluated alone in eval mode. Returns the
-    parameter names, the parameters and the number of examples seen.
+    ``c`` examples of the chunk, each evaluated alone in eval mode. ``empty`` is a
+    ``(c,)`` bool tensor marking examples whose loss averages nothing (a sequence
+    whose labels are all ignored: its gradient is not defined), or ``None`` when
+    there are none. Returns the parameter names, the parameters and the number of
+    examples seen.
     """
     check_model(model)
-    fn = make_loss_closure(loss_fn, closure)
+    fn = loss_closure(loss_fn, closure, forward)
     names, chosen = select_params(model, params)
     if chunk_size is None:
         # A chunk holds (chunk, dim) gradients: fill a fixed memory budget, so small
@@ -85,6 +104,7 @@ def _per_example_gradients(
     primals = tuple(p.detach() for p in chosen)
     bar = _bar(progress, desc)
     total = 0
+    looped = False  # vmap failed once: every later chunk of this call is looped
     try:
         with per_example_mode(model):
             for batch in iter_batches(data):
@@ -96,15 +116,62 @@ def _per_example_gradients(
                     out = functional_call(evaluate, dict(zip(keys, tensors)), (examples.one(example),))
                     return check_scalar_loss(out, "loss_fn/closure")
 
-                per_example = vmap(grad(loss_one), in_dims=(None, 0))
+                one = grad(loss_one)
+                per_example = vmap(one, in_dims=(None, 0))
+                empty = _empty_examples(examples, loss_fn)
                 for start in range(0, examples.n, chunk_size):
                     stop = min(start + chunk_size, examples.n)
-                    consume(per_example(primals, examples.chunk(start, stop)))
+                    chunk = examples.chunk(start, stop)
+                    if looped:
+                        grads = _looped(one, primals, chunk)
+                    else:
+                        try:
+                            grads = per_example(primals, chunk)
+                        except Exception as err:  # noqa: BLE001 - any failure under vmap: try without it
+                            # The loop raises the model's own error when even one example
+                            # alone cannot be evaluated: never vmap's message.
+                            grads = _looped(one, primals, chunk)
+                            looped = True
+                            _warn_looped(desc, err)
+                    consume(grads, None if empty is None else empty[start:stop])
                     bar.update(stop - start)
                     total += stop - start
     finally:
         bar.close()
     return names, chosen, total
+
+
+def _looped(one: Callable, primals: tuple[torch.Tensor, ...], chunk: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Per-example gradients of a chunk one example at a time (what vmap batches)."""
+    rows = [one(primals, tuple(t[i] for t in chunk)) for i in range(chunk[0].shape[0])]
+    return tuple(torch.stack(per_param) for per_param in zip(*rows))
+
+
+def _warn_looped(desc: str, err: Exception) -> None:
+    reason = str(err).strip().split("\n")[0].split(". ")[0][:160]
+    warnings.warn(
+        f"{desc}: the model cannot be evaluated under torch.func.vmap ({type(err).__name__}: {reason}), "
+        "typically because it branches on data (Hugging Face models building their attention mask "
+        "from attention_mask do); per-example gradients are computed one example at a time instead "
+        "(same values, slower).",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _empty_examples(examples, loss_fn: Callable | None) -> torch.Tensor | None:
+    """``(n,)`` bool: examples whose loss averages no term (all labels ignored), or None
+    when every example has one (the usual case, and always for one-sample examples)."""
+    try:
+        targets = batch_targets(examples.part(0, examples.n))
+    except ValueError:  # a closure's batch without targets: nothing to count
+        return None
+    if not isinstance(targets, torch.Tensor) or targets.dim() < 2 or targets.is_floating_point():
+        return None  # class labels: every example is one term
+    empty = [loss_count(examples.part(i, i + 1), loss_fn) == 0 for i in range(examples.n)]
+    if not any(empty):
+        return None
+    return torch.tensor(empty, device=examples.split_leaves[0].device)
 
 
 def grand_scores(
@@ -114,6 +181,7 @@ def grand_scores(
     params: Sequence[torch.Tensor] | None = None,
     *,
     closure: Callable | None = None,
+    forward: Callable | None = None,
     indices: Sequence[int] | torch.Tensor | None = None,
     chunk_size: int | None = None,
     progress: bool | None = None,
@@ -126,19 +194,27 @@ def grand_scores(
         The network; evaluated functionally with every module in eval mode (dropout
         off, BatchNorm on its running statistics) and restored exactly.
     loss_fn
-        Criterion ``loss_fn(outputs, targets) -> scalar`` (mean reduction); it is
-        applied to a batch of one example, so the score is of ``l(x_i, y_i)``. Pass
-        ``None`` with ``closure``.
+        Criterion ``loss_fn(outputs, targets) -> scalar`` (mean reduction, e.g.
+        :class:`~dyndiag.data.CausalLMLoss` for ``(B, T, V)`` logits); it is applied
+        to a batch of one example, so the score is of ``l(x_i, y_i)``. Pass ``None``
+        with ``closure``.
     data
-        One batch ``(inputs, targets)`` or an iterable of batches of any sizes. Every
-        tensor in a batch whose dim 0 is the batch size is split into examples;
-        other entries are shared by every example.
+        One batch ``(inputs, targets)`` or a mapping (a Hugging Face batch), or an
+        iterable of batches of any sizes. Every tensor in a batch whose dim 0 is the
+        batch size is split into examples (sequences); other entries are shared by
+        every example.
     params
         Parameters to differentiate (default: every parameter with
         ``requires_grad``); the score is the norm over these only.
     closure
-        ``closure(model, batch) -> scalar loss`` instead of ``loss_fn``; it receives
-        batches of one example.
+        ``closure(model, batch) -> scalar loss`` instead of ``loss_fn`` (e.g.
+        ``lambda m, b: m(**b).loss`` for a Hugging Face model); it receives batches
+        of one example.
+    forward
+        ``forward(model, batch) -> outputs`` with ``loss_fn``, for batches that are
+        not ``(inputs, targets)`` (e.g. ``lambda m, b: m(b["input_ids"],
+        b["attention_mask"])``); targets are then ``batch[1]`` or
+        ``batch["labels"]``. As for :class:`~dyndiag.GGNOperator`.
     indices
         Each example's index in the dataset (e.g. ``list(sampler)`` of a
         ``DistributedSampler`` on each rank). The result is then one score per
@@ -154,19 +230,21 @@ def grand_scores(
     -------
     torch.Tensor
         ``(N,)`` scores in the parameters' dtype on their device, in data order (or
-        dataset order with ``indices``). Units: loss units per parameter unit. Under
+        dataset order with ``indices``); NaN for a sequence whose labels are all
+        ignored. Units: loss units per parameter unit. Under
         an initialised ``torch.distributed`` process group every rank passes its
         shard and receives the scores of all shards, concatenated rank 0 first.
     """
     norms: list[torch.Tensor] = []
 
-    def consume(grads):
+    def consume(grads, empty):
         c = grads[0].shape[0]
         per_param = torch.stack([torch.linalg.vector_norm(g.reshape(c, -1), dim=1) for g in grads])
-        norms.append(torch.linalg.vector_norm(per_param, dim=0))
+        norm = torch.linalg.vector_norm(per_param, dim=0)
+        norms.append(norm if empty is None else norm.masked_fill(empty, float("nan")))
 
     _, chosen, _ = _per_example_gradients(
-        model, loss_fn, data, params, closure, chunk_size, progress, "GraNd", consume
+        model, loss_fn, data, params, closure, forward, chunk_size, progress, "GraNd", consume
     )
     local = torch.cat(norms) if norms else torch.zeros(0, dtype=chosen[0].dtype, device=chosen[0].device)
     return gather_scores(local, indices)
@@ -179,28 +257,50 @@ def el2n_scores(
     forward: Callable | None = None,
     indices: Sequence[int] | torch.Tensor | None = None,
     chunk_size: int = 256,
+    shift_labels: bool = True,
+    ignore_index: int = IGNORE_INDEX,
     progress: bool | None = None,
 ) -> torch.Tensor:
     """EL2N scores: ``||softmax(f(x_i)) - onehot(y_i)||_2`` for every example.
 
+    For a classifier, one score per example. For a language model (token-level
+    logits ``(n, T, V)`` and labels ``(n, T)``), one score per sequence: the mean over
+    its scored tokens of ``||softmax(z_t) - onehot(y)||_2``, where the scored tokens
+    are those whose label is not ``ignore_index``; with ``shift_labels`` position
+    ``t`` is scored against ``labels[:, t + 1]`` (the causal shift of
+    :class:`~dyndiag.data.CausalLMLoss` and Hugging Face causal LMs), so the last
+    position is never scored.
+
     Parameters
     ----------
     model
-        A classifier returning ``(n, C)`` logits (or a Hugging Face output with
-        ``.logits``). Evaluated with every module in eval mode (dropout off,
-        BatchNorm on its running statistics) in chunks of ``chunk_size`` examples:
-        in eval mode examples do not interact, so this is each example alone.
+        A classifier returning ``(n, C)`` logits, or a language model returning
+        ``(n, T, V)`` (either may be a Hugging Face output with ``.logits``).
+        Evaluated with every module in eval mode (dropout off, BatchNorm on its
+        running statistics) in chunks of ``chunk_size`` examples: in eval mode
+        examples do not interact (each sequence attends under its own
+        ``attention_mask``), so this is each example alone.
     data
-        One batch ``(inputs, targets)`` or an iterable of batches. Targets are class
-        indices ``(n,)`` or, when floating, target distributions ``(n, C)`` used in
-        place of the one-hot vectors.
+        One batch or an iterable of batches: ``(inputs, targets)`` (the model is
+        called as ``model(inputs)``), or a mapping such as a Hugging Face batch
+        (called as ``model(**batch)``, targets ``batch["labels"]``). Class targets
+        are indices ``(n,)`` or, when floating, target distributions ``(n, C)`` used
+        in place of the one-hot vectors; token targets are ids ``(n, T)``.
     forward
-        ``forward(model, batch) -> logits`` for batches that are not
-        ``(inputs, targets)``; targets are then ``batch[1]`` or ``batch["labels"]``.
+        ``forward(model, batch) -> logits`` for other batches or calls (e.g.
+        ``lambda m, b: m(b["input_ids"], b["attention_mask"])``); targets are then
+        ``batch[1]`` or ``batch["labels"]``.
     indices
         Each example's dataset index, as for :func:`grand_scores`.
     chunk_size
-        Examples per forward pass.
+        Examples per forward pass; memory grows with ``chunk_size * T * V`` for
+        token-level logits.
+    shift_labels
+        Token-level logits only: ``True`` scores position ``t`` against label
+        ``t + 1`` (causal LM); ``False`` against label ``t`` (masked LM, token
+        classification).
+    ignore_index
+        Token labels with this value are not scored (padding, prompt tokens).
     progress
         Show a progress bar over examples; ``None`` shows it on a terminal only.
 
@@ -209,7 +309,8 @@ def el2n_scores(
     torch.Tensor
         ``(N,)`` scores in ``[0, sqrt(2)]`` (probability units), in the logits' dtype
         (float32 at least) on their device, in data order (dataset order with
-        ``indices``); gathered over ranks like :func:`grand_scores`.
+        ``indices``); NaN for a sequence with no scored token; gathered over ranks
+        like :func:`grand_scores`.
     """
     check_model(model)
     chunk_size = check_chunk_size(chunk_size)
@@ -230,13 +331,8 @@ def el2n_scores(
                 for start in range(0, examples.n, chunk_size):
                     stop = min(start + chunk_size, examples.n)
                     part = examples.part(start, stop)
-                    if forward is not None:
-                        logits = forward(model, part)
-                    elif isinstance(part, (tuple, list)) and len(part) >= 2:
-                        logits = model_outputs(model, part[0])
-                    else:
-                        raise ValueError("batches must be (inputs, targets); pass forward= for other batches")
-                    scores.append(_el2n(logits, batch_targets(part), stop - start))
+                    logits = _logits(model, part, forward)
+                    scores.append(_el2n(logits, batch_targets(part), stop - start, shift_labels, ignore_index))
                     bar.update(stop - start)
     finally:
         bar.close()
@@ -247,32 +343,70 @@ def el2n_scores(
     return gather_scores(local, indices)
 
 
-def _el2n(logits: object, targets: object, n: int) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+def _logits(model: nn.Module, batch: object, forward: Callable | None) -> object:
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, Mapping):
+        try:
+            return model_outputs(model, batch)
+        except TypeError as err:  # e.g. "forward() got an unexpected keyword argument 'labels'"
+            raise TypeError(
+                f"EL2N calls model(**batch) on mapping batches, which this model refuses ({err}); "
+                "pass forward=(model, batch) -> logits"
+            ) from err
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return model_outputs(model, batch[0])
+    raise ValueError("batches must be (inputs, targets) or mappings; pass forward= for other batches")
+
+
+def _el2n(logits: object, targets: object, n: int, shift_labels: bool, ignore_index: int) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3) or logits.shape[0] != n:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"the model must return (n, C) logits for EL2N, got {shape} for n = {n}")
+        raise ValueError(f"the model must return (n, C) or (n, T, V) logits for EL2N, got {shape} for n = {n}")
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    probs = torch.softmax(logits, dim=1)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     targets = targets.to(logits.device)
+    C = logits.shape[-1]
+    if logits.dim() == 3:
+        if targets.dtype.is_floating_point or targets.shape != logits.shape[:2]:
+            raise ValueError(
+                f"token-level logits {tuple(logits.shape)} need integer labels of shape "
+                f"{tuple(logits.shape[:2])}, got {tuple(targets.shape)} ({targets.dtype})"
+            )
+        if shift_labels:
+            logits, targets = logits[:, :-1], targets[:, 1:]
+        scored = targets != ignore_index
+        _check_classes(targets[scored], C)
+        dist = _distance_to_onehot(torch.softmax(logits, dim=-1), targets.masked_fill(~scored, 0))
+        # The sequence's mean over its scored tokens (0/0 = NaN for a sequence with none).
+        return (dist * scored).sum(1) / scored.sum(1)
+    probs = torch.softmax(logits, dim=1)
     if targets.dtype.is_floating_point:
         if targets.shape != probs.shape:
             raise ValueError(
                 f"floating targets must be distributions of shape {tuple(probs.shape)}, got {tuple(targets.shape)}"
             )
-        want = targets.to(probs.dtype)
-    else:
-        if targets.shape != (n,):
-            raise ValueError(f"class targets must have shape ({n},), got {tuple(targets.shape)}")
-        C = probs.shape[1]
-        if n and (int(targets.min()) < 0 or int(targets.max()) >= C):
-            raise ValueError(f"class targets must lie in [0, {C}), got values in [{int(targets.min())}, {int(targets.max())}]")
-        want = torch.nn.functional.one_hot(targets.long(), C).to(probs.dtype)
-    return torch.linalg.vector_norm(probs - want, dim=1)
+        return torch.linalg.vector_norm(probs - targets.to(probs.dtype), dim=1)
+    if targets.shape != (n,):
+        raise ValueError(f"class targets must have shape ({n},), got {tuple(targets.shape)}")
+    _check_classes(targets, C)
+    return _distance_to_onehot(probs, targets)
+
+
+def _check_classes(targets: torch.Tensor, C: int) -> None:
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= C):
+        raise ValueError(f"class targets must lie in [0, {C}), got values in [{int(targets.min())}, {int(targets.max())}]")
+
+
+def _distance_to_onehot(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``||p - onehot(y)||_2`` over the last dim, without a one-hot tensor (a vocabulary
+    wide one per token would triple the memory of the logits)."""
+    diff = probs.scatter_add(-1, targets.long().unsqueeze(-1), torch.full_like(probs[..., :1], -1.0))
+    return torch.linalg.vector_norm(diff, dim=-1)
 
 
 def gradient_coherence(
@@ -282,6 +416,7 @@ def gradient_coherence(
     params: Sequence[torch.Tensor] | None = None,
     *,
     closure: Callable | None = None,
+    forward: Callable | None = None,
     chunk_size: int | None = None,
     progress: bool | None = None,
 ) -> float:
@@ -303,9 +438,10 @@ def gradient_coherence(
     """
     acc: dict = {}
 
-    def consume(grads):
-        c = grads[0].shape[0]
-        flat = torch.cat([g.reshape(c, -1) for g in grads], dim=1)
+    def consume(grads, empty):
+        flat = _rows(grads, empty)
+        if flat.shape[0] == 0:
+            return
         dtype = _accumulation_dtype(flat.device, flat.dtype)
         flat = flat.to(dtype)
         if not acc:
@@ -315,7 +451,7 @@ def gradient_coherence(
         acc["sq"] += flat.pow(2).sum()
 
     _, chosen, _ = _per_example_gradients(
-        model, loss_fn, data, params, closure, chunk_size, progress, "coherence", consume
+        model, loss_fn, data, params, closure, forward, chunk_size, progress, "coherence", consume
     )
     if not acc:
         if not is_distributed():
@@ -338,6 +474,7 @@ def gradient_snr(
     params: Sequence[torch.Tensor] | None = None,
     *,
     closure: Callable | None = None,
+    forward: Callable | None = None,
     reduction: str = "none",
     chunk_size: int | None = None,
     progress: bool | None = None,
@@ -375,9 +512,11 @@ def gradient_snr(
         raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
     acc: dict = {}
 
-    def consume(grads):
-        c = grads[0].shape[0]
-        flat = torch.cat([g.reshape(c, -1) for g in grads], dim=1)
+    def consume(grads, empty):
+        flat = _rows(grads, empty)
+        c = flat.shape[0]
+        if c == 0:
+            return
         flat = flat.to(_accumulation_dtype(flat.device, flat.dtype))
         mean_c = flat.mean(0)
         m2_c = (flat - mean_c).pow(2).sum(0)
@@ -392,7 +531,7 @@ def gradient_snr(
         acc["n"] = total
 
     names, chosen, _ = _per_example_gradients(
-        model, loss_fn, data, params, closure, chunk_size, progress, "GSNR", consume
+        model, loss_fn, data, params, closure, forward, chunk_size, progress, "GSNR", consume
     )
     dtype, device = chosen[0].dtype, chosen[0].device
     dim = sum(p.numel() for p in chosen)
@@ -418,6 +557,13 @@ def gradient_snr(
     out = {name: _masked_mean(s, v > 0).to(dtype) for name, s, v in zip(names, parts, var_parts)}
     out[""] = _masked_mean(snr, var > 0).to(dtype)
     return out
+
+
+def _rows(grads: tuple[torch.Tensor, ...], empty: torch.Tensor | None) -> torch.Tensor:
+    """``(c, dim)`` flat per-example gradients, without the examples whose loss is empty."""
+    c = grads[0].shape[0]
+    flat = torch.cat([g.reshape(c, -1) for g in grads], dim=1)
+    return flat if empty is None else flat[~empty]
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

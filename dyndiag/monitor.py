@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .evaluation import is_probing, unwrap
+from .evaluation import hook_module, is_probing, unwrap
 from .probes.base import Probe, check_probes, resolve_rows, run_probes, warn_once
 from .probes.context import RunContext, StepContext
 
@@ -51,7 +51,8 @@ class Monitor:
     Parameters
     ----------
     model:
-        The trained module. Parameters on the meta device or uninitialised (lazy
+        The trained module, as training calls it: wrapped by DDP, DataParallel or
+        ``torch.compile`` (probes then evaluate the module inside). Parameters on the meta device or uninitialised (lazy
         modules before their first forward) are refused (``ValueError``).
     optimizer:
         Its optimizer; ``step`` counts its ``step()`` calls from 0.
@@ -100,7 +101,7 @@ class Monitor:
     ----------
     run:
         The :class:`~dyndiag.probes.RunContext` the probes see: the model (the
-        module inside a DDP wrapper), optimizer, loss, probe data, the parameters
+        module inside DDP and ``torch.compile`` wrappers), optimizer, loss, probe data, the parameters
         the optimizer trains (re-read at every step: parameters added with
         ``add_param_group`` or unfrozen enter every probe, frozen ones leave) and
         the last training forward's outputs.
@@ -142,8 +143,10 @@ class Monitor:
         if grad_scaler is not None and not (hasattr(grad_scaler, "unscale_") and hasattr(grad_scaler, "is_enabled")):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
-        # Probes evaluate the module inside a DDP wrapper (never arming its gradient sync);
-        # the forward hook on it still sees every training forward.
+        # Probes evaluate the module inside DDP and torch.compile wrappers (never arming a
+        # gradient sync, never running a compiled graph); the forward hook goes where it
+        # sees every training forward (a compiled wrapper's hooks run outside its graph).
+        hooked = hook_module(model)
         model = unwrap(model)
         self.run = RunContext(model, optimizer, loss_fn, closure, probe_data, batch_size_fn, progress=progress)
         self.model = model
@@ -165,7 +168,7 @@ class Monitor:
         self._pending = None
         self._warned: set = set()
         self.step_hooks = step_hooks
-        self._handles = [model.register_forward_hook(self._capture)]
+        self._handles = [hooked.register_forward_hook(self._capture)]
         if step_hooks:
             self._handles += [
                 optimizer.register_step_pre_hook(self._pre_step),

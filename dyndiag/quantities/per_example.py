@@ -70,7 +70,7 @@ def _per_example_gradients(
     ``c`` examples of the chunk, each evaluated alone in eval mode. Returns the
     parameter names, the parameters and the number of examples seen.
     """
-    check_model(model)
+    model = check_model(model)
     fn = make_loss_closure(loss_fn, closure)
     names, chosen = select_params(model, params)
     if chunk_size is None:
@@ -211,7 +211,7 @@ def el2n_scores(
         (float32 at least) on their device, in data order (dataset order with
         ``indices``); gathered over ranks like :func:`grand_scores`.
     """
-    check_model(model)
+    model = check_model(model)
     chunk_size = check_chunk_size(chunk_size)
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable (model, batch) -> logits, got {type(forward).__name__}")

@@ -146,3 +146,72 @@ def test_per_layer_hessian_spectrum_runs_on_lm_batches(name):
     _, df, _ = _train(name, [P.HessianSpectrum(k=2, trace_matvecs=6, blocks="layer")])
     keys = set(df[(df.probe == "hessian_spectrum") & (df.metric == "eigenvalue")].key)
     assert any("h.0" in k for k in keys) and any("h.1" in k for k in keys), keys
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Token sequences with right padding of 0-3 tokens (label -100), as a tokenizer pads."""
+
+    def __init__(self, n: int = 16, length: int = 8, vocab: int = 11) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, vocab, (n, length), generator=g)
+        self.mask = torch.ones(n, length, dtype=torch.long)
+        for i in range(n):
+            if i % 4:
+                self.mask[i, length - i % 4:] = 0
+        self.labels = self.ids.masked_fill(self.mask == 0, -100)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def _trainer_run(tmp_path, callbacks=(), compiled=False):
+    import transformers
+
+    options = {}
+    if compiled:
+        torch._dynamo.reset()  # a fresh cache: no earlier test's compiles count against its size limit
+        options = {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-3,
+        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="steps", logging_steps=1,
+        disable_tqdm=True, seed=0, dataloader_num_workers=0, **options,
+    )
+    model = hf_gpt2()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=list(callbacks))
+    trainer.train()
+    return model, trainer
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_hugging_face_trainer_on_gpt2_is_bit_identical_with_the_callback_and_records_curvature(tmp_path, compiled):
+    pytest.importorskip("accelerate")
+    from dyndiag.integrations.transformers import DiagnosticsCallback
+
+    cb = DiagnosticsCallback(_probes(), log_dir=tmp_path / "run", batch_size_fn=loss_count)
+    got, trainer = _trainer_run(tmp_path / "got", [cb], compiled)
+    ref, _ = _trainer_run(tmp_path / "ref", [], compiled)
+    for (key, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert all(p.enabled for p in cb.monitor.probes)
+    if compiled:
+        assert type(trainer.model_wrapped).__name__ == "OptimizedModule"  # training ran the compiled graph
+    # The forward hook saw the training forwards (probes' own forwards are never kept).
+    assert cb.monitor.run.logits is not None and cb.monitor.run.logits.shape == (4, 8, 11)
+
+    df = dd.load_records(tmp_path / "run")
+    assert df.value.notna().all()
+    eos = df[df.probe == "edge_of_stability"]
+    assert sorted(set(eos.step)) == [0, 2]
+    # The Trainer's AdamW: two param groups (decay, no decay), one row of each per step.
+    assert set(eos[eos.metric == "preconditioned_sharpness"].key) == {"0", "1"}
+    assert sorted(set(df[df.metric == "collapsed_fraction"].step)) == [0, 1, 2]
+    assert set(df[(df.probe == "hessian_spectrum") & (df.metric == "eigenvalue")].key) == {"0", "1"}
+    # Step 0's probe loss: the initial model (dropout off) on the first four examples.
+    batch = cb.monitor.run.probe_data
+    assert torch.equal(batch["labels"], Tokens().labels[:4])
+    with torch.no_grad():
+        expected = float(hf_gpt2().eval()(**batch).loss)
+    assert eos[(eos.metric == "loss") & (eos.step == 0)].value.iloc[0] == pytest.approx(expected, rel=1e-5)

@@ -189,7 +189,10 @@ class Monitor:
 
     # -- hooks --------------------------------------------------------------
     def _capture(self, module, inputs, output) -> None:
-        if is_probing():  # a probe's own forward (this Monitor's or another's) is not training's
+        # A probe's own forward (this Monitor's or another's) is not training's. Probes never
+        # run compiled (evaluation.probing), so a forward being traced is training's: there
+        # the context variable, which Dynamo cannot trace (a graph break), is not read.
+        if not torch.compiler.is_compiling() and is_probing():
             return
         if isinstance(output, torch.Tensor):  # the usual case first: no getattr, which raises inside for a tensor
             self.run.logits = output.detach()

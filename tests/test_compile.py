@@ -221,6 +221,43 @@ def test_logits_capture_sees_the_compiled_training_forward_of_a_traced_container
     assert counter.frame_count == 1
 
 
+def _compiled_step_run(monitor: bool):
+    """A whole training step compiled (the model called inside it), Monitor attached first."""
+    x, y = classification_data()
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = dd.Monitor(model, opt, [P.SoftmaxCollapse(), P.EdgeOfStability()], loss_fn=LOSS,
+                     probe_data=(x[:7], y[:7])) if monitor else None
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter)
+    def forward_loss(x, y):
+        out = model(x)
+        return LOSS(out, y), out
+
+    outputs = []
+    for i in range(3):
+        opt.zero_grad()
+        loss, out = forward_loss(x * (i + 1), y)
+        loss.backward()
+        opt.step()
+        outputs.append(out.detach())
+        if mon is not None:  # the hook traced into the step's graph still keeps its logits
+            assert torch.equal(mon.run.logits, out.detach())
+    if mon is not None:
+        assert all(p.enabled for p in mon.probes)
+        mon.close()
+    return model, counter.frame_count
+
+
+def test_a_compiled_training_step_traces_the_monitors_hook_without_a_graph_break():
+    got, frames = _compiled_step_run(monitor=True)
+    torch._dynamo.reset()
+    ref, frames_ref = _compiled_step_run(monitor=False)
+    assert frames == frames_ref == 1  # one graph: the hook adds no break and no recompile
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values()))
+
+
 def _have_cxx() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
@@ -244,3 +281,53 @@ def test_inductor_compiled_training_under_a_monitor_records_the_eager_sharpness(
     mon.close()
     got = df[df.metric == "sharpness"].sort_values("step").value.to_numpy()
     torch.testing.assert_close(torch.tensor(got), torch.tensor(sharpness, dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+def test_lightning_fit_of_a_compiled_module_is_bit_identical_with_the_callback(tmp_path):
+    """Lightning compiles ``forward`` and ``training_step`` in place; the callback's default
+    loss calls ``training_step``, which probes run eagerly."""
+    L = pytest.importorskip("lightning")
+    import warnings
+
+    from dyndiag.integrations.lightning import DiagnosticsCallback
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 4))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        x, y = classification_data(n=64, dtype=torch.float32)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+        model = Classifier()
+        counter = CompileCounterWithBackend("aot_eager")
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, callbacks=callbacks, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*|.*LeafSpec.*")
+            trainer.fit(torch.compile(model, backend=counter), loader)
+        return model, counter.frame_count
+
+    cb = DiagnosticsCallback([P.EdgeOfStability(every=2), P.SoftmaxCollapse(), P.GradientNorm()],
+                             log_dir=tmp_path / "run")
+    got, frames = fit([cb])
+    torch._dynamo.reset()
+    ref, frames_ref = fit([])
+    assert frames_ref >= 1 and frames == frames_ref
+    for (key, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert all(p.enabled for p in cb.monitor.probes)
+    df = dd.load_records(tmp_path / "run")
+    assert sorted(set(df[df.metric == "sharpness"].step)) == [0, 2]
+    assert sorted(set(df[df.metric == "collapsed_fraction"].step)) == [0, 1, 2, 3]

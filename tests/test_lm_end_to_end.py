@@ -215,3 +215,74 @@ def test_hugging_face_trainer_on_gpt2_is_bit_identical_with_the_callback_and_rec
     with torch.no_grad():
         expected = float(hf_gpt2().eval()(**batch).loss)
     assert eos[(eos.metric == "loss") & (eos.step == 0)].value.iloc[0] == pytest.approx(expected, rel=1e-5)
+
+
+class OnceDifferentiableSoftmax(torch.autograd.Function):
+    """Softmax with a hand-written backward that autograd cannot differentiate, as a fused
+    attention kernel's."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.softmax(x, -1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return y * (g - (g * y).sum(-1, keepdim=True))
+
+
+class CustomAttention(torch.nn.Module):
+    """Attention on a custom kernel, with the documented reference path for dyndiag."""
+
+    def __init__(self, reference_when_probing: bool) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 12)
+        self.head = torch.nn.Linear(4, 3)
+        self.reference_when_probing = reference_when_probing
+
+    def forward(self, x):
+        from dyndiag.evaluation import is_probing
+
+        q, k, v = self.qkv(x).split(4, -1)
+        scores = q @ k.transpose(-1, -2) / 2
+        if self.reference_when_probing and is_probing():
+            weights = torch.softmax(scores, -1)  # plain torch ops: double-differentiable
+        else:
+            weights = OnceDifferentiableSoftmax.apply(scores)
+        return self.head((weights @ v).mean(1))
+
+
+def test_custom_attention_gets_exact_curvature_from_a_reference_path_taken_while_dyndiag_evaluates():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    loss = torch.nn.CrossEntropyLoss()
+
+    def hessian(reference_when_probing):
+        torch.manual_seed(1)
+        model = CustomAttention(reference_when_probing).double()
+        H = dd.HessianOperator(model, loss, (x, y), backend="loop")
+        return H @ torch.eye(H.dim, dtype=torch.float64)
+
+    exact = _exact_hessian(x, y, loss)
+    torch.testing.assert_close(hessian(True), exact, rtol=1e-10, atol=1e-12)
+    # Without it PyTorch raises nothing here: the second-order term through the kernel is
+    # silently missing (what docs/integrations.md warns about).
+    assert not torch.allclose(hessian(False), exact, rtol=1e-3, atol=1e-6)
+
+
+def _exact_hessian(x, y, loss):
+    """Double backward over the identity, on the model's plain-softmax path."""
+    from dyndiag.evaluation import probing
+
+    torch.manual_seed(1)
+    model = CustomAttention(True).double()
+    params = list(model.parameters())
+    with probing():
+        grads = torch.autograd.grad(loss(model(x), y), params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        rows = [torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat[i], params, retain_graph=True)])
+                for i in range(flat.numel())]
+    return torch.stack(rows)

@@ -119,6 +119,17 @@ def test_analyze_takes_a_factory_returning_a_compiled_model(tmp_path):
     assert got[cols].equals(want[cols])
 
 
+def test_checkpoints_match_between_compiled_and_plain_models_both_ways():
+    from dyndiag.checkpoints import match_state_dict
+
+    plain, compiled = tanh_mlp(seed=1), torch.compile(tanh_mlp(), backend="eager")
+    compiled.load_state_dict(match_state_dict(plain.state_dict(), compiled))  # prefix added back
+    assert all(torch.equal(a, b) for a, b in zip(compiled.parameters(), plain.parameters()))
+    target = tanh_mlp()
+    target.load_state_dict(match_state_dict(torch.compile(tanh_mlp(seed=2), backend="eager").state_dict(), target))
+    assert torch.equal(target[0].weight, tanh_mlp(seed=2)[0].weight)
+
+
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -202,11 +202,15 @@ class Monitor:
             self.run.logits = logits.detach()
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        if torch.compiler.is_compiling():  # a compiled optimizer.step: probes run eagerly, outside its graph
+            return torch.compiler.disable(self._pre_step)(optimizer, args, kwargs)
         # torch passes step()'s own arguments, the optimizer first: (opt, closure?).
         closure_step = kwargs.get("closure", args[1] if len(args) > 1 else None) is not None
         self._begin(closure_step)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(self._post_step)(optimizer, args, kwargs)
         self._finish()
 
     def _hook_params(self) -> None:

@@ -269,6 +269,37 @@ def test_a_compiled_training_step_traces_the_monitors_hook_without_a_graph_break
     assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values()))
 
 
+def _compiled_optimizer_run(monitor: bool):
+    """``torch.compile(optimizer.step)`` (PyTorch's recipe): the Monitor's step hooks are traced."""
+    x, y = classification_data()
+    model = tanh_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    mon = dd.Monitor(model, opt, [P.EdgeOfStability(), P.GradientNorm(), P.DirectionalSharpness()],
+                     loss_fn=LOSS, probe_data=(x, y)) if monitor else None
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, backend=counter)
+    for _ in range(3):
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+        step()
+    records = None
+    if mon is not None:
+        assert all(p.enabled for p in mon.probes)
+        records = mon.records()
+        mon.close()
+    return model, records, counter.frame_count
+
+
+def test_a_compiled_optimizer_step_runs_the_monitors_probes_eagerly_around_its_graph():
+    got, records, frames = _compiled_optimizer_run(monitor=True)
+    torch._dynamo.reset()
+    ref, _, frames_ref = _compiled_optimizer_run(monitor=False)
+    assert frames_ref >= 1 and frames == frames_ref
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values()))
+    assert sorted(set(records.step)) == [0, 1, 2]
+    assert {"sharpness", "preconditioned_sharpness", "grad_norm", "directional_sharpness"} <= set(records.metric)
+
+
 def _have_cxx() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 

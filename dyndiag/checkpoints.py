@@ -24,7 +24,7 @@ from torch import nn
 
 from .evaluation import unwrap
 
-__all__ = ["Checkpoint", "load_checkpoint", "checkpoint_step", "match_state_dict", "sort_checkpoints"]
+__all__ = ["Checkpoint", "load_checkpoint", "checkpoint_step", "match_state_dict", "strip_prefixes", "sort_checkpoints"]
 
 #: Keys under which training checkpoints keep the model's weights, in the order tried.
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
@@ -218,6 +218,12 @@ def match_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
         f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}), also after stripping a prefix "
         f"such as {list(PREFIXES)}"
     )
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor] | None:
+    """``state_dict`` as is when its keys cover ``expected``, else with the wrapper
+    prefixes stripped that make them (as :func:`match_state_dict`); ``None`` when none does."""
+    return _strip(dict(state_dict), set(expected), depth=3)
 
 
 def _strip(sd: dict, expected: set, depth: int) -> dict | None:

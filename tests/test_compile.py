@@ -130,6 +130,15 @@ def test_checkpoints_match_between_compiled_and_plain_models_both_ways():
     assert torch.equal(target[0].weight, tanh_mlp(seed=2)[0].weight)
 
 
+def test_trajectory_directions_read_state_dicts_saved_through_torch_compile():
+    path = [tanh_mlp(seed=s) for s in range(4)]
+    plain = dd.landscape.trajectory_directions([m.state_dict() for m in path], n=2, params_of=tanh_mlp())
+    saved = [torch.compile(m, backend="eager").state_dict() for m in path]  # keys start with _orig_mod.
+    got = dd.landscape.trajectory_directions(saved, n=2, params_of=torch.compile(tanh_mlp(), backend="eager"))
+    for a, b in zip(got, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()

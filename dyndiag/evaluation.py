@@ -29,11 +29,10 @@ guard or recompile anything that training compiled.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-
-import sys
 
 import torch
 from torch import nn
@@ -76,8 +75,8 @@ class probing:  # noqa: N801 - used like a function: ``with probing():``
 def _eager_stance():
     """``torch.compiler.set_stance("force_eager")``, or ``None`` when nothing can be compiled.
 
-    Nothing is compiled before ``torch._dynamo`` is imported, and importing it costs
-    about a second: a process that never compiles never pays for it.
+    Nothing is compiled before ``torch._dynamo`` is imported, and importing it takes
+    seconds: a process that never compiles never pays for it.
     """
     if "torch._dynamo" not in sys.modules:
         return None

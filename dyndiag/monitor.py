@@ -52,8 +52,9 @@ class Monitor:
     ----------
     model:
         The trained module, as training calls it: wrapped by DDP, DataParallel or
-        ``torch.compile`` (probes then evaluate the module inside). Parameters on the meta device or uninitialised (lazy
-        modules before their first forward) are refused (``ValueError``).
+        ``torch.compile`` (probes then evaluate the module inside). Parameters on
+        the meta device or uninitialised (lazy modules before their first forward)
+        are refused (``ValueError``).
     optimizer:
         Its optimizer; ``step`` counts its ``step()`` calls from 0.
     probes:
@@ -101,10 +102,10 @@ class Monitor:
     ----------
     run:
         The :class:`~dyndiag.probes.RunContext` the probes see: the model (the
-        module inside DDP and ``torch.compile`` wrappers), optimizer, loss, probe data, the parameters
-        the optimizer trains (re-read at every step: parameters added with
-        ``add_param_group`` or unfrozen enter every probe, frozen ones leave) and
-        the last training forward's outputs.
+        module inside DDP and ``torch.compile`` wrappers), optimizer, loss, probe
+        data, the parameters the optimizer trains (re-read at every step:
+        parameters added with ``add_param_group`` or unfrozen enter every probe,
+        frozen ones leave) and the last training forward's outputs.
     step:
         The step the next ``optimizer.step()`` records under.
     """

@@ -42,7 +42,7 @@ def _probes():
 
 
 def _train(name: str, probes=None, compiled: bool = False):
-    """AdamW on ``TRAIN``: (model, records, compiles, training outputs, monitor's probes)."""
+    """AdamW on ``TRAIN``, with a Monitor running ``probes`` unless None: (model, records, compiles)."""
     make, closure = MODELS[name]
     model = make()
     counter = None
@@ -74,7 +74,7 @@ def _train(name: str, probes=None, compiled: bool = False):
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_plain_loop_is_bit_identical_with_a_monitor_and_records_token_weighted_curvature(name, compiled):
-    got, df, frames, = _train(name, _probes(), compiled)
+    got, df, frames = _train(name, _probes(), compiled)
     rng = torch.get_rng_state()
     ref, _, frames_ref = _train(name, None, compiled)
     assert torch.equal(rng, torch.get_rng_state())

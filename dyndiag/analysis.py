@@ -46,7 +46,7 @@ from torch import nn
 
 from .checkpoints import load_checkpoint, match_state_dict, sort_checkpoints
 from .data import batch_targets, iter_batches, make_loss_closure, model_outputs
-from .evaluation import math_attention, operator_mode
+from .evaluation import math_attention, operator_mode, unwrap
 from .probes.base import Probe, check_probes, run_probes
 from .probes.context import RunContext, StepContext
 from .state import preserve_state
@@ -149,6 +149,7 @@ def analyze(
         model = model()
         if not isinstance(model, nn.Module):
             raise TypeError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
+    model = unwrap(model)  # checkpoints load into, and probes read, the module inside DDP/torch.compile
     from .quantities.gradients import mean_gradient
 
     run = RunContext(model, loss_fn=loss_fn, closure=closure, probe_data=probe_data, progress=progress)

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Checkpoint", "load_checkpoint", "checkpoint_step", "match_state_dict", "sort_checkpoints"]
+from .evaluation import unwrap
+
+__all__ = ["Checkpoint", "load_checkpoint", "checkpoint_step", "match_state_dict", "strip_prefixes", "sort_checkpoints"]
 
 #: Keys under which training checkpoints keep the model's weights, in the order tried.
 STATE_KEYS = ("state_dict", "model_state_dict", "model")
@@ -192,6 +194,9 @@ def match_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
     else after stripping the wrapper prefixes that make them match (up to three
     stacked, such as ``module._orig_mod.``).
 
+    A wrapped ``model`` (``torch.compile``, DDP) also takes the keys of the module
+    inside, which get the wrapper's prefix back.
+
     Raises ``ValueError`` naming the missing and unexpected keys when no prefix does.
     """
     expected = set(model.state_dict())
@@ -199,6 +204,13 @@ def match_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
     found = _strip(dict(state_dict), expected, depth=3)
     if found is not None:
         return {k: found[k] for k in expected}
+    inner = unwrap(model)
+    if inner is not model:
+        # The wrapper's state_dict is the inner one's, in the same order, with a prefix.
+        outer_keys = dict(zip(inner.state_dict(), model.state_dict()))
+        found = _strip(dict(state_dict), set(outer_keys), depth=3)
+        if found is not None:
+            return {outer_keys[k]: found[k] for k in outer_keys}
     missing = sorted(expected - keys)
     unexpected = sorted(keys - expected)
     raise ValueError(
@@ -206,6 +218,12 @@ def match_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
         f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}), also after stripping a prefix "
         f"such as {list(PREFIXES)}"
     )
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor] | None:
+    """``state_dict`` as is when its keys cover ``expected``, else with the wrapper
+    prefixes stripped that make them (as :func:`match_state_dict`); ``None`` when none does."""
+    return _strip(dict(state_dict), set(expected), depth=3)
 
 
 def _strip(sd: dict, expected: set, depth: int) -> dict | None:

@@ -118,6 +118,7 @@ def _model_factory(spec: str):
     from torch import nn
 
     from ._imports import resolve
+    from .evaluation import unwrap
 
     factory = resolve(spec, "--model")
     if isinstance(factory, nn.Module):
@@ -129,7 +130,7 @@ def _model_factory(spec: str):
         model = factory()
         if not isinstance(model, nn.Module):
             raise ValueError(f"--model: {spec}() returned a {type(model).__name__}, not a torch.nn.Module")
-        return model
+        return unwrap(model)  # checkpoints load into the module inside torch.compile/DDP
 
     return build
 

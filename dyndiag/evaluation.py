@@ -18,10 +18,18 @@ parameters and running statistics are never written.
 Both also mark their block as dyndiag's own (:func:`probing`, as the probe runner
 does): a Monitor's hooks ignore the forwards and backwards made there, whichever
 Monitor or quantity made them (:func:`is_probing`).
+
+Wrapped models are read through the module inside (:func:`unwrap`): DDP/DataParallel
+(``module``) and ``torch.compile`` (``_orig_mod``). Inside :func:`probing`,
+``torch.compile`` runs nothing compiled (``set_stance("force_eager")``): a compiled
+graph (AOTAutograd) has no double backward, so compiled submodules and
+``module.compile()`` are evaluated eagerly too, and dyndiag's evaluations never trace,
+guard or recompile anything that training compiled.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,7 +43,7 @@ from .state import preserve_state
 
 __all__ = [
     "Evaluate", "math_attention", "operator_mode", "per_example_mode", "probing", "is_probing", "select_params",
-    "outputs_fn", "unwrap",
+    "outputs_fn", "unwrap", "is_compiled", "hook_module",
 ]
 
 # A context variable, not a Monitor's attribute: two Monitors on one model (or a quantity
@@ -44,16 +52,35 @@ _PROBING: ContextVar[bool] = ContextVar("dyndiag_probing", default=False)
 
 
 class probing:  # noqa: N801 - used like a function: ``with probing():``
-    """Mark the block as dyndiag's own evaluation of the model (nestable).
+    """Mark the block as dyndiag's own evaluation of the model (nestable), with
+    ``torch.compile`` forced to run eagerly inside it (see the module docstring).
 
     A class rather than a generator context manager: it wraps every step's probes.
     """
 
     def __enter__(self) -> None:
+        self._stance = None
+        if not _PROBING.get():
+            self._stance = _eager_stance()
+            if self._stance is not None:
+                self._stance.__enter__()
         self._token = _PROBING.set(True)
 
     def __exit__(self, *exc: object) -> None:
         _PROBING.reset(self._token)
+        if self._stance is not None:
+            self._stance.__exit__(*exc)
+
+
+def _eager_stance():
+    """``torch.compiler.set_stance("force_eager")``, or ``None`` when nothing can be compiled.
+
+    Nothing is compiled before ``torch._dynamo`` is imported, and importing it takes
+    seconds: a process that never compiles never pays for it.
+    """
+    if "torch._dynamo" not in sys.modules:
+        return None
+    return torch.compiler.set_stance("force_eager")
 
 
 def is_probing() -> bool:
@@ -71,16 +98,45 @@ except ImportError:  # pragma: no cover - older torch
     from contextlib import nullcontext as math_attention
 
 
+def is_compiled(model: object) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (an ``OptimizedModule``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    return optimized is not None and isinstance(model, optimized)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel``/``DataParallel`` (else ``model``).
+    """The module inside ``DistributedDataParallel``/``DataParallel`` and ``torch.compile``
+    wrappers, stacked in any order (else ``model``).
 
     Diagnostics evaluate the inner module: a forward through the DDP wrapper would
     arm its gradient synchronisation, and ranks would wait on each other inside an
-    HVP. Every rank's products are all-reduced by dyndiag itself instead.
+    HVP (every rank's products are all-reduced by dyndiag itself instead); a forward
+    through the compiled one would run AOTAutograd's graph, which has no double
+    backward, and could trace and guard on dyndiag's evaluations. The inner module
+    holds the same parameter tensors, named without the wrappers' prefixes.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def hook_module(model: nn.Module) -> nn.Module:
+    """The module whose forward hooks see each training forward of ``model``: the
+    outermost ``torch.compile`` wrapper in the stack, else :func:`unwrap`'s module.
+
+    A compiled wrapper runs its own hooks eagerly, around the compiled call. Hooks of
+    the module inside may run inside the compiled graph instead (``torch.nn``
+    containers are traced with their hooks), where a hook added after compiling is
+    never called: Dynamo does not guard on hook dicts.
     """
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
-    return model
+    return model if is_compiled(model) else unwrap(model)
 
 
 class Evaluate(nn.Module):

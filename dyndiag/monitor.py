@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .evaluation import is_probing, unwrap
+from .evaluation import hook_module, is_probing, unwrap
 from .probes.base import Probe, check_probes, resolve_rows, run_probes, warn_once
 from .probes.context import RunContext, StepContext
 from .quantities.softmax import loss_dtype
@@ -52,8 +52,10 @@ class Monitor:
     Parameters
     ----------
     model:
-        The trained module. Parameters on the meta device or uninitialised (lazy
-        modules before their first forward) are refused (``ValueError``).
+        The trained module, as training calls it: wrapped by DDP, DataParallel or
+        ``torch.compile`` (probes then evaluate the module inside). Parameters on
+        the meta device or uninitialised (lazy modules before their first forward)
+        are refused (``ValueError``).
     optimizer:
         Its optimizer; ``step`` counts its ``step()`` calls from 0.
     probes:
@@ -101,10 +103,10 @@ class Monitor:
     ----------
     run:
         The :class:`~dyndiag.probes.RunContext` the probes see: the model (the
-        module inside a DDP wrapper), optimizer, loss, probe data, the parameters
-        the optimizer trains (re-read at every step: parameters added with
-        ``add_param_group`` or unfrozen enter every probe, frozen ones leave) and
-        the last training forward's outputs.
+        module inside DDP and ``torch.compile`` wrappers), optimizer, loss, probe
+        data, the parameters the optimizer trains (re-read at every step:
+        parameters added with ``add_param_group`` or unfrozen enter every probe,
+        frozen ones leave) and the last training forward's outputs.
     step:
         The step the next ``optimizer.step()`` records under.
     """
@@ -143,8 +145,10 @@ class Monitor:
         if grad_scaler is not None and not (hasattr(grad_scaler, "unscale_") and hasattr(grad_scaler, "is_enabled")):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
-        # Probes evaluate the module inside a DDP wrapper (never arming its gradient sync);
-        # the forward hook on it still sees every training forward.
+        # Probes evaluate the module inside DDP and torch.compile wrappers (never arming a
+        # gradient sync, never running a compiled graph); the forward hook goes where it
+        # sees every training forward (a compiled wrapper's hooks run outside its graph).
+        hooked = hook_module(model)
         model = unwrap(model)
         self.run = RunContext(model, optimizer, loss_fn, closure, probe_data, batch_size_fn, progress=progress)
         self.model = model
@@ -166,7 +170,7 @@ class Monitor:
         self._pending = None
         self._warned: set = set()
         self.step_hooks = step_hooks
-        self._handles = [model.register_forward_hook(self._capture, with_kwargs=True)]
+        self._handles = [hooked.register_forward_hook(self._capture, with_kwargs=True)]
         if isinstance(loss_fn, nn.Module):  # the criterion training calls sees the targets of the logits
             self._handles.append(loss_fn.register_forward_hook(self._capture_targets))
         if step_hooks:
@@ -189,7 +193,10 @@ class Monitor:
 
     # -- hooks --------------------------------------------------------------
     def _capture(self, module, inputs, kwargs, output) -> None:
-        if is_probing():  # a probe's own forward (this Monitor's or another's) is not training's
+        # A probe's own forward (this Monitor's or another's) is not training's. Probes never
+        # run compiled (evaluation.probing), so a forward being traced is training's: there
+        # the context variable, which Dynamo cannot trace (a graph break), is not read.
+        if not torch.compiler.is_compiling() and is_probing():
             return
         # The usual case first: no getattr, which raises inside for a tensor.
         logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", output)
@@ -202,7 +209,7 @@ class Monitor:
 
     def _capture_targets(self, module, inputs, output) -> None:
         run = self.run
-        if is_probing() or len(inputs) < 2 or run.logits is None:
+        if (not torch.compiler.is_compiling() and is_probing()) or len(inputs) < 2 or run.logits is None:
             return
         logits, targets = inputs[0], inputs[1]
         if isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor) and logits.shape == run.logits.shape:
@@ -210,11 +217,15 @@ class Monitor:
             run.loss_dtype = loss_dtype(logits)  # the autocast state the loss itself ran in
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        if torch.compiler.is_compiling():  # a compiled optimizer.step: probes run eagerly, outside its graph
+            return torch.compiler.disable(self._pre_step)(optimizer, args, kwargs)
         # torch passes step()'s own arguments, the optimizer first: (opt, closure?).
         closure_step = kwargs.get("closure", args[1] if len(args) > 1 else None) is not None
         self._begin(closure_step)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(self._post_step)(optimizer, args, kwargs)
         self._finish()
 
     def _hook_params(self) -> None:

@@ -148,7 +148,6 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         if model is None or optimizer is None:
             raise ValueError("DiagnosticsCallback needs the Trainer's model and optimizer at on_train_begin")
         self._detach()  # a previous train() on the same callback
-        model = _unwrap_model(model)
         probe_data = self.probe_data
         if probe_data is None:
             probe_data = first_examples(train_dataloader, args.per_device_train_batch_size, model)
@@ -249,11 +248,6 @@ def first_examples(dataloader: object, n: int, model: nn.Module) -> dict:
         set_rng_state(saved)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return to_device(clone_batch(batch), device)
-
-
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    # torch.compile wraps the module in an OptimizedModule holding it as _orig_mod.
-    return getattr(model, "_orig_mod", model)
 
 
 def _find_trainer(state: object) -> transformers.Trainer | None:

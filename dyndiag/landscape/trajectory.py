@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoints import strip_prefixes
 from ..evaluation import select_params, unwrap
 
 __all__ = ["TrajectoryDirections", "trajectory_directions"]
@@ -83,6 +84,8 @@ def _flatten(entry, names: list[str] | None, what: str) -> torch.Tensor:
         return entry.detach()
     if isinstance(entry, Mapping):
         if names is not None:
+            # A state_dict saved through a wrapper (torch.compile: _orig_mod., DDP: module.).
+            entry = strip_prefixes(entry, set(names)) or entry
             missing = [k for k in names if k not in entry]
             if missing:
                 raise ValueError(f"{what} (a state_dict) lacks parameter(s) {missing[:5]}")

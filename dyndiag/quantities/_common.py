@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..evaluation import Evaluate, operator_mode, outputs_fn, per_example_mode, select_params
+from ..evaluation import Evaluate, operator_mode, outputs_fn, per_example_mode, select_params, unwrap
 from ..data import batch_targets, default_batch_size, make_loss_closure
 from ..distributed import is_distributed
 
@@ -37,13 +37,15 @@ __all__ = [
     "gather_scores",
     "to_float",
     "loss_closure",
+    "unwrap",
 ]
 
 
 def check_model(model: object) -> nn.Module:
+    """``model``, or the module inside its DDP/``torch.compile`` wrappers (:func:`unwrap`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model
+    return unwrap(model)
 
 
 def check_chunk_size(chunk_size: object) -> int:

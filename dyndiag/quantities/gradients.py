@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..data import check_scalar_loss, default_batch_size, iter_batches, make_loss_closure, to_device, weighted_mean
-from ._common import Evaluate, buffer_copies, operator_mode, select_params
+from ._common import Evaluate, buffer_copies, check_model, operator_mode, select_params
 
 __all__ = ["mean_gradient"]
 
@@ -29,6 +29,7 @@ def mean_gradient(
     is never written. Under ``torch.distributed``: the gradient of the union of the
     ranks' shards. ``ValueError`` when ``data`` yields no samples.
     """
+    model = check_model(model)
     fn = make_loss_closure(loss_fn, closure)
     names, chosen = select_params(model, params)
     device = chosen[0].device

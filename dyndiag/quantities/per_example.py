@@ -89,7 +89,7 @@ def _per_example_gradients(
     there are none. Returns the parameter names, the parameters and the number of
     examples seen.
     """
-    check_model(model)
+    model = check_model(model)
     fn = loss_closure(loss_fn, closure, forward)
     names, chosen = select_params(model, params)
     if chunk_size is None:
@@ -312,7 +312,7 @@ def el2n_scores(
         ``indices``); NaN for a sequence with no scored token; gathered over ranks
         like :func:`grand_scores`.
     """
-    check_model(model)
+    model = check_model(model)
     chunk_size = check_chunk_size(chunk_size)
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable (model, batch) -> logits, got {type(forward).__name__}")

@@ -94,7 +94,7 @@ def safe_step_radius(
         ``v = 0``). Under ``torch.distributed``, the minimum over every rank's
         samples.
     """
-    check_model(model)
+    model = check_model(model)
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable (model, batch) -> logits, got {type(forward).__name__}")
     names, chosen = select_params(model, params)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..arrays import to_floats
-from ._common import check_model
+from ._common import check_model, unwrap
 
 __all__ = ["layer_rotation"]
 
@@ -54,10 +54,10 @@ def matched_reference(
 ) -> tuple[list[tuple[str, nn.Parameter]], list[torch.Tensor]]:
     """``(model.named_parameters(), the reference tensor of each)``, checked: see
     :func:`layer_rotation` for what ``reference`` may be."""
-    check_model(model)
+    model = check_model(model)
     named = list(model.named_parameters())
     if isinstance(reference, nn.Module):
-        ref = dict(reference.named_parameters())
+        ref = dict(unwrap(reference).named_parameters())
     elif isinstance(reference, Mapping):
         ref = reference
     elif isinstance(reference, Sequence) and not isinstance(reference, (str, bytes)):

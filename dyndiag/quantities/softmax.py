@@ -172,7 +172,7 @@ def gradient_weight_cosine(
         weights are zero. Under ``torch.distributed`` the gradient is that of the
         union of the ranks' shards.
     """
-    check_model(model)
+    model = check_model(model)
     _, chosen = select_params(model, params)
     g = mean_gradient(model, loss_fn, data, params, closure=closure)
     theta = torch.cat([p.detach().reshape(-1) for p in chosen]).double()

@@ -110,13 +110,6 @@ def test_plain_loop_is_bit_identical_with_a_monitor_and_records_token_weighted_c
     assert row("sharpness").value.iloc[0] == pytest.approx(float(sharpness), rel=2e-4)
 
 
-LM_SCORES_REASON = (
-    "per-sequence DataScores on dict LM batches is the 'scores' part of issue 20 (on main, el2n_scores "
-    "refuses dict batches and (B, T, V) logits); un-skip once it is merged"
-)
-
-
-@pytest.mark.skip(reason=LM_SCORES_REASON)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_data_scores_on_lm_batches_record_one_score_per_sequence(name, tmp_path):
     scoring = token_batch(batch=4, length=8, seed=7)

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..data import (
@@ -53,8 +53,10 @@ from ..data import (
     default_batch_size,
     iter_batches,
     is_single_batch,
+    loss_count,
     loss_reduction,
     make_loss_closure,
+    split_batch,
     tensors_in,
     to_device,
     weighted_mean,
@@ -63,6 +65,7 @@ from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params, unw
 from ..state import rng_state, set_rng_state
 from .base import CurvatureOperator
 from .blocks import AUTO_CPU_CHUNK, auto_chunk, cpu_chunk, race, remembered
+from .loss_hessian import loss_hessian
 
 __all__ = ["HessianOperator", "GGNOperator"]
 
@@ -86,6 +89,7 @@ class _ModelOperator(CurvatureOperator):
         cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -101,6 +105,10 @@ class _ModelOperator(CurvatureOperator):
             raise ValueError(f"backend must be 'auto', 'vmap' or 'loop', got {backend!r}")
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError("batch_size_fn must be callable (batch) -> int")
+        if micro_batch_size is not None and (
+            not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1
+        ):
+            raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
         self.model = model
         self.loss_fn = criterion
         self.reduction = reduction
@@ -122,7 +130,10 @@ class _ModelOperator(CurvatureOperator):
         self._numels = [p.numel() for p in self.params]
         self._evaluate = Evaluate(model, fn)
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
-        self._batch_size_fn = batch_size_fn or default_batch_size
+        self._batch_size_fn = batch_size_fn or (lambda batch: loss_count(batch, criterion))
+        self.micro_batch_size = micro_batch_size
+        self._norm_layers = [m for m in model.modules() if isinstance(m, _NormBase)]
+        self._check_micro_batching()
         self.max_batch_vectors = max_batch_vectors
         self.backend = backend
         #: ``backend="auto"`` on the CPU: the backend each chunk width was multiplied by.
@@ -131,7 +142,7 @@ class _ModelOperator(CurvatureOperator):
         self._data = data
         self._cached = None
         if cache_data:
-            self._cached = [(self._prepare(b), self._count(b)) for b in iter_batches(data)]
+            self._cached = list(self._read())
         elif isinstance(data, Iterator):
             raise ValueError(
                 "data is a one-shot iterator, but every product reads the data again: pass a list "
@@ -141,12 +152,16 @@ class _ModelOperator(CurvatureOperator):
         self._repeatable = (
             self._cached is not None or is_single_batch(data) or isinstance(data, (list, tuple))
         )
-        one_batch = is_single_batch(data) or (self._cached is not None and len(self._cached) == 1)
+        one_batch = (self._cached is not None and len(self._cached) == 1) or (
+            is_single_batch(data) and (micro_batch_size is None or default_batch_size(data) <= micro_batch_size)
+        )
         if cache_graph and not one_batch:
-            raise ValueError("cache_graph=True needs data to be a single batch (or cache_data=True with one batch)")
+            raise ValueError(
+                "cache_graph=True needs data to be a single batch of at most micro_batch_size samples "
+                "(or cache_data=True with one such batch)"
+            )
         self.cache_graph = one_batch if cache_graph is None else bool(cache_graph)
         self._graphs: dict[str, tuple] = {}  # backend -> (key, graph) of the single batch
-        self._norm_layers = [m for m in model.modules() if isinstance(m, _NormBase)]
 
     # -- data -----------------------------------------------------------
     def _count(self, batch) -> int:
@@ -155,7 +170,20 @@ class _ModelOperator(CurvatureOperator):
             n = int(n)
         return n
 
+    def _check_micro_batching(self) -> None:
+        """Refuse micro-batches where they would change the function: BatchNorm in
+        train mode normalises with the statistics of the batch it sees."""
+        if self.micro_batch_size is not None and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self._norm_layers
+        ):
+            raise ValueError(
+                "micro_batch_size: the model has BatchNorm in train mode, whose batch statistics "
+                "would be those of each micro-batch, a different function from the whole batch's. "
+                "Put the model in eval mode (model.eval()) or leave micro_batch_size=None."
+            )
+
     def _batches(self) -> Iterable[tuple[object, int]]:
+        self._check_micro_batching()
         if self._cached is not None:
             yield from self._cached
             return
@@ -163,8 +191,13 @@ class _ModelOperator(CurvatureOperator):
         yield from self._read()
 
     def _read(self) -> Iterator[tuple[object, int]]:
+        """``(batch, weight)`` for every batch of ``data`` on the device, cut into
+        micro-batches of at most ``micro_batch_size`` samples, each weighing its own
+        count (the loss over all data is unchanged, products only need less memory)."""
         for b in iter_batches(self._data):
-            yield self._prepare(b), self._count(b)
+            b = self._prepare(b)
+            for part in [b] if self.micro_batch_size is None else split_batch(b, self.micro_batch_size):
+                yield part, self._count(part)
 
     def _check_repeatable(self) -> None:
         """Refuse data whose loss changes between two passes with the RNG moved
@@ -487,8 +520,10 @@ class HessianOperator(_ModelOperator):
         ``loss_fn.reduction`` (``nn`` losses), else ``"mean"``; a closure that sums
         over its batch declares ``reduction="sum"``.
     batch_size_fn:
-        ``(batch) -> int`` sample count used for weighting; default dim 0 of the
-        batch's first tensor.
+        ``(batch) -> int``: the batch's weight among batches, the number of terms
+        its mean loss averages. Default :func:`dyndiag.data.loss_count`: the tokens
+        whose label is not ignored for language-model batches (``labels`` with
+        ``-100``, or ``loss_fn.count``), else dim 0 of the batch's first tensor.
     max_batch_vectors:
         Columns multiplied in one vmapped pass; bounds memory of ``matmat``.
         ``"auto"`` (default): on CUDA with the vmap backend, sized from the free GPU
@@ -529,6 +564,15 @@ class HessianOperator(_ModelOperator):
         the float32 model with the same (rounded) weights. Autocast regions inside
         the model still apply.
 
+    micro_batch_size:
+        Cut every batch along dim 0 into micro-batches of at most this many samples
+        (sequences, for a language model) and accumulate their products, each
+        weighted by its count: the same operator, with a product's peak memory set
+        by ``micro_batch_size`` rather than by the batch. Dict batches are cut in
+        every tensor entry. Refused (``ValueError``) with BatchNorm in train mode,
+        whose batch statistics would change with the cut. ``None`` (default): whole
+        batches.
+
     Notes
     -----
     Under an initialised ``torch.distributed`` process group each rank passes its
@@ -552,6 +596,7 @@ class HessianOperator(_ModelOperator):
         cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         make_loss_closure(loss_fn, closure)  # exactly one of them, callable
         super().__init__(
@@ -568,6 +613,7 @@ class HessianOperator(_ModelOperator):
             cache_graph=cache_graph,
             at=at,
             compute_dtype=compute_dtype,
+            micro_batch_size=micro_batch_size,
         )
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -646,6 +692,7 @@ class GGNOperator(_ModelOperator):
         cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise TypeError("loss_fn must be a criterion loss_fn(outputs, targets) for the GGN")
@@ -663,53 +710,68 @@ class GGNOperator(_ModelOperator):
             cache_graph=cache_graph,
             at=at,
             compute_dtype=compute_dtype,
+            micro_batch_size=micro_batch_size,
+        )
+        #: ``J v`` by forward mode until a model op turns out to have no forward-mode derivative.
+        self._forward_mode = True
+
+    def _vmap_graph(self, batch) -> _GGNGraph:
+        return self._reuse_graph("ggn", lambda: _GGNGraph(self, batch))
+
+    _loop_graph = _vmap_graph  # both backends multiply the same columns, vmapped or one by one
+
+    def _vmap_columns(self, graph: _GGNGraph, V: torch.Tensor) -> torch.Tensor:
+        return self._join(vmap(graph.column)(self._split(V.T)), V.shape[1]).T
+
+    def _loop_columns(self, graph: _GGNGraph, V: torch.Tensor) -> torch.Tensor:
+        rows = self._split(V.T)
+        return torch.stack(
+            [self._join(graph.column(tuple(r[j] for r in rows)), 1)[0] for j in range(V.shape[1])], dim=1
         )
 
-    def _vmap_graph(self, batch):
-        # Reverse mode only, columns batched: J v as the pullback of u -> J^T u (linear
-        # in u), H_L by double backward, J^T by the model's pullback.
-        def build():
-            outputs, model_pullback = vjp(lambda tensors: self._call(tensors, batch), tuple(self._values()))
-            outputs = outputs.detach()
-            _, jacobian = vjp(lambda u: model_pullback(u)[0], torch.zeros_like(outputs))
-            _, loss_hessian = vjp(grad(lambda o: self._criterion(o, batch)), outputs)
-            return model_pullback, jacobian, loss_hessian
 
-        return self._reuse_graph("vmap", build)
+class _GGNGraph:
+    """What a GGN product on one batch needs: ``column(v) = J^T H_L J v``.
 
-    def _vmap_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
-        model_pullback, jacobian, loss_hessian = graph
+    ``J v`` by forward mode (``torch.func.jvp``), or where a model op has no
+    forward-mode derivative by the double-vjp trick (``J v`` as the pullback of the
+    linear map ``u -> J^T u``); ``H_L`` in closed form for cross-entropy and MSE
+    (:mod:`~dyndiag.curvature.loss_hessian`), else by double backward through the
+    criterion alone; ``J^T`` by the model's pullback, built once per batch. The
+    loss is never differentiated through the model twice.
+    """
 
-        def column(tangents):
-            return model_pullback(loss_hessian(jacobian(tangents)[0])[0])[0]
+    def __init__(self, op: GGNOperator, batch) -> None:
+        self.op = op
+        self.model = lambda tensors: op._call(tensors, batch)
+        self.primals = tuple(op._values())
+        outputs, self.pullback = vjp(self.model, self.primals)
+        outputs = outputs.detach()
+        self.zeros = lambda: torch.zeros_like(outputs)  # only for the double-vjp fallback
+        self.loss_hessian = loss_hessian(op.loss_fn, outputs, batch_targets(batch))
+        if self.loss_hessian is None:
+            _, pullback = vjp(grad(lambda o: op._criterion(o, batch)), outputs)
+            self.loss_hessian = lambda u: pullback(u)[0]
+        else:
+            op._criterion(outputs, batch)  # the checks the criterion makes (a scalar loss)
+        self._jacobian = None
 
-        return self._join(vmap(column)(self._split(V.T)), V.shape[1]).T
+    def jacobian(self, tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``J v`` for the per-parameter tangents ``v``."""
+        if self.op._forward_mode:
+            try:
+                return jvp(self.model, (self.primals,), (tuple(tangents),))[1]
+            except RuntimeError as err:  # NotImplementedError included: an op without forward AD
+                self.op._forward_mode = False
+                warnings.warn(
+                    f"GGNOperator: forward-mode Jacobian products failed for this model "
+                    f"({str(err).splitlines()[0][:200]}); using reverse mode (double vjp) instead.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        if self._jacobian is None:
+            self._jacobian = vjp(lambda u: self.pullback(u)[0], self.zeros())[1]
+        return self._jacobian(tuple(tangents))[0]
 
-    def _loop_graph(self, batch):
-        return self._reuse_graph("loop", lambda: self._ggn_graph(batch))
-
-    def _ggn_graph(self, batch):
-        # Reverse mode only, graphs built once per batch and reused for every column:
-        # J v by the double-vjp trick (J v = d/du <J^T u, v>), H_L by double backward.
-        leaves = self._leaves()
-        out = self._call(leaves, batch)
-        o = out.detach().requires_grad_(True)
-        (gl,) = torch.autograd.grad(self._criterion(o, batch), o, create_graph=True)
-        u = torch.zeros_like(out, requires_grad=True)
-        jtu = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
-        live = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
-        return leaves, out, o, gl, u, jtu, live
-
-    def _loop_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
-        leaves, out, o, gl, u, jtu, live = graph
-        rows = self._split(V.T)
-        result = torch.zeros_like(V)
-        for j in range(V.shape[1] if live else 0):
-            (jv,) = torch.autograd.grad([jtu[i] for i in live], u, [rows[i][j] for i in live], retain_graph=True)
-            if gl.requires_grad:
-                (hjv,) = torch.autograd.grad(gl, o, jv, retain_graph=True)
-            else:  # loss linear in the outputs
-                hjv = torch.zeros_like(o)
-            parts = torch.autograd.grad(out, leaves, hjv, retain_graph=True, allow_unused=True)
-            result[:, j] = self._join(parts, 1)[0]
-        return result
+    def column(self, tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return self.pullback(self.loss_hessian(self.jacobian(tangents)))[0]

@@ -255,3 +255,22 @@ def test_split_batch_cuts_every_tensor_entry():
         assert torch.equal(torch.cat([p[key] for p in parts]), batch[key])
     with pytest.raises(ValueError, match="dim 0"):
         split_batch((torch.zeros(5, 2), torch.zeros(4)), 2)
+
+
+def test_hugging_face_loss_closure_is_token_weighted():
+    """``model(**batch).loss`` of a Hugging Face causal LM over two padded batches: the
+    operator equals the one of CausalLMLoss on its logits (token-weighted)."""
+    pytest.importorskip("transformers")
+    from lm_models import hf_gpt2
+
+    model = hf_gpt2(width=4, heads=2, layers=1).double()
+    batches = lm_batches()
+    logits = lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # noqa: E731
+    H = dd.HessianOperator(model, closure=lambda m, b: m(**b).loss, data=batches)
+    reference = dd.HessianOperator(model, closure=lambda m, b: LM(logits(m, b), b["labels"]), data=batches)
+    V = torch.randn(H.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # Hugging Face computes its loss in float32 (it casts the logits), hence the tolerance;
+    # sample-weighting instead of token-weighting would be off by more than 1e-3.
+    assert rel(H @ V, reference @ V) < 1e-5
+    G = dd.GGNOperator(model, LM, batches, forward=logits)
+    assert rel(G @ V, dd.GGNOperator(model, Generic(LM), batches, forward=logits) @ V) < 1e-10

@@ -60,14 +60,15 @@ def loss_hessian(loss_fn: object, outputs: torch.Tensor, targets: object) -> Cal
 
 
 def _softmax_hessian(logits: torch.Tensor, weights: torch.Tensor, class_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``u -> w * (p * u - p * <p, u>)`` along ``class_dim``: ``p`` the softmax of
+    """``u -> w * p * (u - <p, u>)`` (that is ``w * (diag(p) - p p^T) u``) along ``class_dim``: ``p`` the softmax of
     ``logits``, ``w`` each row's weight in the loss (``weights``, shaped like the
     logits without ``class_dim``)."""
     p = torch.softmax(logits.detach(), dim=class_dim)
     w = weights.unsqueeze(class_dim)
 
     def apply(u: torch.Tensor) -> torch.Tensor:
-        pu = p * u
-        return w * (pu - p * pu.sum(class_dim, keepdim=True))
+        # p * (u - <p, u>) * w with one logits-sized temporary alive at a time (a language
+        # model's largest tensors).
+        return (u - (p * u).sum(class_dim, keepdim=True)).mul_(p).mul_(w)
 
     return apply

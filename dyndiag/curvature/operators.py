@@ -715,63 +715,89 @@ class GGNOperator(_ModelOperator):
         #: ``J v`` by forward mode until a model op turns out to have no forward-mode derivative.
         self._forward_mode = True
 
-    def _vmap_graph(self, batch) -> _GGNGraph:
-        return self._reuse_graph("ggn", lambda: _GGNGraph(self, batch))
+    # Products: ``J v`` by forward mode in the same forward that records the graph
+    # ``J^T`` pulls back through, ``H_L`` in closed form where the criterion has one
+    # (:mod:`~dyndiag.curvature.loss_hessian`), else by double backward through the
+    # criterion alone; the loss is never differentiated through the model twice. The
+    # forward is the product's own, so no graph is kept between products. A model op
+    # without a forward-mode derivative switches the operator to reverse mode: ``J v``
+    # as the pullback of the linear map ``u -> J^T u`` (the double-vjp trick) on a
+    # graph built once per batch (kept between products like the Hessian's).
+    def _vmap_graph(self, batch):
+        return batch
 
-    _loop_graph = _vmap_graph  # both backends multiply the same columns, vmapped or one by one
+    _loop_graph = _vmap_graph  # the forward is each product's own: nothing to build ahead
 
-    def _vmap_columns(self, graph: _GGNGraph, V: torch.Tensor) -> torch.Tensor:
-        return self._join(vmap(graph.column)(self._split(V.T)), V.shape[1]).T
+    def _vmap_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
+        return self._columns(batch, V, batched=True)
 
-    def _loop_columns(self, graph: _GGNGraph, V: torch.Tensor) -> torch.Tensor:
-        rows = self._split(V.T)
-        return torch.stack(
-            [self._join(graph.column(tuple(r[j] for r in rows)), 1)[0] for j in range(V.shape[1])], dim=1
-        )
+    def _loop_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
+        return self._columns(batch, V, batched=False)
 
-
-class _GGNGraph:
-    """What a GGN product on one batch needs: ``column(v) = J^T H_L J v``.
-
-    ``J v`` by forward mode (``torch.func.jvp``), or where a model op has no
-    forward-mode derivative by the double-vjp trick (``J v`` as the pullback of the
-    linear map ``u -> J^T u``); ``H_L`` in closed form for cross-entropy and MSE
-    (:mod:`~dyndiag.curvature.loss_hessian`), else by double backward through the
-    criterion alone; ``J^T`` by the model's pullback, built once per batch. The
-    loss is never differentiated through the model twice.
-    """
-
-    def __init__(self, op: GGNOperator, batch) -> None:
-        self.op = op
-        self.model = lambda tensors: op._call(tensors, batch)
-        self.primals = tuple(op._values())
-        outputs, self.pullback = vjp(self.model, self.primals)
-        outputs = outputs.detach()
-        self.zeros = lambda: torch.zeros_like(outputs)  # only for the double-vjp fallback
-        self.loss_hessian = loss_hessian(op.loss_fn, outputs, batch_targets(batch))
-        if self.loss_hessian is None:
-            _, pullback = vjp(grad(lambda o: op._criterion(o, batch)), outputs)
-            self.loss_hessian = lambda u: pullback(u)[0]
-        else:
-            op._criterion(outputs, batch)  # the checks the criterion makes (a scalar loss)
-        self._jacobian = None
-
-    def jacobian(self, tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """``J v`` for the per-parameter tangents ``v``."""
-        if self.op._forward_mode:
+    def _columns(self, batch, V: torch.Tensor, batched: bool) -> torch.Tensor:
+        """``G V`` on one batch, columns batched by vmap or one at a time."""
+        tangents = self._split(V.T)
+        if self._forward_mode:
             try:
-                return jvp(self.model, (self.primals,), (tuple(tangents),))[1]
-            except RuntimeError as err:  # NotImplementedError included: an op without forward AD
-                self.op._forward_mode = False
+                if batched:
+                    return self._forward_mode_products(batch, tangents, batched=True)
+                return torch.stack(
+                    [self._forward_mode_products(batch, tuple(t[j] for t in tangents), batched=False)
+                     for j in range(V.shape[1])], dim=1,
+                )
+            except RuntimeError as err:
+                if "forward ad" not in str(err).lower() and "jvp" not in str(err).lower():
+                    raise
+                self._forward_mode = False
                 warnings.warn(
-                    f"GGNOperator: forward-mode Jacobian products failed for this model "
-                    f"({str(err).splitlines()[0][:200]}); using reverse mode (double vjp) instead.",
+                    f"GGNOperator: this model has an op without a forward-mode derivative "
+                    f"({str(err).splitlines()[0][:200]}); Jacobian products use reverse mode instead.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        if self._jacobian is None:
-            self._jacobian = vjp(lambda u: self.pullback(u)[0], self.zeros())[1]
-        return self._jacobian(tuple(tangents))[0]
+        pullback, jacobian, loss_hessian_ = self._reuse_graph("reverse", lambda: self._reverse_graph(batch))
 
-    def column(self, tangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return self.pullback(self.loss_hessian(self.jacobian(tangents)))[0]
+        def column(t):
+            return pullback(loss_hessian_(jacobian(t)[0]))[0]
+
+        if batched:
+            return self._join(vmap(column)(tangents), V.shape[1]).T
+        return torch.stack([self._join(column(tuple(t[j] for t in tangents)), 1)[0] for j in range(V.shape[1])], 1)
+
+    def _forward_mode_products(self, batch, tangents: tuple[torch.Tensor, ...], batched: bool) -> torch.Tensor:
+        """``G V`` for per-parameter tangents: ``(k, *shape)`` each with ``batched`` (one
+        forward with the ``k`` tangents batched by vmap, one batched backward; returns
+        ``(dim, k)``), else one column's ``(*shape)`` (returns ``(dim,)``)."""
+        leaves = tuple(self._leaves())
+
+        def forward(t):
+            return jvp(lambda tensors: self._call(tensors, batch), (leaves,), (t,))
+
+        with warnings.catch_warnings():
+            # torch loads its forward-mode decompositions on first use through the
+            # deprecated torch.jit.script: torch's own business, not the caller's.
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+            outputs, jv = vmap(forward, out_dims=(None, 0))(tangents) if batched else forward(tangents)
+        loss_hessian_ = self._loss_hessian(outputs.detach(), batch)
+        # The tangents' own graph (J depends on the parameters) is not differentiated.
+        hjv = (vmap(loss_hessian_) if batched else loss_hessian_)(jv.detach())
+        del jv
+        parts = torch.autograd.grad(outputs, leaves, hjv, is_grads_batched=batched, allow_unused=True)
+        return self._join(parts, tangents[0].shape[0]).T if batched else self._join(parts, 1)[0]
+
+    def _loss_hessian(self, outputs: torch.Tensor, batch) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``u -> H_L u`` at ``outputs``: in closed form where there is one, else by
+        double backward through the criterion."""
+        closed = loss_hessian(self.loss_fn, outputs, batch_targets(batch))
+        if closed is not None:
+            self._criterion(outputs, batch)  # the checks the criterion makes (a scalar loss)
+            return closed
+        _, pullback = vjp(grad(lambda o: self._criterion(o, batch)), outputs)
+        return lambda u: pullback(u)[0]
+
+    def _reverse_graph(self, batch):
+        primals = tuple(self._values())
+        outputs, pullback = vjp(lambda tensors: self._call(tensors, batch), primals)
+        outputs = outputs.detach()
+        _, jacobian = vjp(lambda u: pullback(u)[0], torch.zeros_like(outputs))
+        return pullback, jacobian, self._loss_hessian(outputs, batch)

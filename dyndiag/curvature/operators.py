@@ -1,6 +1,8 @@
 """Hessian and generalized Gauss–Newton operators of a model's loss over its data.
 
-Products are exact (no finite differences) and side-effect free:
+Products are exact (no finite differences) and side-effect free.
+
+Hessian:
 
 * ``matvec(v)`` (and a one-column ``matmat``) multiplies by double backward on
   the gradient graph (kept between products for a single batch);
@@ -10,16 +12,28 @@ Products are exact (no finite differences) and side-effect free:
   time on a gradient graph built once per batch (``backend="loop"``). Both are
   reverse mode only, so losses without forward-mode derivatives (MSE, Huber in
   torch 2.13) work on both.
-  ``backend="auto"`` takes vmap on CUDA and, on the CPU, whichever of the two is
-  faster for this operator and chunk width, timed on the first such chunk
-  (:mod:`dyndiag.curvature.blocks`; both are exact, ``op.block_backends`` holds
-  the choices). A model ``vmap`` cannot handle falls back to the loop with one
-  warning.
 
-The loss over several batches is the loss's own reduction over all the data: the
-sample-weighted mean of batch means for ``reduction="mean"``, the sum of batch
-losses for ``reduction="sum"`` (an ``nn`` loss's ``reduction`` attribute, or the
-operator's ``reduction=`` argument for a closure).
+GGN ``J^T H_L J``: ``J v`` by forward mode in the product's own forward, which also
+records the graph ``J^T`` pulls back through; ``H_L`` in closed form for
+cross-entropy, :class:`~dyndiag.data.CausalLMLoss` and MSE
+(:mod:`dyndiag.curvature.loss_hessian`), else by double backward through the
+criterion alone. Nothing is differentiated twice through the model, which on a
+language model would hold several logits-sized tensors. ``vmap`` batches the
+columns of a chunk, ``loop`` takes them one at a time.
+
+``backend="auto"`` takes vmap on CUDA and, on the CPU, whichever of the two is
+faster for this operator and chunk width, timed on the first such chunk
+(:mod:`dyndiag.curvature.blocks`; both are exact, ``op.block_backends`` holds the
+choices). A model ``vmap`` cannot handle falls back to the loop with one warning.
+
+The loss over several batches is the loss's own reduction over all the data: for
+``reduction="mean"`` the mean over every term the batch means average, i.e. the
+batch means weighted by :func:`dyndiag.data.loss_count` (samples; for causal-LM
+batches the tokens whose label is not ignored), for ``reduction="sum"`` the sum of
+batch losses (an ``nn`` loss's ``reduction`` attribute, or the operator's
+``reduction=`` argument for a closure). ``micro_batch_size=m`` cuts every batch
+into micro-batches of at most ``m`` samples weighted the same way: the same
+operator with a product's peak memory set by ``m``.
 
 The model is evaluated functionally (``torch.func.functional_call``) on detached
 views of its parameters and on fresh copies of its buffers, so parameters,
@@ -617,7 +631,10 @@ class HessianOperator(_ModelOperator):
         )
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
+        def product(batch, V):
+            return self._loop_columns(self._loop_graph(batch), V, last_use=not self.cache_graph)
+
+        return self._accumulate(product, v.unsqueeze(1)).squeeze(1)
 
     def _vmap_graph(self, batch):
         # Double backward with the columns batched: the pullback of the gradient
@@ -642,13 +659,17 @@ class HessianOperator(_ModelOperator):
     def _loop_graph(self, batch):
         return self._reuse_graph("loop", lambda: self._gradient_graph(batch))
 
-    def _loop_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
+    def _loop_columns(self, graph, V: torch.Tensor, last_use: bool = False) -> torch.Tensor:
+        """``last_use``: nothing multiplies on ``graph`` after these columns, so the
+        last one frees it as it goes (a lower peak than keeping it whole)."""
         leaves, g, live = graph
         out = torch.zeros_like(V)
         rows = self._split(V.T)
-        for j in range(V.shape[1] if live else 0):
+        k = V.shape[1]
+        for j in range(k if live else 0):
             parts = torch.autograd.grad(
-                [g[i] for i in live], leaves, [rows[i][j] for i in live], retain_graph=True, allow_unused=True
+                [g[i] for i in live], leaves, [rows[i][j] for i in live], retain_graph=not (last_use and j == k - 1),
+                allow_unused=True,
             )
             out[:, j] = self._join(parts, 1)[0]
         return out
@@ -662,6 +683,15 @@ class GGNOperator(_ModelOperator):
     convex in the outputs (cross-entropy, MSE) the GGN is positive semi-definite;
     for a linear model with MSE it equals the Hessian. Batches combine as the
     criterion's reduction says (:class:`HessianOperator`).
+
+    A product costs one forward with forward-mode tangents (``J v``), ``H_L`` in
+    closed form for ``nn.CrossEntropyLoss`` (ignored targets, label smoothing and
+    class-probability targets included; class ``weight`` takes the generic path),
+    :class:`~dyndiag.data.CausalLMLoss` and ``nn.MSELoss``, and one backward
+    (``J^T``); other criteria get ``H_L`` by double backward through the criterion
+    alone. A model with an op that has no forward-mode derivative is multiplied in
+    reverse mode instead (one warning), on a graph kept between products like the
+    Hessian's (``cache_graph``); in forward mode nothing is kept.
 
     Parameters are as for :class:`HessianOperator`, except ``loss_fn`` and ``forward``
     (and there is no ``closure`` or ``reduction``).

@@ -5,6 +5,10 @@ Run from the repository root::
     python benchmarks/lm.py              # 5 interleaved rounds (a few minutes on a 2-core CPU)
     python benchmarks/lm.py --rounds 3
 
+Needs transformers and hessian-eigenthings, installed pinned to the torch in use::
+
+    echo "torch==2.13.0" > pin.txt; pip install -c pin.txt hessian-eigenthings==1.0.0a5
+
 Model: Hugging Face ``GPT2LMHeadModel`` from a ``GPT2Config`` (2 layers, 128 wide,
 4 heads, vocabulary 50257, dropout 0, eval mode, float32, no download), one batch
 of 4 x 128 random tokens with ``labels = input_ids`` (next-token loss, as the model's

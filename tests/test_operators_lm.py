@@ -274,3 +274,16 @@ def test_hugging_face_loss_closure_is_token_weighted():
     assert rel(H @ V, reference @ V) < 1e-5
     G = dd.GGNOperator(model, LM, batches, forward=logits)
     assert rel(G @ V, dd.GGNOperator(model, Generic(LM), batches, forward=logits) @ V) < 1e-10
+
+
+@pytest.mark.parametrize("cls, exact", [(dd.HessianOperator, exact_hessian), (dd.GGNOperator, exact_ggn)])
+def test_cross_entropy_batches_weigh_the_targets_they_do_not_ignore(cls, exact):
+    """nn.CrossEntropyLoss with ignored targets: two batches combine as their concatenation."""
+    x, y = classification_data(n=12)
+    y = y.clone()
+    y[:5] = IGNORE_INDEX  # the first batch keeps 1 of its 6 targets, the second all 6
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    CE = nn.CrossEntropyLoss()
+    op = cls(model, CE, [(x[:6], y[:6]), (x[6:], y[6:])])
+    assert rel(op.to_dense(), exact(model, CE, [(x, y)])) < 1e-10

@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python benchmarks/scale.py            # full table (several minutes on a 2-core CPU)
-    python benchmarks/scale.py --quick    # two small rows, ~1 minute
+    python benchmarks/scale.py --quick    # three small rows (width 8, batch 32/64/128)
 
 Model: a CIFAR-style ResNet (3x3 stem, four stages of two BasicBlocks with
 BatchNorm, widths w, 2w, 4w, 8w, global pooling, 10 classes), float32, eval mode,
@@ -19,7 +19,9 @@ peak in units of "one gradient's" peak (what a plain training step needs).
 Memory is bounded by the products, not by Lanczos: the basis holds at most
 ``max_basis`` vectors of ``dim`` floats (40 x 6.3 M x 4 B = 1 GB at the default),
 shown by the `basis MB` column, and can live on the CPU (``basis_device="cpu"``)
-when the operator is on a GPU.
+when the operator is on a GPU. `micro MB`: the peak of the same eigenvalue run with
+``micro_batch_size=16`` (each batch multiplied 16 samples at a time), in a process
+of its own: set by the micro-batch, so flat in the batch.
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ def resnet(width: int, classes: int = 10):
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_micro(width: int, batch: int, tol: float, threads: int, micro: int) -> dict:
+    """Peak memory of the top-1 eigenvalue run with ``micro_batch_size=micro`` alone."""
+    import torch
+    from torch import nn
+
+    import dyndiag as dd
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = resnet(width).eval()
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    base = _rss_mb()
+    top = dd.eigenvalues(dd.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), micro_batch_size=micro), k=1, tol=tol)
+    return {"micro_peak_mb": _rss_mb() - base, "micro_eigenvalue": float(top.values[0])}
 
 
 def run_one(width: int, batch: int, tol: float, threads: int) -> dict:
@@ -122,29 +141,33 @@ def main() -> None:
     parser.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        width, batch = map(int, args.child.split(","))
-        print(json.dumps(run_one(width, batch, args.tol, args.threads)))
+        width, batch, micro = map(int, args.child.split(","))
+        run = run_micro(width, batch, args.tol, args.threads, micro) if micro else run_one(width, batch, args.tol, args.threads)
+        print(json.dumps(run))
         return
 
-    configs = [(8, 32), (16, 32)] if args.quick else [(16, 32), (32, 32), (48, 32), (32, 16), (32, 64)]
+    configs = [(8, 32), (8, 64), (8, 128)] if args.quick else [(16, 32), (32, 32), (48, 32), (32, 64), (32, 128)]
     import torch
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"float32, eval mode, top-1 eigenvalue at tol={args.tol}")
     head = (f"{'width':>5} {'batch':>5} {'params':>9} {'grad s':>7} {'HVP/grad':>8} {'eig s':>7} {'HVPs':>5} "
-            f"{'lambda_1':>9} {'peak MB':>8} {'grad MB':>8} {'peak/grad':>9} {'basis MB':>8}")
+            f"{'lambda_1':>9} {'peak MB':>8} {'grad MB':>8} {'peak/grad':>9} {'basis MB':>8} {'micro MB':>8}")
     print(head)
     print("-" * len(head))
     for width, batch in configs:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", f"{width},{batch}", "--tol", str(args.tol), "--threads",
-             str(args.threads)], capture_output=True, text=True, check=True,
-        )
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = {}
+        for micro in (0, 16):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", f"{width},{batch},{micro}", "--tol", str(args.tol), "--threads",
+                 str(args.threads)], capture_output=True, text=True, check=True,
+            )
+            r.update(json.loads(out.stdout.strip().splitlines()[-1]))
         ratio = r["peak_mb"] / r["grad_peak_mb"] if r["grad_peak_mb"] > 0 else float("nan")
         print(f"{r['width']:5d} {r['batch']:5d} {r['params'] / 1e6:8.2f}M {r['grad_s']:7.3f} {r['hvp_grads']:8.2f} "
               f"{r['eig_s']:7.2f} {r['eig_hvps']:5d} {r['eigenvalue']:9.4g} {r['peak_mb']:8.0f} "
-              f"{r['grad_peak_mb']:8.0f} {ratio:9.2f} {r['basis_mb']:8.0f}" + ("" if r["converged"] else "  (not converged)"))
+              f"{r['grad_peak_mb']:8.0f} {ratio:9.2f} {r['basis_mb']:8.0f} {r['micro_peak_mb']:8.0f}"
+              + ("" if r["converged"] else "  (not converged)"))
 
 
 if __name__ == "__main__":

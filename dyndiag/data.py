@@ -38,6 +38,7 @@ __all__ = [
     "iter_batches",
     "default_batch_size",
     "loss_count",
+    "split_batch",
     "CausalLMLoss",
     "IGNORE_INDEX",
     "to_device",
@@ -140,17 +141,61 @@ def loss_count(batch: Batch, loss_fn: Callable | None = None) -> int:
     ``loss_fn.count(targets)`` when the criterion defines it (:class:`CausalLMLoss`);
     for a mapping batch with integer ``labels`` of two or more dimensions (a Hugging
     Face language-model batch), the labels after the first position that are not
-    ``-100``, the tokens a causal LM's ``.loss`` averages; otherwise the number of
-    samples (:func:`default_batch_size`).
+    ``-100``, the tokens a causal LM's ``.loss`` averages; for ``nn.CrossEntropyLoss``
+    or ``nn.NLLLoss`` with class-index targets, the targets that are not its
+    ``ignore_index``; otherwise the number of samples (:func:`default_batch_size`).
     """
     count = getattr(loss_fn, "count", None)
     if callable(count):
         return int(count(batch_targets(batch)))
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        targets = batch_targets(batch)
+        if isinstance(targets, torch.Tensor) and not targets.is_floating_point():
+            # A mean cross-entropy averages over the targets it does not ignore.
+            return int((targets != loss_fn.ignore_index).sum())
     if isinstance(batch, Mapping):
         labels = batch.get("labels")
         if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and not labels.is_floating_point():
             return int((labels[:, 1:] != IGNORE_INDEX).sum())
     return default_batch_size(batch)
+
+
+def split_batch(batch: Batch, size: int) -> list[Batch]:
+    """``batch`` cut along dim 0 into consecutive batches of at most ``size`` samples.
+
+    Every tensor in the batch (nested in mappings, tuples and lists) is split along
+    its first dimension, which must be the batch's number of samples
+    (:func:`default_batch_size`); 0-d tensors and other objects are shared by every
+    part. One part (the batch itself) when it holds at most ``size`` samples.
+    """
+    n = default_batch_size(batch)
+    if n <= size:
+        return [batch]
+    for t in tensors_in(batch):
+        if t.dim() > 0 and t.shape[0] != n:
+            raise ValueError(
+                f"micro_batch_size: cannot split a batch whose tensors disagree on dim 0 ({n} and "
+                f"{t.shape[0]} samples)"
+            )
+    return [
+        _map_tensors(batch, lambda t, i=slice(start, start + size): t[i] if t.dim() > 0 else t)
+        for start in range(0, n, size)
+    ]
+
+
+def _map_tensors(obj: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
+    """``obj`` with every tensor ``t`` in it (nested in mappings, tuples, lists) replaced
+    by ``fn(t)``; other objects pass through. Mappings become plain dicts, so
+    ``model(**inputs)`` works for any mapping type (BatchEncoding too)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
 
 
 def weighted_mean(
@@ -222,18 +267,12 @@ def to_device(batch: Batch, device: torch.device, float_dtype: torch.dtype | Non
     ``float_dtype`` also casts floating-point tensors (integer labels and token ids
     keep their dtype).
     """
-    if isinstance(batch, torch.Tensor):
-        if float_dtype is not None and batch.is_floating_point():
-            return batch.to(device=device, dtype=float_dtype)
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        # A plain dict keeps model(**inputs) working for any mapping type (BatchEncoding too).
-        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(v, device, float_dtype) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device, float_dtype) for v in batch)
-    return batch
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if float_dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=float_dtype)
+        return t.to(device)
+
+    return _map_tensors(batch, move)
 
 
 def model_outputs(model: nn.Module, inputs: Any) -> torch.Tensor:

@@ -8,9 +8,11 @@ torch.func.hessian is wrong for LayerNorm/BatchNorm models in torch 2.13.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def _prepared_copy(model: nn.Module) -> nn.Module:
@@ -22,20 +24,38 @@ def _prepared_copy(model: nn.Module) -> nn.Module:
 
 
 def _weights(loss_fn, batches):
-    """Each batch's weight in the loss over all of them: n_b / N for a mean, 1 for a sum."""
+    """Each batch's weight in the loss over all of them: n_b / N for a mean, 1 for a sum;
+    n_b is ``loss_fn.count(y)`` where the criterion counts its terms (tokens), else samples."""
     if getattr(loss_fn, "reduction", "mean") == "sum":
         return [1.0] * len(batches)
-    N = sum(x.shape[0] for x, _ in batches)
-    return [x.shape[0] / N for x, _ in batches]
+    counts = [loss_fn.count(y) if hasattr(loss_fn, "count") else len(y) for _, y in batches]
+    return [n / sum(counts) for n in counts]
+
+
+def _call(model, x):
+    """The model on a batch's inputs: ``model(x)``, or ``model(**x)`` for a dict."""
+    return model(**x) if isinstance(x, dict) else model(x)
 
 
 def total_loss(model, loss_fn, batches):
-    return sum(w * loss_fn(model(x), y) for w, (x, y) in zip(_weights(loss_fn, batches), batches))
+    return sum(w * loss_fn(_call(model, x), y) for w, (x, y) in zip(_weights(loss_fn, batches), batches))
 
 
+def _math_attention(fn):
+    """Run ``fn`` with PyTorch's MATH attention kernel: the fused CPU kernels have no double backward."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@_math_attention
 def exact_hessian(model, loss_fn, batches, param_names=None) -> torch.Tensor:
-    """(dim, dim) Hessian of the loss over ``batches`` (sample-weighted mean of batch
-    means, or sum of batch sums for ``reduction="sum"``); unused parameters get zeros."""
+    """(dim, dim) Hessian of the loss over ``batches`` (``(x, y)`` pairs, ``x`` a tensor
+    or a dict of keyword inputs): the count-weighted mean of batch means, or the sum of
+    batch sums for ``reduction="sum"``; unused parameters get zeros."""
     model = _prepared_copy(model)
     named = dict(model.named_parameters())
     names = param_names or [n for n, p in named.items() if p.requires_grad]
@@ -54,6 +74,7 @@ def exact_hessian(model, loss_fn, batches, param_names=None) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@_math_attention
 def exact_ggn(model, loss_fn, batches, param_names=None) -> torch.Tensor:
     """(dim, dim) J^T H_L J summed over batches with the loss's weights, by explicit Jacobians."""
     model = _prepared_copy(model)
@@ -65,7 +86,8 @@ def exact_ggn(model, loss_fn, batches, param_names=None) -> torch.Tensor:
         def f(*flat_params):
             mapping = dict(base)
             mapping.update(dict(zip(names, flat_params)))
-            return torch.func.functional_call(model, mapping, (x,))
+            return torch.func.functional_call(model, mapping, (), x) if isinstance(x, dict) else (
+                torch.func.functional_call(model, mapping, (x,)))
 
         out = f(*[base[n] for n in names])
         J = torch.autograd.functional.jacobian(f, tuple(base[n] for n in names))

@@ -1,6 +1,8 @@
 """Hessian and generalized Gauss–Newton operators of a model's loss over its data.
 
-Products are exact (no finite differences) and side-effect free:
+Products are exact (no finite differences) and side-effect free.
+
+Hessian:
 
 * ``matvec(v)`` (and a one-column ``matmat``) multiplies by double backward on
   the gradient graph (kept between products for a single batch);
@@ -10,16 +12,28 @@ Products are exact (no finite differences) and side-effect free:
   time on a gradient graph built once per batch (``backend="loop"``). Both are
   reverse mode only, so losses without forward-mode derivatives (MSE, Huber in
   torch 2.13) work on both.
-  ``backend="auto"`` takes vmap on CUDA and, on the CPU, whichever of the two is
-  faster for this operator and chunk width, timed on the first such chunk
-  (:mod:`dyndiag.curvature.blocks`; both are exact, ``op.block_backends`` holds
-  the choices). A model ``vmap`` cannot handle falls back to the loop with one
-  warning.
 
-The loss over several batches is the loss's own reduction over all the data: the
-sample-weighted mean of batch means for ``reduction="mean"``, the sum of batch
-losses for ``reduction="sum"`` (an ``nn`` loss's ``reduction`` attribute, or the
-operator's ``reduction=`` argument for a closure).
+GGN ``J^T H_L J``: ``J v`` by forward mode in the product's own forward, which also
+records the graph ``J^T`` pulls back through; ``H_L`` in closed form for
+cross-entropy, :class:`~dyndiag.data.CausalLMLoss` and MSE
+(:mod:`dyndiag.curvature.loss_hessian`), else by double backward through the
+criterion alone. Nothing is differentiated twice through the model, which on a
+language model would hold several logits-sized tensors. ``vmap`` batches the
+columns of a chunk, ``loop`` takes them one at a time.
+
+``backend="auto"`` takes vmap on CUDA and, on the CPU, whichever of the two is
+faster for this operator and chunk width, timed on the first such chunk
+(:mod:`dyndiag.curvature.blocks`; both are exact, ``op.block_backends`` holds the
+choices). A model ``vmap`` cannot handle falls back to the loop with one warning.
+
+The loss over several batches is the loss's own reduction over all the data: for
+``reduction="mean"`` the mean over every term the batch means average, i.e. the
+batch means weighted by :func:`dyndiag.data.loss_count` (samples; for causal-LM
+batches the tokens whose label is not ignored), for ``reduction="sum"`` the sum of
+batch losses (an ``nn`` loss's ``reduction`` attribute, or the operator's
+``reduction=`` argument for a closure). ``micro_batch_size=m`` cuts every batch
+into micro-batches of at most ``m`` samples weighted the same way: the same
+operator with a product's peak memory set by ``m``.
 
 The model is evaluated functionally (``torch.func.functional_call``) on detached
 views of its parameters and on fresh copies of its buffers, so parameters,
@@ -43,7 +57,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..data import (
@@ -53,8 +67,10 @@ from ..data import (
     default_batch_size,
     iter_batches,
     is_single_batch,
+    loss_count,
     loss_reduction,
     make_loss_closure,
+    split_batch,
     tensors_in,
     to_device,
     weighted_mean,
@@ -63,6 +79,7 @@ from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params, unw
 from ..state import rng_state, set_rng_state
 from .base import CurvatureOperator
 from .blocks import AUTO_CPU_CHUNK, auto_chunk, cpu_chunk, race, remembered
+from .loss_hessian import loss_hessian
 
 __all__ = ["HessianOperator", "GGNOperator"]
 
@@ -86,6 +103,7 @@ class _ModelOperator(CurvatureOperator):
         cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -101,6 +119,10 @@ class _ModelOperator(CurvatureOperator):
             raise ValueError(f"backend must be 'auto', 'vmap' or 'loop', got {backend!r}")
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError("batch_size_fn must be callable (batch) -> int")
+        if micro_batch_size is not None and (
+            not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1
+        ):
+            raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
         self.model = model
         self.loss_fn = criterion
         self.reduction = reduction
@@ -122,7 +144,10 @@ class _ModelOperator(CurvatureOperator):
         self._numels = [p.numel() for p in self.params]
         self._evaluate = Evaluate(model, fn)
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
-        self._batch_size_fn = batch_size_fn or default_batch_size
+        self._batch_size_fn = batch_size_fn or (lambda batch: loss_count(batch, criterion))
+        self.micro_batch_size = micro_batch_size
+        self._norm_layers = [m for m in model.modules() if isinstance(m, _NormBase)]
+        self._check_micro_batching()
         self.max_batch_vectors = max_batch_vectors
         self.backend = backend
         #: ``backend="auto"`` on the CPU: the backend each chunk width was multiplied by.
@@ -131,7 +156,7 @@ class _ModelOperator(CurvatureOperator):
         self._data = data
         self._cached = None
         if cache_data:
-            self._cached = [(self._prepare(b), self._count(b)) for b in iter_batches(data)]
+            self._cached = list(self._read())
         elif isinstance(data, Iterator):
             raise ValueError(
                 "data is a one-shot iterator, but every product reads the data again: pass a list "
@@ -141,12 +166,16 @@ class _ModelOperator(CurvatureOperator):
         self._repeatable = (
             self._cached is not None or is_single_batch(data) or isinstance(data, (list, tuple))
         )
-        one_batch = is_single_batch(data) or (self._cached is not None and len(self._cached) == 1)
+        one_batch = (self._cached is not None and len(self._cached) == 1) or (
+            is_single_batch(data) and (micro_batch_size is None or default_batch_size(data) <= micro_batch_size)
+        )
         if cache_graph and not one_batch:
-            raise ValueError("cache_graph=True needs data to be a single batch (or cache_data=True with one batch)")
+            raise ValueError(
+                "cache_graph=True needs data to be a single batch of at most micro_batch_size samples "
+                "(or cache_data=True with one such batch)"
+            )
         self.cache_graph = one_batch if cache_graph is None else bool(cache_graph)
         self._graphs: dict[str, tuple] = {}  # backend -> (key, graph) of the single batch
-        self._norm_layers = [m for m in model.modules() if isinstance(m, _NormBase)]
 
     # -- data -----------------------------------------------------------
     def _count(self, batch) -> int:
@@ -155,7 +184,20 @@ class _ModelOperator(CurvatureOperator):
             n = int(n)
         return n
 
+    def _check_micro_batching(self) -> None:
+        """Refuse micro-batches where they would change the function: BatchNorm in
+        train mode normalises with the statistics of the batch it sees."""
+        if self.micro_batch_size is not None and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self._norm_layers
+        ):
+            raise ValueError(
+                "micro_batch_size: the model has BatchNorm in train mode, whose batch statistics "
+                "would be those of each micro-batch, a different function from the whole batch's. "
+                "Put the model in eval mode (model.eval()) or leave micro_batch_size=None."
+            )
+
     def _batches(self) -> Iterable[tuple[object, int]]:
+        self._check_micro_batching()
         if self._cached is not None:
             yield from self._cached
             return
@@ -163,8 +205,13 @@ class _ModelOperator(CurvatureOperator):
         yield from self._read()
 
     def _read(self) -> Iterator[tuple[object, int]]:
+        """``(batch, weight)`` for every batch of ``data`` on the device, cut into
+        micro-batches of at most ``micro_batch_size`` samples, each weighing its own
+        count (the loss over all data is unchanged, products only need less memory)."""
         for b in iter_batches(self._data):
-            yield self._prepare(b), self._count(b)
+            b = self._prepare(b)
+            for part in [b] if self.micro_batch_size is None else split_batch(b, self.micro_batch_size):
+                yield part, self._count(part)
 
     def _check_repeatable(self) -> None:
         """Refuse data whose loss changes between two passes with the RNG moved
@@ -487,8 +534,10 @@ class HessianOperator(_ModelOperator):
         ``loss_fn.reduction`` (``nn`` losses), else ``"mean"``; a closure that sums
         over its batch declares ``reduction="sum"``.
     batch_size_fn:
-        ``(batch) -> int`` sample count used for weighting; default dim 0 of the
-        batch's first tensor.
+        ``(batch) -> int``: the batch's weight among batches, the number of terms
+        its mean loss averages. Default :func:`dyndiag.data.loss_count`: the tokens
+        whose label is not ignored for language-model batches (``labels`` with
+        ``-100``, or ``loss_fn.count``), else dim 0 of the batch's first tensor.
     max_batch_vectors:
         Columns multiplied in one vmapped pass; bounds memory of ``matmat``.
         ``"auto"`` (default): on CUDA with the vmap backend, sized from the free GPU
@@ -529,6 +578,15 @@ class HessianOperator(_ModelOperator):
         the float32 model with the same (rounded) weights. Autocast regions inside
         the model still apply.
 
+    micro_batch_size:
+        Cut every batch along dim 0 into micro-batches of at most this many samples
+        (sequences, for a language model) and accumulate their products, each
+        weighted by its count: the same operator, with a product's peak memory set
+        by ``micro_batch_size`` rather than by the batch. Dict batches are cut in
+        every tensor entry. Refused (``ValueError``) with BatchNorm in train mode,
+        whose batch statistics would change with the cut. ``None`` (default): whole
+        batches.
+
     Notes
     -----
     Under an initialised ``torch.distributed`` process group each rank passes its
@@ -552,6 +610,7 @@ class HessianOperator(_ModelOperator):
         cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         make_loss_closure(loss_fn, closure)  # exactly one of them, callable
         super().__init__(
@@ -568,10 +627,14 @@ class HessianOperator(_ModelOperator):
             cache_graph=cache_graph,
             at=at,
             compute_dtype=compute_dtype,
+            micro_batch_size=micro_batch_size,
         )
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(self._loop_chunk, v.unsqueeze(1)).squeeze(1)
+        def product(batch, V):
+            return self._loop_columns(self._loop_graph(batch), V, last_use=not self.cache_graph)
+
+        return self._accumulate(product, v.unsqueeze(1)).squeeze(1)
 
     def _vmap_graph(self, batch):
         # Double backward with the columns batched: the pullback of the gradient
@@ -596,13 +659,17 @@ class HessianOperator(_ModelOperator):
     def _loop_graph(self, batch):
         return self._reuse_graph("loop", lambda: self._gradient_graph(batch))
 
-    def _loop_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
+    def _loop_columns(self, graph, V: torch.Tensor, last_use: bool = False) -> torch.Tensor:
+        """``last_use``: nothing multiplies on ``graph`` after these columns, so the
+        last one frees it as it goes (a lower peak than keeping it whole)."""
         leaves, g, live = graph
         out = torch.zeros_like(V)
         rows = self._split(V.T)
-        for j in range(V.shape[1] if live else 0):
+        k = V.shape[1]
+        for j in range(k if live else 0):
             parts = torch.autograd.grad(
-                [g[i] for i in live], leaves, [rows[i][j] for i in live], retain_graph=True, allow_unused=True
+                [g[i] for i in live], leaves, [rows[i][j] for i in live], retain_graph=not (last_use and j == k - 1),
+                allow_unused=True,
             )
             out[:, j] = self._join(parts, 1)[0]
         return out
@@ -616,6 +683,15 @@ class GGNOperator(_ModelOperator):
     convex in the outputs (cross-entropy, MSE) the GGN is positive semi-definite;
     for a linear model with MSE it equals the Hessian. Batches combine as the
     criterion's reduction says (:class:`HessianOperator`).
+
+    A product costs one forward with forward-mode tangents (``J v``), ``H_L`` in
+    closed form for ``nn.CrossEntropyLoss`` (ignored targets, label smoothing and
+    class-probability targets included; class ``weight`` takes the generic path),
+    :class:`~dyndiag.data.CausalLMLoss` and ``nn.MSELoss``, and one backward
+    (``J^T``); other criteria get ``H_L`` by double backward through the criterion
+    alone. A model with an op that has no forward-mode derivative is multiplied in
+    reverse mode instead (one warning), on a graph kept between products like the
+    Hessian's (``cache_graph``); in forward mode nothing is kept.
 
     Parameters are as for :class:`HessianOperator`, except ``loss_fn`` and ``forward``
     (and there is no ``closure`` or ``reduction``).
@@ -646,6 +722,7 @@ class GGNOperator(_ModelOperator):
         cache_graph: bool | None = None,
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         if loss_fn is None or not callable(loss_fn):
             raise TypeError("loss_fn must be a criterion loss_fn(outputs, targets) for the GGN")
@@ -663,53 +740,94 @@ class GGNOperator(_ModelOperator):
             cache_graph=cache_graph,
             at=at,
             compute_dtype=compute_dtype,
+            micro_batch_size=micro_batch_size,
         )
+        #: ``J v`` by forward mode until a model op turns out to have no forward-mode derivative.
+        self._forward_mode = True
 
+    # Products: ``J v`` by forward mode in the same forward that records the graph
+    # ``J^T`` pulls back through, ``H_L`` in closed form where the criterion has one
+    # (:mod:`~dyndiag.curvature.loss_hessian`), else by double backward through the
+    # criterion alone; the loss is never differentiated through the model twice. The
+    # forward is the product's own, so no graph is kept between products. A model op
+    # without a forward-mode derivative switches the operator to reverse mode: ``J v``
+    # as the pullback of the linear map ``u -> J^T u`` (the double-vjp trick) on a
+    # graph built once per batch (kept between products like the Hessian's).
     def _vmap_graph(self, batch):
-        # Reverse mode only, columns batched: J v as the pullback of u -> J^T u (linear
-        # in u), H_L by double backward, J^T by the model's pullback.
-        def build():
-            outputs, model_pullback = vjp(lambda tensors: self._call(tensors, batch), tuple(self._values()))
-            outputs = outputs.detach()
-            _, jacobian = vjp(lambda u: model_pullback(u)[0], torch.zeros_like(outputs))
-            _, loss_hessian = vjp(grad(lambda o: self._criterion(o, batch)), outputs)
-            return model_pullback, jacobian, loss_hessian
+        return batch
 
-        return self._reuse_graph("vmap", build)
+    _loop_graph = _vmap_graph  # the forward is each product's own: nothing to build ahead
 
-    def _vmap_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
-        model_pullback, jacobian, loss_hessian = graph
+    def _vmap_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
+        return self._columns(batch, V, batched=True)
 
-        def column(tangents):
-            return model_pullback(loss_hessian(jacobian(tangents)[0])[0])[0]
+    def _loop_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
+        return self._columns(batch, V, batched=False)
 
-        return self._join(vmap(column)(self._split(V.T)), V.shape[1]).T
+    def _columns(self, batch, V: torch.Tensor, batched: bool) -> torch.Tensor:
+        """``G V`` on one batch, columns batched by vmap or one at a time."""
+        tangents = self._split(V.T)
+        if self._forward_mode:
+            try:
+                if batched:
+                    return self._forward_mode_products(batch, tangents, batched=True)
+                return torch.stack(
+                    [self._forward_mode_products(batch, tuple(t[j] for t in tangents), batched=False)
+                     for j in range(V.shape[1])], dim=1,
+                )
+            except RuntimeError as err:
+                if "forward ad" not in str(err).lower() and "jvp" not in str(err).lower():
+                    raise
+                self._forward_mode = False
+                warnings.warn(
+                    f"GGNOperator: this model has an op without a forward-mode derivative "
+                    f"({str(err).splitlines()[0][:200]}); Jacobian products use reverse mode instead.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        pullback, jacobian, loss_hessian_ = self._reuse_graph("reverse", lambda: self._reverse_graph(batch))
 
-    def _loop_graph(self, batch):
-        return self._reuse_graph("loop", lambda: self._ggn_graph(batch))
+        def column(t):
+            return pullback(loss_hessian_(jacobian(t)[0]))[0]
 
-    def _ggn_graph(self, batch):
-        # Reverse mode only, graphs built once per batch and reused for every column:
-        # J v by the double-vjp trick (J v = d/du <J^T u, v>), H_L by double backward.
-        leaves = self._leaves()
-        out = self._call(leaves, batch)
-        o = out.detach().requires_grad_(True)
-        (gl,) = torch.autograd.grad(self._criterion(o, batch), o, create_graph=True)
-        u = torch.zeros_like(out, requires_grad=True)
-        jtu = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
-        live = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
-        return leaves, out, o, gl, u, jtu, live
+        if batched:
+            return self._join(vmap(column)(tangents), V.shape[1]).T
+        return torch.stack([self._join(column(tuple(t[j] for t in tangents)), 1)[0] for j in range(V.shape[1])], 1)
 
-    def _loop_columns(self, graph, V: torch.Tensor) -> torch.Tensor:
-        leaves, out, o, gl, u, jtu, live = graph
-        rows = self._split(V.T)
-        result = torch.zeros_like(V)
-        for j in range(V.shape[1] if live else 0):
-            (jv,) = torch.autograd.grad([jtu[i] for i in live], u, [rows[i][j] for i in live], retain_graph=True)
-            if gl.requires_grad:
-                (hjv,) = torch.autograd.grad(gl, o, jv, retain_graph=True)
-            else:  # loss linear in the outputs
-                hjv = torch.zeros_like(o)
-            parts = torch.autograd.grad(out, leaves, hjv, retain_graph=True, allow_unused=True)
-            result[:, j] = self._join(parts, 1)[0]
-        return result
+    def _forward_mode_products(self, batch, tangents: tuple[torch.Tensor, ...], batched: bool) -> torch.Tensor:
+        """``G V`` for per-parameter tangents: ``(k, *shape)`` each with ``batched`` (one
+        forward with the ``k`` tangents batched by vmap, one batched backward; returns
+        ``(dim, k)``), else one column's ``(*shape)`` (returns ``(dim,)``)."""
+        leaves = tuple(self._leaves())
+
+        def forward(t):
+            return jvp(lambda tensors: self._call(tensors, batch), (leaves,), (t,))
+
+        with warnings.catch_warnings():
+            # torch loads its forward-mode decompositions on first use through the
+            # deprecated torch.jit.script: torch's own business, not the caller's.
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+            outputs, jv = vmap(forward, out_dims=(None, 0))(tangents) if batched else forward(tangents)
+        loss_hessian_ = self._loss_hessian(outputs.detach(), batch)
+        # The tangents' own graph (J depends on the parameters) is not differentiated.
+        hjv = (vmap(loss_hessian_) if batched else loss_hessian_)(jv.detach())
+        del jv
+        parts = torch.autograd.grad(outputs, leaves, hjv, is_grads_batched=batched, allow_unused=True)
+        return self._join(parts, tangents[0].shape[0]).T if batched else self._join(parts, 1)[0]
+
+    def _loss_hessian(self, outputs: torch.Tensor, batch) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``u -> H_L u`` at ``outputs``: in closed form where there is one, else by
+        double backward through the criterion."""
+        closed = loss_hessian(self.loss_fn, outputs, batch_targets(batch))
+        if closed is not None:
+            self._criterion(outputs, batch)  # the checks the criterion makes (a scalar loss)
+            return closed
+        _, pullback = vjp(grad(lambda o: self._criterion(o, batch)), outputs)
+        return lambda u: pullback(u)[0]
+
+    def _reverse_graph(self, batch):
+        primals = tuple(self._values())
+        outputs, pullback = vjp(lambda tensors: self._call(tensors, batch), primals)
+        outputs = outputs.detach()
+        _, jacobian = vjp(lambda u: pullback(u)[0], torch.zeros_like(outputs))
+        return pullback, jacobian, self._loss_hessian(outputs, batch)

@@ -108,9 +108,9 @@ from torch.nn.modules.batchnorm import _NormBase
 from ..data import (
     batch_targets,
     check_scalar_loss,
-    default_batch_size,
     is_single_batch,
     iter_batches,
+    loss_count,
     make_loss_closure,
     model_outputs,
     tensors_in,
@@ -636,7 +636,7 @@ def _prepared(data, device) -> object:
     (on the CPU, where nothing moves) a list/tuple of batches; otherwise ``data``
     itself, re-iterated per point (a loader, or many batches bound for a GPU)."""
     if is_single_batch(data) or (isinstance(data, (list, tuple)) and device.type == "cpu"):
-        return [(to_device(b, device), default_batch_size(b)) for b in iter_batches(data)]
+        return [(to_device(b, device), loss_count(b)) for b in iter_batches(data)]
     return data
 
 
@@ -645,7 +645,7 @@ def _iter_prepared(batches, device):
     batches are moved as they come."""
     if isinstance(batches, list):
         return batches
-    return ((to_device(b, device), default_batch_size(b)) for b in iter_batches(batches))
+    return ((to_device(b, device), loss_count(b)) for b in iter_batches(batches))
 
 
 # -- resumable store -------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..data import check_scalar_loss, default_batch_size, iter_batches, make_loss_closure, to_device, weighted_mean
+from ..data import check_scalar_loss, iter_batches, loss_count, make_loss_closure, to_device, weighted_mean
 from ._common import Evaluate, buffer_copies, check_model, operator_mode, select_params
 
 __all__ = ["mean_gradient"]
@@ -22,7 +22,9 @@ def mean_gradient(
     *,
     closure: Callable | None = None,
 ) -> torch.Tensor:
-    """Flat float64 ``(dim,)`` gradient of the sample-weighted mean loss over ``data``.
+    """Flat float64 ``(dim,)`` gradient of the mean loss over ``data``: batches
+    weighted by :func:`~dyndiag.data.loss_count` (samples; the tokens not ignored for
+    language-model batches), as the curvature operators weight them.
 
     Evaluated as the curvature operators evaluate (dropout off, normalisation layers
     in the model's mode, buffers copied so running statistics never move); ``.grad``
@@ -39,7 +41,7 @@ def mean_gradient(
     with operator_mode(model):
         return weighted_mean(
             ((_batch_gradient(evaluate, model, names, chosen, to_device(b, device)), n)
-             for b in iter_batches(data) if (n := default_batch_size(b)) > 0),
+             for b in iter_batches(data) if (n := loss_count(b, loss_fn)) > 0),
             zero,
         )
 

@@ -396,3 +396,46 @@ def test_hessian_spectrum_probe_records_per_block(tmp_path, gpt):
 def test_hessian_spectrum_probe_rejects_bad_blocks():
     with pytest.raises(TypeError, match="blocks must be"):
         dd.probes.HessianSpectrum(blocks=3)
+
+
+# -- plot.block_spectra ------------------------------------------------------------------
+
+
+def test_block_spectra_figure(gpt):
+    from matplotlib.figure import Figure
+
+    op = gpt_op(gpt)
+    dens = dd.spectral_density(op, num_probes=2, lanczos_steps=10, blocks="module", progress=False)
+    top = dd.eigenvalues(op, k=2, tol=1e-6, blocks="module")
+    fig = dd.plot.block_spectra(dens, top)
+    shown = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title() for a in shown] == list(dens) and len(shown) == 15
+    assert len(fig.axes) == 16  # a 4 x 4 grid, the spare panel hidden
+    assert len({a.get_xlim() for a in shown}) == 1 and len({a.get_ylim() for a in shown}) == 1  # shared axes
+    for a, res in zip(shown, top.values()):  # the top eigenvalues are marked on their own block's panel
+        marked = sorted(line.get_xdata()[0] for line in a.lines if line.get_linestyle() == "--")
+        np.testing.assert_allclose(marked, sorted(res.values.tolist()))
+    # Every lowest panel of a column shows its eigenvalue axis, the short last row included.
+    assert [a.get_xlabel() for a in shown].count("eigenvalue") == 4
+
+    fig2 = Figure()
+    axes = fig2.subplots(1, 3)
+    some = {name: dens[name] for name in list(dens)[:3]}
+    assert dd.plot.block_spectra(some, ax=axes) is fig2
+    assert [a.get_title() for a in axes] == list(some)
+    only_top = dd.plot.block_spectra(top, ncols=5)  # eigenvalues alone: stems
+    assert len([a for a in only_top.axes if a.get_visible()]) == 15 and len(only_top.axes) == 15
+
+
+def test_block_spectra_bad_input(gpt):
+    from matplotlib.figure import Figure
+
+    dens = {"a": np.array([1.0, 2.0]), "b": np.array([0.5])}
+    with pytest.raises(ValueError, match="spectra"):
+        dd.plot.block_spectra({})
+    with pytest.raises(ValueError, match="ax must be 2"):
+        dd.plot.block_spectra(dens, ax=Figure().subplots(1, 1))
+    with pytest.raises(ValueError, match="ncols"):
+        dd.plot.block_spectra(dens, ncols=0)
+    with pytest.raises(TypeError, match="top"):
+        dd.plot.block_spectra(dens, top=[1.0])

@@ -439,3 +439,16 @@ def test_block_spectra_bad_input(gpt):
         dd.plot.block_spectra(dens, ncols=0)
     with pytest.raises(TypeError, match="top"):
         dd.plot.block_spectra(dens, top=[1.0])
+
+
+def test_products_of_a_parameter_subset_carry_no_graph(gpt):
+    # The other parameters enter as constants: products are plain tensors, whichever path.
+    model, batch, H = gpt
+    op = dd.HessianOperator(model, None, batch, closure=lm_closure, params="h.0.*")
+    V = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for backend in ("vmap", "loop"):
+        op.backend = backend
+        assert not op.matmat(V).requires_grad
+    assert not op.matvec(V[:, 0]).requires_grad
+    dens = dd.spectral_density(op, num_probes=2, lanczos_steps=6, blocks="module", progress=False)
+    assert list(dens) == ["h.0.ln_1", "h.0.attn", "h.0.proj", "h.0.ln_2", "h.0.mlp.0", "h.0.mlp.2"]

@@ -122,6 +122,8 @@ class _ModelOperator(CurvatureOperator):
         self._numels = [p.numel() for p in self.params]
         self._evaluate = Evaluate(model, fn)
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
+        chosen = set(self.names)
+        self._other_params = [(n, p) for n, p in model.named_parameters() if n not in chosen]
         self._batch_size_fn = batch_size_fn or default_batch_size
         self.max_batch_vectors = max_batch_vectors
         self.backend = backend
@@ -205,6 +207,11 @@ class _ModelOperator(CurvatureOperator):
     # -- functional evaluation -------------------------------------------
     def _mapping(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         mapping = {"model." + n: t for n, t in zip(self.names, tensors)}
+        # Parameters outside the operator enter as constants: the model's own tensors
+        # require grad and would tie every product to an autograd graph through them.
+        cast = self.dtype != self.param_dtype
+        for n, p in self._other_params:
+            mapping["model." + n] = p.detach().to(self.dtype) if cast and p.is_floating_point() else p.detach()
         # Fresh buffer copies made inside the transformed function: BatchNorm in train
         # mode updates them in place, which torch.func allows only on tensors created
         # at the innermost level, and the model's own buffers never move.

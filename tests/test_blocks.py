@@ -396,6 +396,8 @@ def test_hessian_spectrum_probe_records_per_block(tmp_path, gpt):
 def test_hessian_spectrum_probe_rejects_bad_blocks():
     with pytest.raises(TypeError, match="blocks must be"):
         dd.probes.HessianSpectrum(blocks=3)
+    with pytest.raises(ValueError, match="'layers'"):
+        dd.probes.HessianSpectrum(blocks="layers")
 
 
 # -- plot.block_spectra ------------------------------------------------------------------

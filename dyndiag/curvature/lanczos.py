@@ -91,7 +91,6 @@ def eigenvalues(
     basis_device
         Where the basis lives (e.g. ``"cpu"`` to spare GPU memory); products still
         run on ``op.device``. Default: ``op.device``.
-
     blocks
         Eigenvalues of diagonal blocks of ``op`` instead of ``op`` itself:
         ``"module"``, ``"layer"``, ``{name: [parameter-name glob, ...]}`` or a

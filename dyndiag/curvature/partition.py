@@ -35,11 +35,12 @@ from torch import nn
 
 from ..evaluation import match_names
 
-__all__ = ["Block", "BlockSpec", "resolve_blocks"]
+__all__ = ["Block", "BlockSpec", "MODES", "resolve_blocks"]
 
 BlockSpec = str | Mapping[str, str | Sequence[str]] | Callable[[str], str | None]
 
-_MODES = ("module", "layer")
+#: The named ways to cut an operator into blocks.
+MODES = ("module", "layer")
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,7 +74,7 @@ def resolve_blocks(op: object, blocks: object) -> list[Block]:
         )
     names = list(names)
     if isinstance(blocks, str):
-        if blocks not in _MODES:
+        if blocks not in MODES:
             raise ValueError(f"blocks must be 'module', 'layer', a dict of name globs or a callable, got {blocks!r}")
         if blocks == "module":
             owner = {n: _module_path(n) or n for n in names}

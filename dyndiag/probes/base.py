@@ -268,10 +268,10 @@ def flatten_result(
             raise TypeError(f"probe {probe!r}: metric names must be strings, got {metric!r}")
         if isinstance(value, Mapping):
             for key, v in value.items():
-                if isinstance(v, (torch.Tensor, np.ndarray)) and np.ndim(v) >= 1:  # per-key arrays (per-block densities)
-                    arrays.append((probe, metric, str(key), to_numpy(v)))
-                elif keep_tensors and type(v) is torch.Tensor and not v.ndim and not v.requires_grad:  # per-layer rows
+                if keep_tensors and type(v) is torch.Tensor and not v.ndim and not v.requires_grad:  # per-layer rows
                     scalars.append((probe, metric, key if type(key) is str else str(key), v))
+                elif isinstance(v, (torch.Tensor, np.ndarray)) and np.ndim(v) >= 1:  # per-key arrays (per-block densities)
+                    arrays.append((probe, metric, str(key), to_numpy(v)))
                 else:
                     scalars.append((probe, metric, str(key), _scalar(probe, metric, v, keep_tensors)))
         elif isinstance(value, (torch.Tensor, np.ndarray)) and np.ndim(value) >= 1:

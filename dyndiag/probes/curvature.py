@@ -39,6 +39,10 @@ class HessianSpectrum(Probe):
         blocks: BlockSpec | None = None,
     ) -> None:
         super().__init__(every, name)
+        from ..curvature.partition import MODES
+
+        if isinstance(blocks, str) and blocks not in MODES:
+            raise ValueError(f"blocks must be 'module', 'layer', a dict of name globs or a callable, got {blocks!r}")
         if blocks is not None and not (isinstance(blocks, (str, Mapping)) or callable(blocks)):
             raise TypeError(
                 f"blocks must be 'module', 'layer', a dict of name globs or a callable, got {type(blocks).__name__}"

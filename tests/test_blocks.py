@@ -454,3 +454,18 @@ def test_products_of_a_parameter_subset_carry_no_graph(gpt):
     assert not op.matvec(V[:, 0]).requires_grad
     dens = dd.spectral_density(op, num_probes=2, lanczos_steps=6, blocks="module", progress=False)
     assert list(dens) == ["h.0.ln_1", "h.0.attn", "h.0.proj", "h.0.ln_2", "h.0.mlp.0", "h.0.mlp.2"]
+
+
+def test_blocks_of_the_ggn(cnn):
+    from exact import exact_ggn
+
+    model, data, _ = cnn
+    G = exact_ggn(model, nn.CrossEntropyLoss(), [data])
+    op = dd.GGNOperator(model, nn.CrossEntropyLoss(), data)
+    res = dd.eigenvalues(op, k=2, tol=1e-10, blocks="module")
+    tr = dd.trace(op, num_matvecs=90, blocks="module")
+    for block in resolve_blocks(op, "module"):
+        Gb = sub(G, block)
+        lam = torch.linalg.eigvalsh(Gb).flip(0)[:2]
+        torch.testing.assert_close(res[block.name].values, lam, rtol=0, atol=1e-6 * float(lam[0]))
+        assert tr[block.name].value == pytest.approx(float(Gb.trace()), rel=1e-9)

@@ -74,7 +74,7 @@ class _ModelOperator(CurvatureOperator):
         self,
         model: nn.Module,
         data: object,
-        params: Sequence[torch.Tensor] | None,
+        params: Sequence[torch.Tensor] | str | Sequence[str] | None,
         fn: Callable,
         criterion: Callable | None,
         *,
@@ -483,9 +483,12 @@ class HessianOperator(_ModelOperator):
         reduction, their sum for a sum. An iterable must give the same batches on
         every pass (checked on first use, see ``cache_data``).
     params:
-        The parameters to differentiate, in order; default: every parameter of the
-        model with ``requires_grad``. Flat vectors follow this order. A parameter
-        with no path to the loss has zero rows and columns.
+        The parameters to differentiate, in order, or name globs (a string or a
+        list of them, e.g. ``"transformer.h.*.attn.*"``, matched against the
+        trainable parameters' names, in model order); default: every parameter of
+        the model with ``requires_grad``. Flat vectors follow this order. A parameter
+        with no path to the loss has zero rows and columns; the others enter as
+        constants.
     closure:
         ``closure(model, batch) -> scalar loss``, instead of ``loss_fn``, for dict
         batches or losses that are not a criterion.
@@ -548,7 +551,7 @@ class HessianOperator(_ModelOperator):
         model: nn.Module,
         loss_fn: Callable | None = None,
         data: object = None,
-        params: Sequence[torch.Tensor] | None = None,
+        params: Sequence[torch.Tensor] | str | Sequence[str] | None = None,
         closure: Callable | None = None,
         *,
         reduction: str | None = None,
@@ -643,7 +646,7 @@ class GGNOperator(_ModelOperator):
         model: nn.Module,
         loss_fn: Callable | None = None,
         data: object = None,
-        params: Sequence[torch.Tensor] | None = None,
+        params: Sequence[torch.Tensor] | str | Sequence[str] | None = None,
         forward: Callable | None = None,
         *,
         batch_size_fn: Callable | None = None,

@@ -81,7 +81,9 @@ def resolve_blocks(op: object, blocks: object) -> list[Block]:
         else:
             model = getattr(op, "model", None)
             if not isinstance(model, nn.Module):
-                raise TypeError(f"blocks='layer' needs the operator's model (op.model), which {type(op).__name__} lacks")
+                raise TypeError(
+                    f"blocks='layer' needs the operator's model (op.model), which {type(op).__name__} lacks"
+                )
             owner = _layers(model, names)
         members = _group(names, owner.get)
     elif isinstance(blocks, Mapping):
@@ -123,7 +125,9 @@ def _checked(fn: Callable) -> Callable[[str], str | None]:
     def block_of(name: str) -> str | None:
         b = fn(name)
         if b is not None and not isinstance(b, str):
-            raise TypeError(f"blocks callable must return a block name (str) or None, got {type(b).__name__} for {name!r}")
+            raise TypeError(
+                f"blocks callable must return a block name (str) or None, got {type(b).__name__} for {name!r}"
+            )
         return b
 
     return block_of

@@ -270,7 +270,7 @@ def flatten_result(
             for key, v in value.items():
                 if keep_tensors and type(v) is torch.Tensor and not v.ndim and not v.requires_grad:  # per-layer rows
                     scalars.append((probe, metric, key if type(key) is str else str(key), v))
-                elif isinstance(v, (torch.Tensor, np.ndarray)) and np.ndim(v) >= 1:  # per-key arrays (per-block densities)
+                elif isinstance(v, (torch.Tensor, np.ndarray)) and np.ndim(v) >= 1:  # per-key arrays (per block)
                     arrays.append((probe, metric, str(key), to_numpy(v)))
                 else:
                     scalars.append((probe, metric, str(key), _scalar(probe, metric, v, keep_tensors)))

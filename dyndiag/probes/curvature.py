@@ -73,7 +73,8 @@ class HessianSpectrum(Probe):
         from ..curvature.lanczos import eigenvalues
 
         out: dict = {}
-        for block, res in eigenvalues(H, k=self.k, which="LA", tol=self.tol, seed=self.seed, blocks=self.blocks).items():
+        tops = eigenvalues(H, k=self.k, which="LA", tol=self.tol, seed=self.seed, blocks=self.blocks)
+        for block, res in tops.items():
             for i, v in enumerate(res.values.tolist()):
                 out.setdefault(f"eigenvalue_{i}", {})[block] = v
         if self.trace_matvecs:

@@ -29,6 +29,7 @@ guard or recompile anything that training compiled.
 
 from __future__ import annotations
 
+import fnmatch
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -190,26 +191,37 @@ def outputs_fn(forward: Callable | None) -> Callable:
 
 
 def select_params(
-    model: nn.Module, params: Sequence[torch.Tensor] | None
+    model: nn.Module, params: Sequence[torch.Tensor] | str | Sequence[str] | None
 ) -> tuple[list[str], list[torch.Tensor]]:
     """``(names, params)``: ``params`` (default: every trainable one) in order, with names.
 
-    Tied parameters appear once; each given tensor must be a parameter of ``model``;
-    all must share one floating dtype and device.
+    ``params`` is a sequence of parameters of ``model``, or name globs: a string or a
+    sequence of strings matched (``fnmatch``, case-sensitive) against the names of
+    ``model.named_parameters()`` that require grad, e.g. ``"transformer.h.*.attn.*"``;
+    the matches come in model order, and a glob matching none is a ``ValueError``.
+    Tied parameters appear once; all must share one floating dtype and device.
     """
     named = list(model.named_parameters())  # tied parameters appear once
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
         if not chosen:
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+    elif isinstance(params, str) or (
+        isinstance(params, Sequence) and params and all(isinstance(g, str) for g in params)
+    ):
+        trainable = dict((n, p) for n, p in named if p.requires_grad)
+        globs = [params] if isinstance(params, str) else list(params)
+        chosen = [(n, trainable[n]) for n in match_names(list(trainable), globs, "params")]
     else:
         if isinstance(params, torch.Tensor):
-            raise TypeError("params must be a sequence of parameter tensors, not a single Tensor")
+            raise TypeError("params must be a sequence of parameter tensors or name globs, not a single Tensor")
         by_id = {id(p): n for n, p in named}
         chosen, seen = [], set()
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
+                raise TypeError(
+                    f"params[{i}] must be a tensor, got {type(p).__name__} (name globs must all be strings)"
+                )
             if id(p) not in by_id:
                 raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of model")
             if id(p) not in seen:
@@ -227,3 +239,16 @@ def select_params(
     if not next(iter(dtypes)).is_floating_point:
         raise TypeError("params must be floating point")
     return [n for n, _ in chosen], [p for _, p in chosen]
+
+
+def match_names(names: Sequence[str], globs: Sequence[str], what: str) -> list[str]:
+    """The ``names`` (in their order) matching any of ``globs`` (``fnmatch``,
+    case-sensitive); a glob that matches none is a ``ValueError`` naming it and
+    ``what`` (the argument it came from)."""
+    for g in globs:
+        if not isinstance(g, str):
+            raise TypeError(f"{what} globs must be strings, got {type(g).__name__}")
+        if not any(fnmatch.fnmatchcase(n, g) for n in names):
+            example = f" (names look like {names[0]!r})" if names else ""
+            raise ValueError(f"{what}: glob {g!r} matches none of the parameter names{example}")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]

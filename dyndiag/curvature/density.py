@@ -18,7 +18,9 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from .vectors import check_count, check_operator, make_generator, multiply, rademacher
+from .lockstep import Estimator, drive, drive_blocks
+from .partition import BlockSpec, resolve_blocks
+from .vectors import check_count, check_operator, make_generator, rademacher
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -111,7 +113,8 @@ def spectral_density(
     reorthogonalize: bool = True,
     basis_device: torch.device | str | None = None,
     progress: bool | None = None,
-) -> SpectralDensity:
+    blocks: BlockSpec | None = None,
+) -> SpectralDensity | dict[str, SpectralDensity]:
     """Eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
 
     All probes advance together: each Lanczos step is one ``op.matmat`` of
@@ -140,16 +143,45 @@ def spectral_density(
         cost of moving one block per step. Default: ``op.device``.
     progress
         Show a progress bar over the steps; ``None`` shows it on a terminal only.
+    blocks
+        Densities of diagonal blocks of ``op`` instead: ``"module"``, ``"layer"``,
+        ``{name: [parameter-name glob, ...]}`` or a callable ``param_name -> block
+        name`` (see :mod:`dyndiag.curvature.partition`). Each block runs its own
+        ``num_probes`` probes (the same ``seed``) and all advance together: a step
+        is one product call of ``num_probes`` columns per running block.
 
     Returns
     -------
     SpectralDensity
         ``nodes`` and ``weights`` (``num_probes * steps`` at most, weights summing
-        to 1), ``num_matvecs = num_probes * steps`` and ``dim``.
+        to 1), ``num_matvecs = num_probes * steps`` and ``dim``. With ``blocks``:
+        ``{block: SpectralDensity}`` in block order, each with its block's ``dim``
+        and columns; ``op.num_matvecs`` grows by their sum.
     """
     dim, dtype, device = check_operator(op)
     num_probes = check_count(num_probes, "num_probes")
     lanczos_steps = check_count(lanczos_steps, "lanczos_steps")
+    basis_device = device if basis_device is None else torch.device(basis_device)
+    settings = (num_probes, lanczos_steps, seed, reorthogonalize, dtype, device, basis_device)
+    if blocks is None:
+        return drive(op, _slq(dim, *settings, progress=progress))
+    parts = resolve_blocks(op, blocks)
+    desc = None if progress is False else "block spectral densities"
+    return drive_blocks(op, parts, lambda d: _slq(d, *settings, progress=False), progress=desc)
+
+
+def _slq(
+    dim: int,
+    num_probes: int,
+    lanczos_steps: int,
+    seed: int,
+    reorthogonalize: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    basis_device: torch.device,
+    progress: bool | None,
+) -> Estimator:
+    """:func:`spectral_density` on a ``dim``-dimensional operator, as an :data:`~.lockstep.Estimator`."""
     steps = min(lanczos_steps, dim)
     gen = make_generator(seed)
     threshold = math.sqrt(torch.finfo(dtype).eps)
@@ -160,7 +192,6 @@ def spectral_density(
     beta_prev = torch.zeros(num_probes, dtype=dtype, device=device)
     alpha = torch.zeros(num_probes, steps, dtype=torch.float64)
     beta = torch.zeros(num_probes, steps, dtype=torch.float64)
-    basis_device = device if basis_device is None else torch.device(basis_device)
     basis = torch.empty(num_probes, steps, dim, dtype=dtype, device=basis_device) if reorthogonalize else None
     length = torch.full((num_probes,), steps)
     active = torch.ones(num_probes, dtype=torch.bool, device=device)
@@ -168,7 +199,7 @@ def spectral_density(
     spent = 0
 
     for i in tqdm(range(steps), desc="spectral density", disable=None if progress is None else not progress):
-        w = multiply(op, v.T).T
+        w = (yield v.T).T
         spent += num_probes
         a = (w * v).sum(1)
         w = w - a[:, None] * v - beta_prev[:, None] * v_prev

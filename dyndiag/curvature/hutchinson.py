@@ -12,8 +12,10 @@ import math
 
 import torch
 
-from .vectors import check_count, check_operator, make_generator, multiply, rademacher
+from .lockstep import Estimator, drive, drive_blocks
+from .partition import BlockSpec, resolve_blocks
 from .results import TraceResult
+from .vectors import check_count, check_operator, make_generator, multiply, rademacher
 
 __all__ = ["trace", "diagonal"]
 
@@ -28,7 +30,8 @@ def trace(
     seed: int = 0,
     *,
     block_size: int | None = None,
-) -> TraceResult:
+    blocks: BlockSpec | None = None,
+) -> TraceResult | dict[str, TraceResult]:
     """Estimate ``tr(H)`` from ``num_matvecs`` products.
 
     Parameters
@@ -49,19 +52,40 @@ def trace(
     seed
         Seed of the probes.
     block_size
-        Most columns per ``op.matmat`` call (default 64).
+        Most columns per ``op.matmat`` call (default 64). With ``blocks``, the most
+        columns of one call over all blocks: each block multiplies
+        ``max(1, block_size // #blocks)`` per call.
+    blocks
+        Traces of diagonal blocks of ``op`` (``tr(H_bb)``) instead: ``"module"``,
+        ``"layer"``, ``{name: [parameter-name glob, ...]}`` or a callable
+        ``param_name -> block name`` (see :mod:`dyndiag.curvature.partition`).
+        Each block spends the budget ``B`` on its own probes (the same ``seed``);
+        all blocks share every product call.
 
     Returns
     -------
     TraceResult
         ``value``; ``stderr`` of the Hutchinson part (``nan`` with fewer than two
-        samples); ``num_matvecs`` (always ``B``).
+        samples); ``num_matvecs`` (always ``B``). With ``blocks``:
+        ``{block: TraceResult}`` in block order, each spending ``B`` columns, so
+        ``op.num_matvecs`` grows by ``B * #blocks``.
     """
     dim, dtype, device = check_operator(op)
     num_matvecs = check_count(num_matvecs, "num_matvecs")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     block = _check_block(block_size)
+    if blocks is None:
+        return drive(op, _trace(dim, num_matvecs, method, seed, block, dtype, device))
+    parts = resolve_blocks(op, blocks)
+    block = max(1, block // len(parts))
+    return drive_blocks(op, parts, lambda d: _trace(d, num_matvecs, method, seed, block, dtype, device))
+
+
+def _trace(
+    dim: int, num_matvecs: int, method: str, seed: int, block: int, dtype: torch.dtype, device: torch.device
+) -> Estimator:
+    """:func:`trace` on a ``dim``-dimensional operator, as an :data:`~.lockstep.Estimator`."""
     gen = make_generator(seed)
 
     # Columns to multiply: s basis columns Q (Hutch++ only), then the probes. Probes
@@ -70,8 +94,10 @@ def trace(
     Q = None
     if s > 0:
         S = rademacher(gen, dim, s, dtype, device)
-        Y = torch.cat([multiply(op, S[:, i : i + block]) for i in range(0, s, block)], 1)
-        Q = torch.linalg.qr(Y).Q
+        Y = []
+        for i in range(0, s, block):
+            Y.append((yield S[:, i : i + block]))
+        Q = torch.linalg.qr(torch.cat(Y, 1)).Q
         del S, Y
     n_cols = num_matvecs - s
     exact = torch.zeros((), dtype=torch.float64)
@@ -86,7 +112,7 @@ def trace(
                 G = G - Q @ (Q.T @ G)  # deflated probes (I - QQ^T) g
             parts.append(G)
         X = torch.cat(parts, 1)
-        quad = (X * multiply(op, X)).sum(0, dtype=torch.float64).cpu()
+        quad = (X * (yield X)).sum(0, dtype=torch.float64).cpu()
         n_exact = X.shape[1] - n_probe
         exact += quad[:n_exact].sum()
         samples.append(quad[n_exact:])

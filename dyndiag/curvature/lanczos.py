@@ -21,8 +21,10 @@ import numbers
 import numpy as np
 import torch
 
-from .vectors import check_count, check_int, check_operator, gaussian, make_generator, multiply
+from .lockstep import Estimator, drive, drive_blocks
+from .partition import BlockSpec, resolve_blocks
 from .results import EigenResult
+from .vectors import check_count, check_int, check_operator, gaussian, make_generator
 
 __all__ = ["eigenvalues"]
 
@@ -41,7 +43,8 @@ def eigenvalues(
     block_size: int = 1,
     max_basis: int | None = None,
     basis_device: torch.device | str | None = None,
-) -> EigenResult:
+    blocks: BlockSpec | None = None,
+) -> EigenResult | dict[str, EigenResult]:
     """Extreme eigenvalues of a symmetric operator by block Lanczos.
 
     Parameters
@@ -88,6 +91,15 @@ def eigenvalues(
     basis_device
         Where the basis lives (e.g. ``"cpu"`` to spare GPU memory); products still
         run on ``op.device``. Default: ``op.device``.
+    blocks
+        Eigenvalues of diagonal blocks of ``op`` instead of ``op`` itself:
+        ``"module"``, ``"layer"``, ``{name: [parameter-name glob, ...]}`` or a
+        callable ``param_name -> block name`` (see
+        :mod:`dyndiag.curvature.partition`). Every block runs its own Lanczos (with
+        these settings, the same ``seed``) and all advance together: one product
+        call per step multiplies one column per running block (``block_size``
+        each). A block of at most ``k`` coordinates is solved exactly from that
+        many products and returns all its eigenvalues.
 
     Returns
     -------
@@ -95,31 +107,65 @@ def eigenvalues(
         ``values`` ``(k,)`` on the CPU in ``op.dtype``, ``vectors`` ``(dim, k)`` on
         ``op.device`` or ``None``, ``num_matvecs`` spent by this call,
         ``converged`` and the float64 ``error_bounds`` ``(k,)``.
+        With ``blocks``: ``{block: EigenResult}`` in block order; a block's
+        ``vectors`` are ``(d_b, k)`` over its own coordinates (its parameters in
+        ``op``'s order) and its ``num_matvecs`` counts its own columns, each one
+        operator column: ``op.num_matvecs`` grows by their sum.
     """
     dim, dtype, device = check_operator(op)
     k = check_int(k, "k")
-    if not 1 <= k < dim:
-        raise ValueError(f"k must satisfy 1 <= k < op.dim = {dim}, got {k}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
     if not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol <= 0:
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    b = min(check_count(block_size, "block_size"), dim)
+    block_size = check_count(block_size, "block_size")
+    if max_basis is not None:
+        max_basis = check_int(max_basis, "max_basis")
+    if max_matvecs is not None:
+        max_matvecs = check_int(max_matvecs, "max_matvecs")
+    basis_device = device if basis_device is None else torch.device(basis_device)
+    settings = (k, which, tol, max_matvecs, seed, return_vectors, block_size, max_basis, dtype, device, basis_device)
+    if blocks is None:
+        if k >= dim:
+            raise ValueError(f"k must satisfy 1 <= k < op.dim = {dim}, got {k}")
+        return drive(op, _lanczos(dim, *settings))
+    parts = resolve_blocks(op, blocks)
+    return drive_blocks(
+        op, parts, lambda d: _lanczos(d, *settings) if k < d else _dense(d, which, return_vectors, dtype, device)
+    )
+
+
+def _lanczos(
+    dim: int,
+    k: int,
+    which: str,
+    tol: float,
+    max_matvecs: int | None,
+    seed: int,
+    return_vectors: bool,
+    block_size: int,
+    max_basis: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    basis_device: torch.device,
+) -> Estimator:
+    """The Lanczos iteration of :func:`eigenvalues` on a ``dim``-dimensional operator
+    (``k < dim``), as an :data:`~.lockstep.Estimator`."""
+    b = min(block_size, dim)
     if max_basis is None:
         max_basis = min(dim, max(40, 2 * k + 2 * b))
     else:
-        max_basis = min(check_int(max_basis, "max_basis"), dim)
+        max_basis = min(max_basis, dim)
         if max_basis < dim and max_basis < k + b:
             raise ValueError(
                 f"max_basis must be at least k + block_size = {k + b} (or >= op.dim), got {max_basis}"
             )
     if max_matvecs is None:
         max_matvecs = b * max(200, 20 * k)
-    else:
-        max_matvecs = check_int(max_matvecs, "max_matvecs")
-        if max_matvecs < k:
-            raise ValueError(f"max_matvecs must be at least k = {k}, got {max_matvecs}")
-    basis_device = device if basis_device is None else torch.device(basis_device)
+    elif max_matvecs < k:
+        raise ValueError(f"max_matvecs must be at least k = {k}, got {max_matvecs}")
 
     eps = torch.finfo(dtype).eps
     gen = make_generator(seed)
@@ -151,7 +197,7 @@ def eigenvalues(
         # -- one block step: multiply q pending columns X, keep the rest R pending
         if V.shape[1] < m + q + p:  # room for the next pending block behind the current one
             V = _grow(V, m + q + p, capacity, used=m + p)
-        W = multiply(op, V[:, m : m + q].to(device)).to(basis_device)
+        W = (yield V[:, m : m + q].to(device)).to(basis_device)
         spent += q
         # ||H X|| <= ||H||: a lower estimate of the operator's scale before any Ritz value.
         scale = max(float(torch.linalg.vector_norm(W, dim=0).max()), float(np.abs(theta).max(initial=0.0)))
@@ -205,6 +251,23 @@ def eigenvalues(
         num_matvecs=spent,
         converged=converged,
         error_bounds=torch.from_numpy(bounds[idx].copy()),
+    )
+
+
+def _dense(
+    dim: int, which: str, return_vectors: bool, dtype: torch.dtype, device: torch.device
+) -> Estimator:
+    """All eigenvalues of a ``dim``-dimensional operator from its ``dim`` columns
+    (the identity's products), in :func:`eigenvalues`' order; error bounds 0."""
+    H = (yield torch.eye(dim, dtype=dtype, device=device)).cpu().double().numpy()
+    theta, Y = np.linalg.eigh((H + H.T) / 2)
+    idx = _order(theta, which)
+    return EigenResult(
+        values=torch.from_numpy(theta[idx]).to(dtype),
+        vectors=torch.from_numpy(Y[:, idx]).to(dtype=dtype, device=device) if return_vectors else None,
+        num_matvecs=dim,
+        converged=True,
+        error_bounds=torch.zeros(dim, dtype=torch.float64),
     )
 
 

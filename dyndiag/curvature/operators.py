@@ -91,7 +91,7 @@ class _ModelOperator(CurvatureOperator):
         self,
         model: nn.Module,
         data: object,
-        params: Sequence[torch.Tensor] | None,
+        params: Sequence[torch.Tensor] | str | Sequence[str] | None,
         fn: Callable,
         criterion: Callable | None,
         *,
@@ -144,6 +144,8 @@ class _ModelOperator(CurvatureOperator):
         self._numels = [p.numel() for p in self.params]
         self._evaluate = Evaluate(model, fn)
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
+        chosen = set(self.names)
+        self._other_params = [(n, p) for n, p in model.named_parameters() if n not in chosen]
         self._batch_size_fn = batch_size_fn or (lambda batch: loss_count(batch, criterion))
         self.micro_batch_size = micro_batch_size
         self._norm_layers = [m for m in model.modules() if isinstance(m, _NormBase)]
@@ -252,6 +254,11 @@ class _ModelOperator(CurvatureOperator):
     # -- functional evaluation -------------------------------------------
     def _mapping(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         mapping = {"model." + n: t for n, t in zip(self.names, tensors)}
+        # Parameters outside the operator enter as constants: the model's own tensors
+        # require grad and would tie every product to an autograd graph through them.
+        cast = self.dtype != self.param_dtype
+        for n, p in self._other_params:
+            mapping["model." + n] = p.detach().to(self.dtype) if cast and p.is_floating_point() else p.detach()
         # Fresh buffer copies made inside the transformed function: BatchNorm in train
         # mode updates them in place, which torch.func allows only on tensors created
         # at the innermost level, and the model's own buffers never move.
@@ -523,9 +530,12 @@ class HessianOperator(_ModelOperator):
         reduction, their sum for a sum. An iterable must give the same batches on
         every pass (checked on first use, see ``cache_data``).
     params:
-        The parameters to differentiate, in order; default: every parameter of the
-        model with ``requires_grad``. Flat vectors follow this order. A parameter
-        with no path to the loss has zero rows and columns.
+        The parameters to differentiate, in order, or name globs (a string or a
+        list of them, e.g. ``"transformer.h.*.attn.*"``, matched against the
+        trainable parameters' names, in model order); default: every parameter of
+        the model with ``requires_grad``. Flat vectors follow this order. A parameter
+        with no path to the loss has zero rows and columns; the others enter as
+        constants.
     closure:
         ``closure(model, batch) -> scalar loss``, instead of ``loss_fn``, for dict
         batches or losses that are not a criterion.
@@ -599,7 +609,7 @@ class HessianOperator(_ModelOperator):
         model: nn.Module,
         loss_fn: Callable | None = None,
         data: object = None,
-        params: Sequence[torch.Tensor] | None = None,
+        params: Sequence[torch.Tensor] | str | Sequence[str] | None = None,
         closure: Callable | None = None,
         *,
         reduction: str | None = None,
@@ -712,7 +722,7 @@ class GGNOperator(_ModelOperator):
         model: nn.Module,
         loss_fn: Callable | None = None,
         data: object = None,
-        params: Sequence[torch.Tensor] | None = None,
+        params: Sequence[torch.Tensor] | str | Sequence[str] | None = None,
         forward: Callable | None = None,
         *,
         batch_size_fn: Callable | None = None,

@@ -36,9 +36,9 @@ class PreconditionedOperator(CurvatureOperator):
     Notes
     -----
     Every product costs one product of ``op`` per column (``op.num_matvecs`` counts
-    them; this operator's ``num_matvecs`` counts its own columns). ``params`` and
-    ``names`` of ``op``, when present, are passed through (vectors keep ``op``'s
-    parameter order).
+    them; this operator's ``num_matvecs`` counts its own columns). ``params``,
+    ``names`` and ``model`` of ``op``, when present, are passed through (vectors keep
+    ``op``'s parameter order; ``blocks=`` resolves on them).
     """
 
     def __init__(self, op: object, diag: torch.Tensor, shift: float | torch.Tensor = 0.0) -> None:
@@ -70,7 +70,7 @@ class PreconditionedOperator(CurvatureOperator):
         self.diag = diag
         self.shift = shift
         self._scale = diag.rsqrt()
-        for attr in ("params", "names"):
+        for attr in ("params", "names", "model"):
             if hasattr(op, attr):
                 setattr(self, attr, getattr(op, attr))
 

@@ -6,6 +6,7 @@ _EXPORTS = {
     "landscape": ".landscapes",
     "scores": ".distributions",
     "spectrum": ".spectra",
+    "block_spectra": ".spectra",
     "save": ".files",
     "style": ".styles",
     "SINGLE_COLUMN": ".styles",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+
+import matplotlib as mpl
 import numpy as np
 import torch
 from matplotlib.axes import Axes
@@ -11,7 +15,7 @@ from ..curvature.density import SpectralDensity
 from ..curvature.results import EigenResult
 from ._axes import figure_and_axes, style_width
 
-__all__ = ["spectrum"]
+__all__ = ["spectrum", "block_spectra"]
 
 
 def _as_array(values) -> np.ndarray:
@@ -99,6 +103,93 @@ def spectrum(
     if label is not None:
         ax.legend(frameon=False)
     return fig
+
+
+def block_spectra(
+    spectra: Mapping[str, SpectralDensity | EigenResult | np.ndarray | torch.Tensor],
+    top: Mapping[str, EigenResult | np.ndarray | torch.Tensor] | None = None,
+    ax: Axes | Sequence[Axes] | np.ndarray | None = None,
+    *,
+    ncols: int | None = None,
+    bandwidth: float | None = None,
+    logy: bool = True,
+    sharey: bool = True,
+    color: str | None = None,
+) -> Figure:
+    """One panel per diagonal block: its spectrum, its top eigenvalues marked; returns the Figure.
+
+    Parameters
+    ----------
+    spectra:
+        ``{block: spectrum}`` as :func:`dyndiag.spectral_density` or
+        :func:`dyndiag.eigenvalues` return them with ``blocks=`` (or 1-D arrays of
+        eigenvalues); panels follow its order.
+    top:
+        ``{block: eigenvalues}`` to mark on each panel (dashed lines), e.g.
+        ``dd.eigenvalues(op, k=3, blocks=...)``; blocks missing from it get none.
+    ax:
+        Axes to draw into, one per block (a sequence or array with at least as many
+        axes as blocks; a single Axes for a single block). Default: a new figure, a
+        grid of ``ncols`` columns (default ``ceil(sqrt(#blocks))``), x axes shared
+        (one eigenvalue scale for every block, so blocks compare at a glance).
+    bandwidth:
+        Kernel width in eigenvalue units for every density. Default: 1 % of the
+        range of all blocks' nodes together, so equal widths mean equal spreads.
+    logy:
+        Densities on a log axis.
+    sharey:
+        One density scale for every panel.
+    """
+    if not isinstance(spectra, Mapping) or not spectra:
+        raise ValueError("spectra must be a non-empty dict {block: spectrum}, as returned with blocks=")
+    if top is not None and not isinstance(top, Mapping):
+        raise TypeError(f"top must be a dict {{block: eigenvalues}}, got {type(top).__name__}")
+    names = list(spectra)
+    n = len(names)
+    if ncols is not None and (isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1):
+        raise ValueError(f"ncols must be a positive int, got {ncols!r}")
+    if ax is None:
+        cols = min(n, ncols or math.ceil(math.sqrt(n)))
+        rows = math.ceil(n / cols)
+        w = style_width()
+        fig = Figure(figsize=(max(w, 1.6 * cols), 1.15 * rows + 0.4), layout="constrained")
+        grid = fig.subplots(rows, cols, sharex=True, sharey=sharey, squeeze=False)
+        axes = list(grid.ravel())
+        for a in axes[n:]:
+            a.set_visible(False)
+    else:
+        axes = [ax] if isinstance(ax, Axes) else list(np.asarray(ax, dtype=object).ravel())
+        if len(axes) < n or not all(isinstance(a, Axes) for a in axes):
+            raise ValueError(f"ax must be {n} matplotlib Axes (one per block), got {len(axes)}")
+        fig, cols = axes[0].figure, n
+    if bandwidth is None:
+        nodes = [_nodes(s) for s in spectra.values() if not isinstance(s, EigenResult)]
+        if nodes:
+            lo, hi = min(x.min() for x in nodes), max(x.max() for x in nodes)
+            bandwidth = 0.01 * (hi - lo) if hi > lo else None
+    small = 0.8 * float(mpl.rcParams["font.size"])
+    limits = []
+    for i, (name, a) in enumerate(zip(names, axes)):
+        marks = None if top is None else top.get(name)
+        spectrum(spectra[name], ax=a, top=marks, bandwidth=bandwidth, logy=logy, color=color)
+        limits.append(a.get_ylim())
+        a.set_title(name, fontsize=small, pad=2)
+        a.tick_params(labelsize=small)
+        for text in a.texts:  # the λ labels of the marked eigenvalues
+            text.set_fontsize(0.8 * small)
+        if ax is None:
+            bottom = i >= n - cols  # the lowest panel of its column (the grid's last row may be short)
+            a.xaxis.set_tick_params(labelbottom=bottom)
+            a.set_xlabel("eigenvalue" if bottom else "", fontsize=small)
+            a.set_ylabel("density" if i % cols == 0 else "", fontsize=small)
+    if ax is None and sharey and logy:
+        # spectrum() sets each panel's limits; the shared axis takes the union of them.
+        axes[0].set_ylim(min(l[0] for l in limits), max(l[1] for l in limits))
+    return fig
+
+
+def _nodes(spec) -> np.ndarray:
+    return spec.nodes if isinstance(spec, SpectralDensity) else _as_array(spec)
 
 
 def _label_groups(vals: np.ndarray, gap: float) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ it runs (``every=``), whether it runs before the optimizer's update (``phase =
 * a mapping ``{key: number}``: one row per key (per-layer values, eigenvalue
   indices "0".."k-1");
 * a tensor/array with at least one dimension: stored in the array table
-  (densities, per-example scores).
+  (densities, per-example scores); a mapping ``{key: array}`` stores one per key.
 
 ``setup(run)`` receives the :class:`~dyndiag.probes.RunContext` once, ``compute``
 a :class:`~dyndiag.probes.StepContext` at every step it is due (both in
@@ -270,6 +270,8 @@ def flatten_result(
             for key, v in value.items():
                 if keep_tensors and type(v) is torch.Tensor and not v.ndim and not v.requires_grad:  # per-layer rows
                     scalars.append((probe, metric, key if type(key) is str else str(key), v))
+                elif isinstance(v, (torch.Tensor, np.ndarray)) and np.ndim(v) >= 1:  # per-key arrays (per block)
+                    arrays.append((probe, metric, str(key), to_numpy(v)))
                 else:
                     scalars.append((probe, metric, str(key), _scalar(probe, metric, v, keep_tensors)))
         elif isinstance(value, (torch.Tensor, np.ndarray)) and np.ndim(value) >= 1:

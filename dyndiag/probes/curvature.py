@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from .base import Probe
 from .context import StepContext
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..curvature.partition import BlockSpec
 
 __all__ = ["HessianSpectrum", "EdgeOfStability", "SubspaceOverlap"]
 
@@ -15,7 +19,15 @@ __all__ = ["HessianSpectrum", "EdgeOfStability", "SubspaceOverlap"]
 class HessianSpectrum(Probe):
     """Top-``k`` eigenvalues (``eigenvalue``, keys "0".."k-1"), the trace (Hutch++,
     ``trace``) and optionally the SLQ density (arrays ``density_nodes`` and
-    ``density_weights``) of the probe batch's Hessian."""
+    ``density_weights``) of the probe batch's Hessian.
+
+    With ``blocks=`` (``"module"``, ``"layer"``, a dict of parameter-name globs or a
+    callable, as for :func:`dyndiag.eigenvalues`) the same quantities of each
+    diagonal block, all blocks sharing every product call, recorded with ``key`` =
+    the block's name: metrics ``eigenvalue_0`` .. ``eigenvalue_{k-1}`` (a block of
+    ``d <= k`` coordinates has ``d`` of them), ``trace``, and the arrays
+    ``density_nodes``/``density_weights`` under the block's key.
+    """
 
     modifies_state = False
 
@@ -24,16 +36,28 @@ class HessianSpectrum(Probe):
     def __init__(
         self, every=1, name=None, *, k: int = 5, tol: float = 1e-4, trace_matvecs: int = 60,
         density: bool = False, num_probes: int = 4, lanczos_steps: int = 40, seed: int = 0,
+        blocks: BlockSpec | None = None,
     ) -> None:
         super().__init__(every, name)
+        from ..curvature.partition import MODES
+
+        if isinstance(blocks, str) and blocks not in MODES:
+            raise ValueError(f"blocks must be 'module', 'layer', a dict of name globs or a callable, got {blocks!r}")
+        if blocks is not None and not (isinstance(blocks, (str, Mapping)) or callable(blocks)):
+            raise TypeError(
+                f"blocks must be 'module', 'layer', a dict of name globs or a callable, got {type(blocks).__name__}"
+            )
         self.k, self.tol, self.trace_matvecs, self.seed = k, tol, trace_matvecs, seed
         self.density, self.num_probes, self.lanczos_steps = density, num_probes, lanczos_steps
+        self.blocks = blocks
 
     def compute(self, ctx: StepContext) -> Mapping:
         from ..curvature.density import spectral_density
         from ..curvature.hutchinson import trace
 
         H = ctx.hessian
+        if self.blocks is not None:
+            return self._per_block(H)
         top = ctx.top_eigen(self.k, self.tol, self.seed)
         out: dict = {"eigenvalue": {str(i): v for i, v in enumerate(top.values.tolist())}}
         if self.trace_matvecs:
@@ -43,8 +67,29 @@ class HessianSpectrum(Probe):
             out["density_nodes"], out["density_weights"] = d.nodes, d.weights
         return out
 
+    def _per_block(self, H) -> dict:
+        from ..curvature.density import spectral_density
+        from ..curvature.hutchinson import trace
+        from ..curvature.lanczos import eigenvalues
+
+        out: dict = {}
+        tops = eigenvalues(H, k=self.k, which="LA", tol=self.tol, seed=self.seed, blocks=self.blocks)
+        for block, res in tops.items():
+            for i, v in enumerate(res.values.tolist()):
+                out.setdefault(f"eigenvalue_{i}", {})[block] = v
+        if self.trace_matvecs:
+            traces = trace(H, num_matvecs=self.trace_matvecs, seed=self.seed, blocks=self.blocks)
+            out["trace"] = {block: res.value for block, res in traces.items()}
+        if self.density:
+            densities = spectral_density(
+                H, self.num_probes, self.lanczos_steps, seed=self.seed, progress=False, blocks=self.blocks
+            )
+            out["density_nodes"] = {block: d.nodes for block, d in densities.items()}
+            out["density_weights"] = {block: d.weights for block, d in densities.items()}
+        return out
+
     def eigen_need(self):
-        return (self.k, self.tol, self.seed, False)
+        return None if self.blocks is not None else (self.k, self.tol, self.seed, False)
 
 
 class EdgeOfStability(Probe):

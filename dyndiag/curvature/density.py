@@ -18,7 +18,9 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from .vectors import check_count, check_operator, make_generator, multiply, rademacher
+from .vectors import (
+    check_count, check_operator, column_norms, full_dim, make_generator, multiply, rademacher, reduce, shards_of,
+)
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -148,6 +150,7 @@ def spectral_density(
         to 1), ``num_matvecs = num_probes * steps`` and ``dim``.
     """
     dim, dtype, device = check_operator(op)
+    shards, dim = shards_of(op), full_dim(op)  # a sharded operator holds op.dim of the dim rows
     num_probes = check_count(num_probes, "num_probes")
     lanczos_steps = check_count(lanczos_steps, "lanczos_steps")
     steps = min(lanczos_steps, dim)
@@ -155,13 +158,13 @@ def spectral_density(
     threshold = math.sqrt(torch.finfo(dtype).eps)
 
     # Probes are rows: (num_probes, dim); per-probe scalars are (num_probes,) vectors.
-    v = rademacher(gen, dim, num_probes, dtype, device).T.contiguous() / math.sqrt(dim)
+    v = rademacher(gen, dim, num_probes, dtype, device, shards=shards).T.contiguous() / math.sqrt(dim)
     v_prev = torch.zeros_like(v)
     beta_prev = torch.zeros(num_probes, dtype=dtype, device=device)
     alpha = torch.zeros(num_probes, steps, dtype=torch.float64)
     beta = torch.zeros(num_probes, steps, dtype=torch.float64)
     basis_device = device if basis_device is None else torch.device(basis_device)
-    basis = torch.empty(num_probes, steps, dim, dtype=dtype, device=basis_device) if reorthogonalize else None
+    basis = torch.empty(num_probes, steps, op.dim, dtype=dtype, device=basis_device) if reorthogonalize else None
     length = torch.full((num_probes,), steps)
     active = torch.ones(num_probes, dtype=torch.bool, device=device)
     scale = torch.zeros(num_probes, dtype=dtype, device=device)
@@ -170,16 +173,16 @@ def spectral_density(
     for i in tqdm(range(steps), desc="spectral density", disable=None if progress is None else not progress):
         w = multiply(op, v.T).T
         spent += num_probes
-        a = (w * v).sum(1)
+        a = reduce(op, (w * v).sum(1))
         w = w - a[:, None] * v - beta_prev[:, None] * v_prev
         if basis is not None:
             basis[:, i] = v.to(basis_device)
             Bi = basis[:, : i + 1]
             w = w.to(basis_device)
             for _ in range(2):
-                w = w - torch.bmm(Bi.transpose(1, 2), torch.bmm(Bi, w.unsqueeze(2))).squeeze(2)
+                w = w - torch.bmm(Bi.transpose(1, 2), reduce(op, torch.bmm(Bi, w.unsqueeze(2)))).squeeze(2)
             w = w.to(device)
-        b = torch.linalg.vector_norm(w, dim=1)
+        b = column_norms(op, w, dim=1)
         alpha[:, i], beta[:, i] = a.cpu().double(), b.cpu().double()
         scale = torch.maximum(scale, torch.maximum(a.abs(), b))
         # A probe whose Krylov space is (numerically) invariant has its full

@@ -12,7 +12,9 @@ import math
 
 import torch
 
-from .vectors import check_count, check_operator, make_generator, multiply, rademacher
+from .vectors import (
+    check_count, check_operator, full_dim, inner, make_generator, multiply, orthonormal, rademacher, reduce, shards_of,
+)
 from .results import TraceResult
 
 __all__ = ["trace", "diagonal"]
@@ -58,6 +60,7 @@ def trace(
         samples); ``num_matvecs`` (always ``B``).
     """
     dim, dtype, device = check_operator(op)
+    shards, dim = shards_of(op), full_dim(op)  # a sharded operator holds op.dim of the dim rows
     num_matvecs = check_count(num_matvecs, "num_matvecs")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -69,9 +72,9 @@ def trace(
     s = min(num_matvecs // 3, dim) if method == "hutch++" else 0
     Q = None
     if s > 0:
-        S = rademacher(gen, dim, s, dtype, device)
+        S = rademacher(gen, dim, s, dtype, device, shards=shards)
         Y = torch.cat([multiply(op, S[:, i : i + block]) for i in range(0, s, block)], 1)
-        Q = torch.linalg.qr(Y).Q
+        Q = orthonormal(op, Y)
         del S, Y
     n_cols = num_matvecs - s
     exact = torch.zeros((), dtype=torch.float64)
@@ -81,12 +84,12 @@ def trace(
         parts = [Q[:, start:stop]] if start < s else []  # type: ignore[index]
         n_probe = max(0, stop - max(start, s))
         if n_probe > 0:
-            G = rademacher(gen, dim, n_probe, dtype, device)
+            G = rademacher(gen, dim, n_probe, dtype, device, shards=shards)
             if Q is not None:
-                G = G - Q @ (Q.T @ G)  # deflated probes (I - QQ^T) g
+                G = G - Q @ inner(op, Q, G)  # deflated probes (I - QQ^T) g
             parts.append(G)
         X = torch.cat(parts, 1)
-        quad = (X * multiply(op, X)).sum(0, dtype=torch.float64).cpu()
+        quad = reduce(op, (X * multiply(op, X)).sum(0, dtype=torch.float64)).cpu()
         n_exact = X.shape[1] - n_probe
         exact += quad[:n_exact].sum()
         samples.append(quad[n_exact:])
@@ -126,7 +129,7 @@ def diagonal(
     gen = make_generator(seed)
     total = torch.zeros(dim, dtype=dtype, device=device)
     for start in range(0, num_matvecs, block):
-        Z = rademacher(gen, dim, min(block, num_matvecs - start), dtype, device)
+        Z = rademacher(gen, dim, min(block, num_matvecs - start), dtype, device, shards=shards_of(op))
         total += (Z * multiply(op, Z)).sum(1)
     return total / num_matvecs
 

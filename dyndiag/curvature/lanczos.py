@@ -21,7 +21,10 @@ import numbers
 import numpy as np
 import torch
 
-from .vectors import check_count, check_int, check_operator, gaussian, make_generator, multiply
+from .vectors import (
+    check_count, check_int, check_operator, column_norms, full_dim, gaussian, inner, make_generator, multiply,
+    orthonormal, shards_of, thin_svd,
+)
 from .results import EigenResult
 
 __all__ = ["eigenvalues"]
@@ -97,6 +100,7 @@ def eigenvalues(
         ``converged`` and the float64 ``error_bounds`` ``(k,)``.
     """
     dim, dtype, device = check_operator(op)
+    shards, dim = shards_of(op), full_dim(op)  # a sharded operator holds op.dim of the dim rows
     k = check_int(k, "k")
     if not 1 <= k < dim:
         raise ValueError(f"k must satisfy 1 <= k < op.dim = {dim}, got {k}")
@@ -131,8 +135,8 @@ def eigenvalues(
     # The buffer grows by doubling up to max_basis + b columns: a run that converges
     # in a dozen products never allocates the full basis (on a GPU that is real memory).
     capacity = max_basis + b
-    V = torch.empty(dim, min(capacity, 2 * (k + b) + 8), dtype=dtype, device=basis_device)
-    V[:, :b] = torch.linalg.qr(gaussian(gen, dim, b, dtype, basis_device)).Q
+    V = torch.empty(op.dim, min(capacity, 2 * (k + b) + 8), dtype=dtype, device=basis_device)
+    V[:, :b] = orthonormal(op, gaussian(gen, dim, b, dtype, basis_device, shards=shards))
     m, p = 0, b
     T = np.zeros((0, 0))
     C = np.zeros((b, 0))
@@ -154,8 +158,8 @@ def eigenvalues(
         W = multiply(op, V[:, m : m + q].to(device)).to(basis_device)
         spent += q
         # ||H X|| <= ||H||: a lower estimate of the operator's scale before any Ritz value.
-        scale = max(float(torch.linalg.vector_norm(W, dim=0).max()), float(np.abs(theta).max(initial=0.0)))
-        h = _cgs2(V[:, : m + p], W)
+        scale = max(float(column_norms(op, W).max()), float(np.abs(theta).max(initial=0.0)))
+        h = _cgs2(V[:, : m + p], W, op)
         t = np.zeros((m + q, m + q))
         t[:m, :m] = T
         t[:, m:] = h[: m + q]
@@ -166,16 +170,16 @@ def eigenvalues(
         # to an invariant subspace and are replaced by random directions with zero
         # coupling. The cut is far above CGS2 round-off (~eps ||H||); T = Q^T H Q
         # stays exact, only the residual estimate misses what is cut.
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = thin_svd(op, W)
         rank = int((S > eps**0.75 * scale).sum()) if scale > 0 else 0
         width = min(p, dim - m - q)  # next pending block: R, new directions, random fill
         rank = min(rank, width - (p - q))
         n_rand = width - (p - q) - rank
         V[:, m + p : m + p + rank] = U[:, :rank]
         if n_rand > 0:
-            Z = gaussian(gen, dim, n_rand, dtype, basis_device)
-            _cgs2(V[:, : m + p + rank], Z)
-            V[:, m + p + rank : m + p + rank + n_rand] = torch.linalg.qr(Z).Q
+            Z = gaussian(gen, dim, n_rand, dtype, basis_device, shards=shards)
+            _cgs2(V[:, : m + p + rank], Z, op)
+            V[:, m + p + rank : m + p + rank + n_rand] = orthonormal(op, Z)
         coupling = (S[:rank, None] * Vh[:rank]).cpu().double().numpy()
         C = np.block(
             [
@@ -198,7 +202,7 @@ def eigenvalues(
     vectors = None
     if return_vectors:
         X = V[:, :m] @ torch.from_numpy(Y[:, idx]).to(device=basis_device, dtype=dtype)
-        vectors = (X / torch.linalg.vector_norm(X, dim=0)).to(device)
+        vectors = (X / column_norms(op, X)).to(device)
     return EigenResult(
         values=torch.from_numpy(theta[idx]).to(dtype),
         vectors=vectors,
@@ -221,7 +225,7 @@ def _order(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-def _cgs2(Q: torch.Tensor, W: torch.Tensor) -> np.ndarray:
+def _cgs2(Q: torch.Tensor, W: torch.Tensor, op: object) -> np.ndarray:
     """Orthogonalise ``W`` against the orthonormal columns of ``Q`` in place, twice.
 
     Returns the float64 coefficients ``Q^T W`` summed over both passes. One
@@ -230,7 +234,7 @@ def _cgs2(Q: torch.Tensor, W: torch.Tensor) -> np.ndarray:
     """
     h = np.zeros((Q.shape[1], W.shape[1]))
     for _ in range(2):
-        c = Q.T @ W
+        c = inner(op, Q, W)
         W -= Q @ c
         h += c.cpu().double().numpy()
     return h

@@ -83,3 +83,59 @@ def test_two_fsdp_ranks_see_the_operator_of_the_union(tmp_path):
             assert err <= tol, (hvp, key, err)
     assert r0["unchanged"] and r1["unchanged"]
     assert r0["grads"] == [None] * 4  # no .grad appeared
+
+
+class _Seen(dd.probes.EdgeOfStability):
+    """EdgeOfStability that also keeps what it computed on this rank (only rank 0 writes)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: dict[int, float] = {}
+
+    def compute(self, ctx):
+        out = super().compute(ctx)
+        self.seen[ctx.step] = out["sharpness"][""]
+        return out
+
+
+def _monitor_worker(rank: int, world: int, init_file: str, log_dir: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        x, y = classification_data()
+        shard = slice(0, 12) if rank == 0 else slice(12, None)  # equal shards: FSDP's mean is the full batch's
+        model = _sharded_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = _Seen(every=2, name="edge_of_stability", tol=1e-10)
+        with dd.Monitor(model, opt, [probe], loss_fn=CE, probe_data=(x[shard], y[shard]), log_dir=log_dir):
+            for _ in range(4):
+                opt.zero_grad()
+                CE(model(x[shard]), y[shard]).backward()
+                opt.step()
+        torch.save(probe.seen, os.path.join(out_dir, f"mon{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_edge_of_stability_in_an_fsdp_loop_matches_one_process(tmp_path):
+    log_dir = tmp_path / "run"
+    mp.spawn(_monitor_worker, args=(2, str(tmp_path / "init"), str(log_dir), str(tmp_path)), nprocs=2, join=True)
+    x, y = classification_data()
+    model = tanh_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dd.Monitor(model, opt, [dd.probes.EdgeOfStability(every=2, tol=1e-10)], loss_fn=CE, probe_data=(x, y)) as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            opt.step()
+    single = mon.records()
+    single = single[single.metric == "sharpness"].set_index("step").value
+    df = dd.load_records(log_dir)
+    assert not df.duplicated(["step", "probe", "metric", "key"]).any()  # rank 0 alone wrote
+    written = df[df.metric == "sharpness"].set_index("step").value
+    assert list(written.index) == [0, 2] == list(single.index)
+    assert ((written - single).abs() <= 1e-6 * single.abs()).all(), (written, single)
+    for rank in (0, 1):  # every rank computed the same sharpness
+        assert torch.load(tmp_path / f"mon{rank}.pt") == written.to_dict(), rank

@@ -98,6 +98,10 @@ class _Seen(dd.probes.EdgeOfStability):
         return out
 
 
+def _spectrum():
+    return dd.probes.HessianSpectrum(every=2, k=3, tol=1e-10, trace_matvecs=9, density=True, num_probes=2, lanczos_steps=5)
+
+
 def _monitor_worker(rank: int, world: int, init_file: str, log_dir: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -107,7 +111,7 @@ def _monitor_worker(rank: int, world: int, init_file: str, log_dir: str, out_dir
         model = _sharded_mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         probe = _Seen(every=2, name="edge_of_stability", tol=1e-10)
-        with dd.Monitor(model, opt, [probe], loss_fn=CE, probe_data=(x[shard], y[shard]), log_dir=log_dir):
+        with dd.Monitor(model, opt, [probe, _spectrum()], loss_fn=CE, probe_data=(x[shard], y[shard]), log_dir=log_dir):
             for _ in range(4):
                 opt.zero_grad()
                 CE(model(x[shard]), y[shard]).backward()
@@ -125,15 +129,20 @@ def test_edge_of_stability_in_an_fsdp_loop_matches_one_process(tmp_path):
     x, y = classification_data()
     model = tanh_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with dd.Monitor(model, opt, [dd.probes.EdgeOfStability(every=2, tol=1e-10)], loss_fn=CE, probe_data=(x, y)) as mon:
+    probes = [dd.probes.EdgeOfStability(every=2, tol=1e-10), _spectrum()]
+    with dd.Monitor(model, opt, probes, loss_fn=CE, probe_data=(x, y)) as mon:
         for _ in range(4):
             opt.zero_grad()
             CE(model(x), y).backward()
             opt.step()
     single = mon.records()
-    single = single[single.metric == "sharpness"].set_index("step").value
     df = dd.load_records(log_dir)
     assert not df.duplicated(["step", "probe", "metric", "key"]).any()  # rank 0 alone wrote
+    # The spectrum probe (Lanczos, Hutch++ with the same probes, SLQ) as in one process.
+    spectra = [d[d.probe == "hessian_spectrum"].set_index(["step", "metric", "key"]).value for d in (df, single)]
+    assert len(spectra[0]) == len(spectra[1]) == 2 * 4
+    assert ((spectra[0] - spectra[1]).abs() <= 1e-6 * spectra[1].abs()).all(), spectra
+    single = single[single.metric == "sharpness"].set_index("step").value
     written = df[df.metric == "sharpness"].set_index("step").value
     assert list(written.index) == [0, 2] == list(single.index)
     assert ((written - single).abs() <= 1e-6 * single.abs()).all(), (written, single)

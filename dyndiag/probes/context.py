@@ -254,12 +254,13 @@ class StepContext:
         """
         from ..curvature.lanczos import eigenvalues
         from ..curvature.results import EigenResult
+        from ..curvature.vectors import full_dim
 
         key = (float(tol), int(seed))
         res = self._eigen.get(key)
         if res is None or res.values.numel() < k or (vectors and res.vectors is None):
             needs = [n for n in (p.eigen_need() for p in self.due) if n is not None and (float(n[1]), int(n[2])) == key]
-            want_k = min(max([k] + [n[0] for n in needs]), self.hessian.dim - 1)
+            want_k = min(max([k] + [n[0] for n in needs]), full_dim(self.hessian) - 1)  # same on every FSDP rank
             want_v = vectors or any(n[3] for n in needs)
             res = eigenvalues(self.hessian, k=max(want_k, k), which="LA", tol=tol, seed=seed, return_vectors=want_v)
             self._eigen[key] = res

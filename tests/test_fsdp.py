@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import dyndiag as dd
 from models import classification_data, tanh_mlp
+from ranks import on_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not dist.is_available():
+    pytest.skip("torch.distributed not available", allow_module_level=True)
 
 CE = nn.CrossEntropyLoss()
 SPLIT = 10  # rank 0 holds 10 samples, rank 1 the other 14: unequal shards
@@ -27,62 +27,68 @@ def _sharded_mlp():
     return model
 
 
-def _results(op, full_v):
+def _full_v():
+    return torch.linspace(-1, 1, sum(p.numel() for p in tanh_mlp().parameters()), dtype=torch.float64)
+
+
+def _results(op):
     take = (lambda t: t) if op.shards is None else op.shards.take
     density = dd.spectral_density(op, num_probes=2, lanczos_steps=6, seed=1, progress=False)
     return {
         "top": dd.eigenvalues(op, k=5, tol=1e-10).values,
         "trace": torch.tensor(dd.trace(op, num_matvecs=30, seed=3).value),
-        "Hv": op.matvec(take(full_v)),
+        "Hv": op.matvec(take(_full_v())),
         "nodes": torch.from_numpy(density.nodes),
     }
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        x, y = classification_data()
-        shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-        model = _sharded_mlp()
-        data = [(x[shard][:4], y[shard][:4]), (x[shard][4:], y[shard][4:])]  # two unequal batches per rank
-        before = [p.to_local().clone() for p in model.parameters()]
-        full_v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-        out = {}
-        for hvp in ("exact", "finite_difference"):
-            op = dd.HessianOperator(model, CE, data, hvp=hvp)
-            out[hvp] = _results(op, full_v)
-            out[hvp]["index"] = op.shards.index
-            out[hvp]["dim"] = op.dim
-        out["unchanged"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
-        out["grads"] = [p.grad for p in model.parameters()]
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # both ranks past their last collective before gloo is torn down
-    finally:
-        dist.destroy_process_group()
+def _operators(rank: int) -> dict:
+    x, y = classification_data()
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+    data = [(x[shard][:4], y[shard][:4]), (x[shard][4:], y[shard][4:])]  # two unequal batches per rank
+    model = _sharded_mlp()
+    before = [p.to_local().clone() for p in model.parameters()]
+    out = {}
+    for hvp in ("exact", "finite_difference"):
+        op = dd.HessianOperator(model, CE, data, hvp=hvp)
+        out[hvp] = dict(_results(op), index=op.shards.index, dim=op.dim)
+    ggn = dd.GGNOperator(model, CE, data)
+    out["GGNv"] = ggn.matvec(ggn.shards.take(_full_v()))
+    out["unchanged"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
+    out["grads"] = [p.grad for p in model.parameters()]
+    # Finite differences on a plain (unsharded) model under the same process group:
+    # every rank's gradient is its own, and the products are all-reduced.
+    out["plain_fd"] = dd.HessianOperator(tanh_mlp(), CE, data, hvp="finite_difference").matvec(_full_v())
+    return out
 
 
 @pytest.mark.slow
 def test_two_fsdp_ranks_see_the_operator_of_the_union(tmp_path):
-    if not dist.is_available():
-        pytest.skip("torch.distributed not available")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    model = tanh_mlp()
-    full_v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    single = _results(dd.HessianOperator(model, CE, classification_data()), full_v)
+    r0, r1 = on_ranks(_operators, tmp_path)
+    full_v = _full_v()
+    single = _results(dd.HessianOperator(tanh_mlp(), CE, classification_data()))
+
+    def union(key, a=r0, b=r1):  # the full vector from the two ranks' local ones
+        out = torch.empty_like(full_v)
+        out[a["index"]], out[b["index"]] = a[key], b[key]
+        return out
+
     for hvp, tol in (("exact", 1e-6), ("finite_difference", 1e-8)):
         a, b = r0[hvp], r1[hvp]
         assert a["dim"] + b["dim"] == full_v.numel() and a["dim"] < full_v.numel()  # local vectors
-        Hv = torch.empty_like(full_v)
-        Hv[a["index"]], Hv[b["index"]] = a["Hv"], b["Hv"]  # the union of the shards
         for key in ("top", "trace", "nodes"):
             assert torch.equal(a[key], b[key]), (hvp, key)  # every rank returns the same numbers
-        for key, got in (("top", a["top"]), ("trace", a["trace"]), ("Hv", Hv), ("nodes", a["nodes"])):
+        for key, got in (("top", a["top"]), ("trace", a["trace"]), ("Hv", union("Hv", a, b)), ("nodes", a["nodes"])):
             err = ((got - single[key]).norm() / single[key].norm()).item()
             assert err <= tol, (hvp, key, err)
+    ggn = dd.GGNOperator(tanh_mlp(), CE, classification_data()).matvec(full_v)
+    got = torch.empty_like(full_v)
+    got[r0["exact"]["index"]], got[r1["exact"]["index"]] = r0["GGNv"], r1["GGNv"]
+    assert (got - ggn).norm() <= 1e-10 * ggn.norm()
     assert r0["unchanged"] and r1["unchanged"]
     assert r0["grads"] == [None] * 4  # no .grad appeared
+    for r in (r0, r1):
+        assert (r["plain_fd"] - single["Hv"]).norm() <= 1e-8 * single["Hv"].norm()
 
 
 class _Seen(dd.probes.EdgeOfStability):
@@ -102,40 +108,31 @@ def _spectrum():
     return dd.probes.HessianSpectrum(every=2, k=3, tol=1e-10, trace_matvecs=9, density=True, num_probes=2, lanczos_steps=5)
 
 
-def _monitor_worker(rank: int, world: int, init_file: str, log_dir: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        x, y = classification_data()
-        shard = slice(0, 12) if rank == 0 else slice(12, None)  # equal shards: FSDP's mean is the full batch's
-        model = _sharded_mlp()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        probe = _Seen(every=2, name="edge_of_stability", tol=1e-10)
-        with dd.Monitor(model, opt, [probe, _spectrum()], loss_fn=CE, probe_data=(x[shard], y[shard]), log_dir=log_dir):
-            for _ in range(4):
-                opt.zero_grad()
-                CE(model(x[shard]), y[shard]).backward()
-                opt.step()
-        torch.save(probe.seen, os.path.join(out_dir, f"mon{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _train(model, opt, probes, x, y, **monitor):
+    with dd.Monitor(model, opt, probes, loss_fn=CE, probe_data=(x, y), **monitor) as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            opt.step()
+    return mon
+
+
+def _monitored(rank: int, log_dir: str) -> dict:
+    x, y = classification_data()
+    shard = slice(0, 12) if rank == 0 else slice(12, None)  # equal shards: FSDP's mean is the full batch's
+    model = _sharded_mlp()
+    probe = _Seen(every=2, name="edge_of_stability", tol=1e-10)
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.1), [probe, _spectrum()], x[shard], y[shard], log_dir=log_dir)
+    return probe.seen
 
 
 @pytest.mark.slow
 def test_edge_of_stability_in_an_fsdp_loop_matches_one_process(tmp_path):
     log_dir = tmp_path / "run"
-    mp.spawn(_monitor_worker, args=(2, str(tmp_path / "init"), str(log_dir), str(tmp_path)), nprocs=2, join=True)
-    x, y = classification_data()
+    seen = on_ranks(_monitored, tmp_path, str(log_dir))
     model = tanh_mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probes = [dd.probes.EdgeOfStability(every=2, tol=1e-10), _spectrum()]
-    with dd.Monitor(model, opt, probes, loss_fn=CE, probe_data=(x, y)) as mon:
-        for _ in range(4):
-            opt.zero_grad()
-            CE(model(x), y).backward()
-            opt.step()
-    single = mon.records()
+    single = _train(model, torch.optim.SGD(model.parameters(), lr=0.1), probes, *classification_data()).records()
     df = dd.load_records(log_dir)
     assert not df.duplicated(["step", "probe", "metric", "key"]).any()  # rank 0 alone wrote
     # The spectrum probe (Lanczos, Hutch++ with the same probes, SLQ) as in one process.
@@ -146,5 +143,4 @@ def test_edge_of_stability_in_an_fsdp_loop_matches_one_process(tmp_path):
     written = df[df.metric == "sharpness"].set_index("step").value
     assert list(written.index) == [0, 2] == list(single.index)
     assert ((written - single).abs() <= 1e-6 * single.abs()).all(), (written, single)
-    for rank in (0, 1):  # every rank computed the same sharpness
-        assert torch.load(tmp_path / f"mon{rank}.pt") == written.to_dict(), rank
+    assert seen[0] == seen[1] == written.to_dict()  # every rank computed the same sharpness

@@ -1,6 +1,8 @@
 """Hessian and generalized Gauss–Newton operators of a model's loss over its data.
 
-Products are exact (no finite differences) and side-effect free:
+Products are exact and side-effect free (``HessianOperator(..., hvp="finite_difference")``
+instead differentiates gradients numerically, :mod:`.finite_difference`; FSDP-sharded
+models work on local vectors, :mod:`.sharded`):
 
 * ``matvec(v)`` (and a one-column ``matmat``) multiplies by double backward on
   the gradient graph (kept between products for a single batch);

@@ -104,8 +104,12 @@ class _Seen(dd.probes.EdgeOfStability):
         return out
 
 
-def _spectrum():
-    return dd.probes.HessianSpectrum(every=2, k=3, tol=1e-10, trace_matvecs=9, density=True, num_probes=2, lanczos_steps=5)
+def _curvature_probes():
+    P = dd.probes
+    return [
+        P.HessianSpectrum(every=2, k=3, tol=1e-10, trace_matvecs=9, density=True, num_probes=2, lanczos_steps=5),
+        P.SubspaceOverlap(every=2, k=2, tol=1e-10),
+    ]
 
 
 def _train(model, opt, probes, x, y, **monitor):
@@ -122,7 +126,7 @@ def _monitored(rank: int, log_dir: str) -> dict:
     shard = slice(0, 12) if rank == 0 else slice(12, None)  # equal shards: FSDP's mean is the full batch's
     model = _sharded_mlp()
     probe = _Seen(every=2, name="edge_of_stability", tol=1e-10)
-    _train(model, torch.optim.SGD(model.parameters(), lr=0.1), [probe, _spectrum()], x[shard], y[shard], log_dir=log_dir)
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.1), [probe, *_curvature_probes()], x[shard], y[shard], log_dir=log_dir)
     return probe.seen
 
 
@@ -131,13 +135,15 @@ def test_edge_of_stability_in_an_fsdp_loop_matches_one_process(tmp_path):
     log_dir = tmp_path / "run"
     seen = on_ranks(_monitored, tmp_path, str(log_dir))
     model = tanh_mlp()
-    probes = [dd.probes.EdgeOfStability(every=2, tol=1e-10), _spectrum()]
+    probes = [dd.probes.EdgeOfStability(every=2, tol=1e-10), *_curvature_probes()]
     single = _train(model, torch.optim.SGD(model.parameters(), lr=0.1), probes, *classification_data()).records()
     df = dd.load_records(log_dir)
     assert not df.duplicated(["step", "probe", "metric", "key"]).any()  # rank 0 alone wrote
-    # The spectrum probe (Lanczos, Hutch++ with the same probes, SLQ) as in one process.
-    spectra = [d[d.probe == "hessian_spectrum"].set_index(["step", "metric", "key"]).value for d in (df, single)]
-    assert len(spectra[0]) == len(spectra[1]) == 2 * 4
+    # The spectrum (Lanczos, Hutch++ with the same probes, SLQ) and the gradient's overlap
+    # with the top eigenspace (sharded gradient, TSQR of the eigenvectors) as in one process.
+    probes = ("hessian_spectrum", "subspace_overlap")
+    spectra = [d[d.probe.isin(probes)].set_index(["step", "metric", "key"]).value for d in (df, single)]
+    assert len(spectra[0]) == len(spectra[1]) == 2 * 5
     assert ((spectra[0] - spectra[1]).abs() <= 1e-6 * spectra[1].abs()).all(), spectra
     single = single[single.metric == "sharpness"].set_index("step").value
     written = df[df.metric == "sharpness"].set_index("step").value

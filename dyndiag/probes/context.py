@@ -172,9 +172,12 @@ class StepContext:
         or ``run.gradient_fn()`` when the run gives one."""
         if self.run.gradient_fn is not None:
             return self.run.gradient_fn()
-        # torch.cat allocates a new tensor: it is already a copy.
+        from ..curvature.sharded import local
+
+        # torch.cat allocates a new tensor: it is already a copy. FSDP's DTensor
+        # gradients give their local shards, the layout of a sharded operator's vectors.
         grads = zip(self.params, self.grads)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in grads])
+        return torch.cat([(torch.zeros_like(local(p)) if g is None else local(g)).reshape(-1) for p, g in grads])
 
     @property
     def norms_before_clip(self) -> list[torch.Tensor | None] | None:

@@ -24,5 +24,10 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str, body, args) -> N
 def on_ranks(body, tmp_path, *args, world: int = 2) -> list:
     """``[body(rank, *args) for each rank]``, each run in its own process of a gloo
     group (``body`` must be a module-level function; its result is saved with torch)."""
-    mp.spawn(_entry, args=(world, str(tmp_path / "init"), str(tmp_path), body, args), nprocs=world, join=True)
+    # Forked, not spawned: a spawned child imports torch and dyndiag again, which on a
+    # busy machine took longer than the test's work.
+    mp.start_processes(
+        _entry, args=(world, str(tmp_path / "init"), str(tmp_path), body, args), nprocs=world, join=True,
+        start_method="fork",
+    )
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]

@@ -43,6 +43,14 @@ def _results(op, tol=1e-10):
     return out
 
 
+def _refused(make) -> str:
+    try:
+        make()
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
 def _operators(rank: int) -> dict:
     x, y = classification_data()
     shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
@@ -55,6 +63,10 @@ def _operators(rank: int) -> dict:
         out[hvp] = dict(_results(op, tol), index=op.shards.index, dim=op.dim)
     ggn = dd.GGNOperator(model, CE, data)
     out["GGNv"] = ggn.matvec(ggn.shards.take(_full_v()))
+    out["refused"] = [
+        _refused(lambda: dd.HessianOperator(model, CE, iter(data))),  # a pass each rank could read differently
+        _refused(lambda: dd.HessianOperator(model, CE, data, at=list(model.parameters()))),
+    ]
     out["unchanged"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
     out["grads"] = [p.grad for p in model.parameters()]
     # Finite differences on a plain (unsharded) model under the same process group:
@@ -87,6 +99,7 @@ def test_two_fsdp_ranks_see_the_operator_of_the_union(tmp_path):
     got = torch.empty_like(full_v)
     got[r0["exact"]["index"]], got[r1["exact"]["index"]] = r0["GGNv"], r1["GGNv"]
     assert (got - ggn).norm() <= 1e-10 * ggn.norm()
+    assert "FSDP" in r0["refused"][0] and "at=" in r0["refused"][1]
     assert r0["unchanged"] and r1["unchanged"]
     assert r0["grads"] == [None] * 4  # no .grad appeared
     for r in (r0, r1):

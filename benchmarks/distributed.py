@@ -69,6 +69,10 @@ def measure(model, data, hvp: str) -> dict:
 
     import dyndiag as dd
 
+    # A product on a tiny model first: the autograd engine's and the allocator's
+    # first-use memory would otherwise count as the product's.
+    tiny = nn.Sequential(nn.Linear(data[0].shape[1], 4), nn.Tanh(), nn.Linear(4, WIDTHS[-1]))
+    dd.HessianOperator(tiny, nn.CrossEntropyLoss(), data, hvp=hvp).matvec(torch.ones(sum(p.numel() for p in tiny.parameters())))
     base = _rss_mb()
     op = dd.HessianOperator(model, nn.CrossEntropyLoss(), data, hvp=hvp)
     v = torch.ones(op.dim)

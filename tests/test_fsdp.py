@@ -69,6 +69,12 @@ def _operators(rank: int) -> dict:
     ]
     out["unchanged"] = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
     out["grads"] = [p.grad for p in model.parameters()]
+    # An operator kept across an optimizer step multiplies at the new parameters.
+    op, v = dd.HessianOperator(model, CE, data), torch.ones(out["exact"]["dim"], dtype=torch.float64)
+    op.matvec(v)
+    CE(model(x[shard]), y[shard]).backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    out["after_step"] = (op.matvec(v), dd.HessianOperator(model, CE, data).matvec(v))
     # Finite differences on a plain (unsharded) model under the same process group:
     # every rank's gradient is its own, and the products are all-reduced.
     out["plain_fd"] = dd.HessianOperator(tanh_mlp(), CE, data, hvp="finite_difference").matvec(_full_v())
@@ -101,6 +107,9 @@ def test_two_fsdp_ranks_see_the_operator_of_the_union(tmp_path):
     assert (got - ggn).norm() <= 1e-10 * ggn.norm()
     assert "FSDP" in r0["refused"][0] and "at=" in r0["refused"][1]
     assert r0["unchanged"] and r1["unchanged"]
+    for r in (r0, r1):
+        kept, fresh = r["after_step"]
+        assert torch.equal(kept, fresh)
     assert r0["grads"] == [None] * 4  # no .grad appeared
     for r in (r0, r1):
         assert (r["plain_fd"] - single["Hv"]).norm() <= 1e-8 * single["Hv"].norm()

@@ -125,7 +125,9 @@ class Shards:
         """Gather the full parameter values into :attr:`values` when any rank's shard
         changed since the last gather (decided together, so every rank gathers);
         returns whether it gathered."""
-        key = tuple((local(p)._version, local(p).data_ptr()) for p in params)
+        # In-place DTensor ops (an optimizer step) bump the DTensor's version, edits of
+        # the local block (finite differences) the local tensor's: either means new values.
+        key = tuple((p._version, local(p)._version, local(p).data_ptr()) for p in params)
         stale = torch.tensor([float(key != self._key)])
         dist.all_reduce(stale, op=dist.ReduceOp.MAX, group=self.group)
         if not stale.item():

@@ -75,6 +75,10 @@ def _operators(rank: int) -> dict:
     CE(model(x[shard]), y[shard]).backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     out["after_step"] = (op.matvec(v), dd.HessianOperator(model, CE, data).matvec(v))
+    # Finite differences between a backward and a step: FSDP's gradients are put back.
+    grads = [(p.grad, p.grad.to_local().clone()) for p in model.parameters()]
+    fd = dd.HessianOperator(model, CE, data, hvp="finite_difference").matvec(v)
+    out["fd_with_grads"] = (fd, all(p.grad is g and torch.equal(g.to_local(), c) for p, (g, c) in zip(model.parameters(), grads)))
     # Finite differences on a plain (unsharded) model under the same process group:
     # every rank's gradient is its own, and the products are all-reduced.
     out["plain_fd"] = dd.HessianOperator(tanh_mlp(), CE, data, hvp="finite_difference").matvec(_full_v())
@@ -110,6 +114,8 @@ def test_two_fsdp_ranks_see_the_operator_of_the_union(tmp_path):
     for r in (r0, r1):
         kept, fresh = r["after_step"]
         assert torch.equal(kept, fresh)
+        fd, restored = r["fd_with_grads"]
+        assert restored and (fd - fresh).norm() <= 1e-8 * fresh.norm()
     assert r0["grads"] == [None] * 4  # no .grad appeared
     for r in (r0, r1):
         assert (r["plain_fd"] - single["Hv"]).norm() <= 1e-8 * single["Hv"].norm()

@@ -5,8 +5,9 @@ Run from the repository root::
     python benchmarks/distributed.py            # 3 interleaved repeats
     python benchmarks/distributed.py --quick    # 1 repeat
 
-Model: an MLP 512-2048-2048-10 with tanh (5.3 M parameters), float32, on random
-inputs and labels, 64 samples in all. One process holds the whole model and all 64
+Model: an MLP 512-768x9-10 with tanh (5.1 M parameters in ten layers of at
+most 0.6 M each, so FSDP's one unsharded layer at a time is a small part of the
+model), float32, on random inputs and labels, 64 samples in all. One process holds the whole model and all 64
 samples; the FSDP run shards the model with ``fully_shard`` (each Linear and the
 root) over 2 gloo ranks on the CPU, each rank holding 32 samples, so both compute
 the same operator. Products by double backward (``hvp="exact"``: parameters
@@ -40,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-N, WIDTHS = 64, (512, 2048, 2048, 10)
+N, WIDTHS = 64, (512,) + (768,) * 9 + (10,)
 
 
 def build(seed: int = 0):
@@ -140,6 +141,8 @@ def main() -> None:
     if args.run:
         print(json.dumps(run_one(*args.run)))
         return
+    import torch
+
     repeats = 1 if args.quick else args.repeats
     configs = [(k, h) for h in ("exact", "finite_difference") for k in ("single", "fsdp")]
     runs: dict = {c: [] for c in configs}
@@ -164,6 +167,8 @@ def main() -> None:
         single = statistics.median(rep[0]["peak_mb"] for rep in runs[("single", hvp)])
         sharded = statistics.median(max(r["peak_mb"] for r in rep) for rep in runs[("fsdp", hvp)])
         print(f"{hvp}: FSDP peak per rank / single-process peak = {sharded / max(single, 1e-9):.2f}")
+    print(f"command: python benchmarks/distributed.py --repeats {repeats}; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, one thread per process")
 
 
 if __name__ == "__main__":

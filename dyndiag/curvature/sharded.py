@@ -55,9 +55,9 @@ class Shards:
     """The layout of an operator's flat vectors over the ranks of an FSDP mesh.
 
     Attributes: ``dim`` (this rank's length), ``full_dim`` (the model's number of
-    parameters), ``index`` (``(dim,)`` int64: the position in the full flat vector
-    of every local entry), ``group`` (the process group of the mesh), ``values``
-    (the gathered full parameter values after :meth:`refresh`).
+    parameters), ``ranges`` (``(start, length)`` in the full flat vector of each
+    parameter's local block, in order), ``group`` (the process group of the mesh),
+    ``values`` (the gathered full parameter values after :meth:`refresh`).
     """
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
@@ -84,9 +84,7 @@ class Shards:
         self.counts = torch.stack(counts)
         before = self.counts[: self.rank].sum(0)
         offsets = torch.tensor([0] + full_numels[:-1], dtype=torch.int64).cumsum(0)
-        self.index = torch.cat(
-            [torch.arange(int(n), dtype=torch.int64) + int(o + b) for n, o, b in zip(mine, offsets, before)]
-        )
+        self.ranges = [(int(o + b), int(n)) for n, o, b in zip(mine, offsets, before)]
         self.dim = int(mine.sum())
         self.full_dim = sum(full_numels)
         self.values: list[torch.Tensor] = []
@@ -111,9 +109,14 @@ class Shards:
         pieces = [torch.split(b[: int(c.sum())], c.tolist()) for b, c in zip(blocks, self.counts)]
         return torch.cat([pieces[r][i] for i in range(self.counts.shape[1]) for r in range(self.world)])
 
+    @property
+    def index(self) -> torch.Tensor:
+        """``(dim,)`` int64: the position in the full flat vector of every local entry."""
+        return torch.cat([torch.arange(start, start + n, dtype=torch.int64) for start, n in self.ranges])
+
     def take(self, V_full: torch.Tensor) -> torch.Tensor:
         """This rank's rows ``(dim, ...)`` of a full ``(full_dim, ...)`` tensor."""
-        return V_full[self.index.to(V_full.device)]
+        return torch.cat([V_full[start : start + n] for start, n in self.ranges])
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the mesh's ranks in place (partial inner products)."""

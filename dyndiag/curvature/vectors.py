@@ -104,8 +104,8 @@ def rademacher(
     if shards is None:
         bits = torch.randint(0, 2, (k, dim), generator=gen, dtype=torch.int8)
     else:
-        rows = [torch.randint(0, 2, (shards.full_dim,), generator=gen, dtype=torch.int8) for _ in range(k)]
-        bits = torch.stack([r[shards.index] for r in rows]) if rows else torch.empty(0, shards.dim, dtype=torch.int8)
+        rows = [shards.take(torch.randint(0, 2, (shards.full_dim,), generator=gen, dtype=torch.int8)) for _ in range(k)]
+        bits = torch.stack(rows) if rows else torch.empty(0, shards.dim, dtype=torch.int8)
     return bits.T.to(device=device).to(dtype).mul_(2).sub_(1).contiguous()
 
 
@@ -119,7 +119,7 @@ def gaussian(
     """
     z = torch.randn((k, dim if shards is None else shards.full_dim), generator=gen, dtype=torch.float64)
     if shards is not None:
-        z = z[:, shards.index]
+        z = shards.take(z.T).T
     return z.T.to(device=device, dtype=dtype).contiguous()
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .lockstep import Estimator, drive, drive_blocks
 from .partition import BlockSpec, resolve_blocks
-from .vectors import check_count, check_operator, make_generator, rademacher
+from .vectors import check_count, check_operator, column_norms, full_dim, make_generator, rademacher, reduce, shards_of
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -158,20 +158,20 @@ def spectral_density(
         ``{block: SpectralDensity}`` in block order, each with its block's ``dim``
         and columns; ``op.num_matvecs`` grows by their sum.
     """
-    dim, dtype, device = check_operator(op)
+    _, dtype, device = check_operator(op)
     num_probes = check_count(num_probes, "num_probes")
     lanczos_steps = check_count(lanczos_steps, "lanczos_steps")
     basis_device = device if basis_device is None else torch.device(basis_device)
     settings = (num_probes, lanczos_steps, seed, reorthogonalize, dtype, device, basis_device)
     if blocks is None:
-        return drive(op, _slq(dim, *settings, progress=progress))
+        return drive(op, _slq(op, *settings, progress=progress))
     parts = resolve_blocks(op, blocks)
     desc = None if progress is False else "block spectral densities"
-    return drive_blocks(op, parts, lambda d: _slq(d, *settings, progress=False), progress=desc)
+    return drive_blocks(op, parts, lambda b: _slq(b, *settings, progress=False), progress=desc)
 
 
 def _slq(
-    dim: int,
+    space: object,
     num_probes: int,
     lanczos_steps: int,
     seed: int,
@@ -181,18 +181,20 @@ def _slq(
     basis_device: torch.device,
     progress: bool | None,
 ) -> Estimator:
-    """:func:`spectral_density` on a ``dim``-dimensional operator, as an :data:`~.lockstep.Estimator`."""
+    """:func:`spectral_density` on the vectors of ``space`` (the operator, or one of
+    its diagonal blocks), as an :data:`~.lockstep.Estimator`."""
+    shards, dim = shards_of(space), full_dim(space)  # a sharded operator holds op.dim of the dim rows
     steps = min(lanczos_steps, dim)
     gen = make_generator(seed)
     threshold = math.sqrt(torch.finfo(dtype).eps)
 
     # Probes are rows: (num_probes, dim); per-probe scalars are (num_probes,) vectors.
-    v = rademacher(gen, dim, num_probes, dtype, device).T.contiguous() / math.sqrt(dim)
+    v = rademacher(gen, dim, num_probes, dtype, device, shards=shards).T.contiguous() / math.sqrt(dim)
     v_prev = torch.zeros_like(v)
     beta_prev = torch.zeros(num_probes, dtype=dtype, device=device)
     alpha = torch.zeros(num_probes, steps, dtype=torch.float64)
     beta = torch.zeros(num_probes, steps, dtype=torch.float64)
-    basis = torch.empty(num_probes, steps, dim, dtype=dtype, device=basis_device) if reorthogonalize else None
+    basis = torch.empty(num_probes, steps, space.dim, dtype=dtype, device=basis_device) if reorthogonalize else None
     length = torch.full((num_probes,), steps)
     active = torch.ones(num_probes, dtype=torch.bool, device=device)
     scale = torch.zeros(num_probes, dtype=dtype, device=device)
@@ -201,16 +203,16 @@ def _slq(
     for i in tqdm(range(steps), desc="spectral density", disable=None if progress is None else not progress):
         w = (yield v.T).T
         spent += num_probes
-        a = (w * v).sum(1)
+        a = reduce(space, (w * v).sum(1))
         w = w - a[:, None] * v - beta_prev[:, None] * v_prev
         if basis is not None:
             basis[:, i] = v.to(basis_device)
             Bi = basis[:, : i + 1]
             w = w.to(basis_device)
             for _ in range(2):
-                w = w - torch.bmm(Bi.transpose(1, 2), torch.bmm(Bi, w.unsqueeze(2))).squeeze(2)
+                w = w - torch.bmm(Bi.transpose(1, 2), reduce(space, torch.bmm(Bi, w.unsqueeze(2)))).squeeze(2)
             w = w.to(device)
-        b = torch.linalg.vector_norm(w, dim=1)
+        b = column_norms(space, w, dim=1)
         alpha[:, i], beta[:, i] = a.cpu().double(), b.cpu().double()
         scale = torch.maximum(scale, torch.maximum(a.abs(), b))
         # A probe whose Krylov space is (numerically) invariant has its full

@@ -15,7 +15,9 @@ import torch
 from .lockstep import Estimator, drive, drive_blocks
 from .partition import BlockSpec, resolve_blocks
 from .results import TraceResult
-from .vectors import check_count, check_operator, make_generator, multiply, rademacher
+from .vectors import (
+    check_count, check_operator, full_dim, inner, make_generator, multiply, orthonormal, rademacher, reduce, shards_of,
+)
 
 __all__ = ["trace", "diagonal"]
 
@@ -70,22 +72,24 @@ def trace(
         ``{block: TraceResult}`` in block order, each spending ``B`` columns, so
         ``op.num_matvecs`` grows by ``B * #blocks``.
     """
-    dim, dtype, device = check_operator(op)
+    _, dtype, device = check_operator(op)
     num_matvecs = check_count(num_matvecs, "num_matvecs")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     block = _check_block(block_size)
     if blocks is None:
-        return drive(op, _trace(dim, num_matvecs, method, seed, block, dtype, device))
+        return drive(op, _trace(op, num_matvecs, method, seed, block, dtype, device))
     parts = resolve_blocks(op, blocks)
     block = max(1, block // len(parts))
-    return drive_blocks(op, parts, lambda d: _trace(d, num_matvecs, method, seed, block, dtype, device))
+    return drive_blocks(op, parts, lambda b: _trace(b, num_matvecs, method, seed, block, dtype, device))
 
 
 def _trace(
-    dim: int, num_matvecs: int, method: str, seed: int, block: int, dtype: torch.dtype, device: torch.device
+    space: object, num_matvecs: int, method: str, seed: int, block: int, dtype: torch.dtype, device: torch.device
 ) -> Estimator:
-    """:func:`trace` on a ``dim``-dimensional operator, as an :data:`~.lockstep.Estimator`."""
+    """:func:`trace` on the vectors of ``space`` (the operator, or one of its diagonal
+    blocks), as an :data:`~.lockstep.Estimator`."""
+    shards, dim = shards_of(space), full_dim(space)  # a sharded operator holds op.dim of the dim rows
     gen = make_generator(seed)
 
     # Columns to multiply: s basis columns Q (Hutch++ only), then the probes. Probes
@@ -93,11 +97,11 @@ def _trace(
     s = min(num_matvecs // 3, dim) if method == "hutch++" else 0
     Q = None
     if s > 0:
-        S = rademacher(gen, dim, s, dtype, device)
+        S = rademacher(gen, dim, s, dtype, device, shards=shards)
         Y = []
         for i in range(0, s, block):
             Y.append((yield S[:, i : i + block]))
-        Q = torch.linalg.qr(torch.cat(Y, 1)).Q
+        Q = orthonormal(space, torch.cat(Y, 1))
         del S, Y
     n_cols = num_matvecs - s
     exact = torch.zeros((), dtype=torch.float64)
@@ -107,12 +111,12 @@ def _trace(
         parts = [Q[:, start:stop]] if start < s else []  # type: ignore[index]
         n_probe = max(0, stop - max(start, s))
         if n_probe > 0:
-            G = rademacher(gen, dim, n_probe, dtype, device)
+            G = rademacher(gen, dim, n_probe, dtype, device, shards=shards)
             if Q is not None:
-                G = G - Q @ (Q.T @ G)  # deflated probes (I - QQ^T) g
+                G = G - Q @ inner(space, Q, G)  # deflated probes (I - QQ^T) g
             parts.append(G)
         X = torch.cat(parts, 1)
-        quad = (X * (yield X)).sum(0, dtype=torch.float64).cpu()
+        quad = reduce(space, (X * (yield X)).sum(0, dtype=torch.float64)).cpu()
         n_exact = X.shape[1] - n_probe
         exact += quad[:n_exact].sum()
         samples.append(quad[n_exact:])
@@ -152,7 +156,7 @@ def diagonal(
     gen = make_generator(seed)
     total = torch.zeros(dim, dtype=dtype, device=device)
     for start in range(0, num_matvecs, block):
-        Z = rademacher(gen, dim, min(block, num_matvecs - start), dtype, device)
+        Z = rademacher(gen, dim, min(block, num_matvecs - start), dtype, device, shards=shards_of(op))
         total += (Z * multiply(op, Z)).sum(1)
     return total / num_matvecs
 

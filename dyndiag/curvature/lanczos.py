@@ -24,7 +24,10 @@ import torch
 from .lockstep import Estimator, drive, drive_blocks
 from .partition import BlockSpec, resolve_blocks
 from .results import EigenResult
-from .vectors import check_count, check_int, check_operator, gaussian, make_generator
+from .vectors import (
+    check_count, check_int, check_operator, column_norms, full_dim, gaussian, inner, make_generator, orthonormal,
+    shards_of, thin_svd,
+)
 
 __all__ = ["eigenvalues"]
 
@@ -112,7 +115,8 @@ def eigenvalues(
         ``op``'s order) and its ``num_matvecs`` counts its own columns, each one
         operator column: ``op.num_matvecs`` grows by their sum.
     """
-    dim, dtype, device = check_operator(op)
+    _, dtype, device = check_operator(op)
+    dim = full_dim(op)  # a sharded operator holds op.dim of the dim rows
     k = check_int(k, "k")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -130,15 +134,16 @@ def eigenvalues(
     if blocks is None:
         if k >= dim:
             raise ValueError(f"k must satisfy 1 <= k < op.dim = {dim}, got {k}")
-        return drive(op, _lanczos(dim, *settings))
+        return drive(op, _lanczos(op, *settings))
     parts = resolve_blocks(op, blocks)
     return drive_blocks(
-        op, parts, lambda d: _lanczos(d, *settings) if k < d else _dense(d, which, return_vectors, dtype, device)
+        op, parts,
+        lambda b: _lanczos(b, *settings) if k < b.dim else _dense(b.dim, which, return_vectors, dtype, device),
     )
 
 
 def _lanczos(
-    dim: int,
+    space: object,
     k: int,
     which: str,
     tol: float,
@@ -151,8 +156,10 @@ def _lanczos(
     device: torch.device,
     basis_device: torch.device,
 ) -> Estimator:
-    """The Lanczos iteration of :func:`eigenvalues` on a ``dim``-dimensional operator
-    (``k < dim``), as an :data:`~.lockstep.Estimator`."""
+    """The Lanczos iteration of :func:`eigenvalues` on the vectors of ``space`` (the
+    operator, or one of its diagonal blocks; ``k`` below its dimension), as an
+    :data:`~.lockstep.Estimator`."""
+    shards, dim = shards_of(space), full_dim(space)  # a sharded operator holds op.dim of the dim rows
     b = min(block_size, dim)
     if max_basis is None:
         max_basis = min(dim, max(40, 2 * k + 2 * b))
@@ -177,8 +184,8 @@ def _lanczos(
     # The buffer grows by doubling up to max_basis + b columns: a run that converges
     # in a dozen products never allocates the full basis (on a GPU that is real memory).
     capacity = max_basis + b
-    V = torch.empty(dim, min(capacity, 2 * (k + b) + 8), dtype=dtype, device=basis_device)
-    V[:, :b] = torch.linalg.qr(gaussian(gen, dim, b, dtype, basis_device)).Q
+    V = torch.empty(space.dim, min(capacity, 2 * (k + b) + 8), dtype=dtype, device=basis_device)
+    V[:, :b] = orthonormal(space, gaussian(gen, dim, b, dtype, basis_device, shards=shards))
     m, p = 0, b
     T = np.zeros((0, 0))
     C = np.zeros((b, 0))
@@ -200,8 +207,8 @@ def _lanczos(
         W = (yield V[:, m : m + q].to(device)).to(basis_device)
         spent += q
         # ||H X|| <= ||H||: a lower estimate of the operator's scale before any Ritz value.
-        scale = max(float(torch.linalg.vector_norm(W, dim=0).max()), float(np.abs(theta).max(initial=0.0)))
-        h = _cgs2(V[:, : m + p], W)
+        scale = max(float(column_norms(space, W).max()), float(np.abs(theta).max(initial=0.0)))
+        h = _cgs2(V[:, : m + p], W, space)
         t = np.zeros((m + q, m + q))
         t[:m, :m] = T
         t[:, m:] = h[: m + q]
@@ -212,16 +219,16 @@ def _lanczos(
         # to an invariant subspace and are replaced by random directions with zero
         # coupling. The cut is far above CGS2 round-off (~eps ||H||); T = Q^T H Q
         # stays exact, only the residual estimate misses what is cut.
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = thin_svd(space, W)
         rank = int((S > eps**0.75 * scale).sum()) if scale > 0 else 0
         width = min(p, dim - m - q)  # next pending block: R, new directions, random fill
         rank = min(rank, width - (p - q))
         n_rand = width - (p - q) - rank
         V[:, m + p : m + p + rank] = U[:, :rank]
         if n_rand > 0:
-            Z = gaussian(gen, dim, n_rand, dtype, basis_device)
-            _cgs2(V[:, : m + p + rank], Z)
-            V[:, m + p + rank : m + p + rank + n_rand] = torch.linalg.qr(Z).Q
+            Z = gaussian(gen, dim, n_rand, dtype, basis_device, shards=shards)
+            _cgs2(V[:, : m + p + rank], Z, space)
+            V[:, m + p + rank : m + p + rank + n_rand] = orthonormal(space, Z)
         coupling = (S[:rank, None] * Vh[:rank]).cpu().double().numpy()
         C = np.block(
             [
@@ -244,7 +251,7 @@ def _lanczos(
     vectors = None
     if return_vectors:
         X = V[:, :m] @ torch.from_numpy(Y[:, idx]).to(device=basis_device, dtype=dtype)
-        vectors = (X / torch.linalg.vector_norm(X, dim=0)).to(device)
+        vectors = (X / column_norms(space, X)).to(device)
     return EigenResult(
         values=torch.from_numpy(theta[idx]).to(dtype),
         vectors=vectors,
@@ -284,7 +291,7 @@ def _order(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-def _cgs2(Q: torch.Tensor, W: torch.Tensor) -> np.ndarray:
+def _cgs2(Q: torch.Tensor, W: torch.Tensor, space: object) -> np.ndarray:
     """Orthogonalise ``W`` against the orthonormal columns of ``Q`` in place, twice.
 
     Returns the float64 coefficients ``Q^T W`` summed over both passes. One
@@ -293,7 +300,7 @@ def _cgs2(Q: torch.Tensor, W: torch.Tensor) -> np.ndarray:
     """
     h = np.zeros((Q.shape[1], W.shape[1]))
     for _ in range(2):
-        c = Q.T @ W
+        c = inner(space, Q, W)
         W -= Q @ c
         h += c.cpu().double().numpy()
     return h

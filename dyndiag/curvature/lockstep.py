@@ -41,10 +41,10 @@ def drive(op: object, algorithm: Estimator) -> object:
 def drive_blocks(
     op: object,
     blocks: Sequence[Block],
-    algorithm: Callable[[int], Estimator],
+    algorithm: Callable[[Block], Estimator],
     progress: str | None = None,
 ) -> dict[str, object]:
-    """``{block name: result}`` of ``algorithm(block.dim)`` run on every block in lockstep.
+    """``{block name: result}`` of ``algorithm(block)`` run on every block in lockstep.
 
     ``progress``: a description to show a bar over the steps (``None``: no bar).
     """
@@ -60,7 +60,7 @@ def drive_blocks(
             results[blocks[i].name] = stop.value
 
     for i, block in enumerate(blocks):
-        advance(i, algorithm(block.dim), None)
+        advance(i, algorithm(block), None)
     bar = tqdm(desc=progress, unit="step", disable=True if progress is None else None)
     with bar:
         while running:

@@ -1,6 +1,8 @@
 """Hessian and generalized Gauss–Newton operators of a model's loss over its data.
 
-Products are exact (no finite differences) and side-effect free.
+Products are exact and side-effect free (``HessianOperator(..., hvp="finite_difference")``
+instead differentiates gradients numerically, :mod:`.finite_difference`; FSDP-sharded
+models work on local vectors, :mod:`.sharded`).
 
 Hessian:
 
@@ -53,6 +55,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -80,6 +83,8 @@ from ..state import rng_state, set_rng_state
 from .base import CurvatureOperator
 from .blocks import AUTO_CPU_CHUNK, auto_chunk, cpu_chunk, race, remembered
 from .loss_hessian import loss_hessian
+from .finite_difference import central_differences
+from .sharded import Shards, fsdp_hooks_off
 
 __all__ = ["HessianOperator", "GGNOperator"]
 
@@ -128,6 +133,13 @@ class _ModelOperator(CurvatureOperator):
         self.reduction = reduction
         self.names, self.params = select_params(model, params)
         self.dim = sum(p.numel() for p in self.params)
+        #: Products by double backward (``"exact"``) or ``"finite_difference"`` (HessianOperator).
+        self.hvp = "exact"
+        #: FSDP-sharded parameters: vectors are this rank's shards (:mod:`.sharded`).
+        self.shards = Shards.of(self.params)
+        if self.shards is not None:
+            self._check_sharded(data, at, cache_data)
+            self.dim = self.shards.dim
         self.param_dtype = self.params[0].dtype
         self.dtype = _compute_dtype(self.param_dtype, compute_dtype)
         self.device = self.params[0].device
@@ -291,6 +303,8 @@ class _ModelOperator(CurvatureOperator):
         """The loss over ``data`` (mean or sum, as ``reduction``) at the operator's
         parameters, evaluated as products are (dropout off, normalisation layers in
         the model's mode, buffers copied); reduced over ranks like the products."""
+        if self.shards is not None:
+            self.shards.refresh(self.params)
         with self._guarded():
             return self._total_loss(self._batches())
 
@@ -313,7 +327,10 @@ class _ModelOperator(CurvatureOperator):
         )
 
     def _sources(self) -> list[torch.Tensor]:
-        """The parameter tensors the operator is taken at (``at=`` or the live ones)."""
+        """The parameter tensors the operator is taken at (``at=`` or the live ones;
+        a sharded operator's gathered values)."""
+        if self.shards is not None:
+            return self.shards.values
         return self._at if self._at is not None else self.params
 
     def _values(self) -> list[torch.Tensor]:
@@ -357,8 +374,32 @@ class _ModelOperator(CurvatureOperator):
             self._graphs[kind] = cached = (key, build())
         return cached[1]
 
-    def _guarded(self):
-        return operator_mode(self.model)
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        with operator_mode(self.model), (fsdp_hooks_off(self.model) if self.shards is not None else nullcontext()):
+            yield
+
+    # -- FSDP-sharded models and finite differences (see .sharded, .finite_difference)
+    @staticmethod
+    def _check_sharded(data, at, cache_data) -> None:
+        if at is not None:
+            raise ValueError("at= is not supported on an FSDP-sharded model")
+        if not (cache_data or is_single_batch(data) or isinstance(data, (list, tuple))):
+            raise ValueError(
+                "on an FSDP-sharded model data must be a batch or a list of batches (or cache_data=True): "
+                "every rank must read the same batches on every pass"
+            )
+
+    def _product(self, per_batch: Callable, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` over all data: exact, or by central differences (``hvp``). A sharded
+        operator multiplies the gathered columns at the gathered parameters and keeps
+        its own rows."""
+        if self.hvp == "finite_difference":
+            return central_differences(self, V)
+        if self.shards is None:
+            return self._accumulate(per_batch, V)
+        self.shards.refresh(self.params)
+        return self.shards.take(self._accumulate(per_batch, self.shards.full(V)))
 
     # -- products ---------------------------------------------------------
     def _accumulate(self, per_batch: Callable, V: torch.Tensor) -> torch.Tensor:
@@ -368,7 +409,7 @@ class _ModelOperator(CurvatureOperator):
             return weighted_mean(terms, torch.zeros_like(V), self.reduction)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(self._batch_matmat, V)
+        return self._product(self._batch_matmat, V)
 
     def _batch_matmat(self, batch, V: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(V)
@@ -587,6 +628,15 @@ class HessianOperator(_ModelOperator):
         are then cast to float32 for the evaluation, so the products are those of
         the float32 model with the same (rounded) weights. Autocast regions inside
         the model still apply.
+    hvp:
+        ``"exact"`` (default): products by double backward, as above.
+        ``"finite_difference"``: central differences of two gradients per column,
+        each computed by the model's ordinary forward and ``backward()`` (FSDP's
+        sharded ones on an FSDP model), for models without a double backward;
+        parameters and ``.grad`` are restored bitwise. Step
+        ``h = 0.1 * eps^(1/3) * max(||theta||, 1) / ||v||``, relative error ``O(eps^(2/3))``
+        (see :mod:`dyndiag.curvature.finite_difference` for the rule and the
+        accuracy measured). Needs the parameters' dtype (no ``compute_dtype``).
 
     micro_batch_size:
         Cut every batch along dim 0 into micro-batches of at most this many samples
@@ -602,6 +652,18 @@ class HessianOperator(_ModelOperator):
     Under an initialised ``torch.distributed`` process group each rank passes its
     shard; products are reduced over ranks like the loss (sample-weighted mean or
     sum), so every rank holds the operator of the union of the shards.
+
+    On a model sharded with ``torch.distributed.fsdp.fully_shard`` (parameters
+    are ``DTensor`` row shards over a 1-D mesh spanning the process group), the
+    operator's vectors are local: ``dim`` is this rank's number of entries, a
+    vector is the concatenation of this rank's row blocks in parameter order, and
+    ``op.shards`` describes the layout; the estimators reduce their inner
+    products over ranks. ``data`` must be a batch or a list of batches, ``at=`` is
+    not supported. Exact products gather the parameters (FSDP's hooks set aside)
+    and hold, during a product, the full vector and the graph of a single-process
+    product; ``hvp="finite_difference"`` runs FSDP's own forward and backward and
+    never materialises a full vector (every rank must then give the same number of
+    batches, and FSDP's default gradient averaging over ranks is assumed).
     """
 
     def __init__(
@@ -621,8 +683,11 @@ class HessianOperator(_ModelOperator):
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
         micro_batch_size: int | None = None,
+        hvp: str = "exact",
     ) -> None:
         make_loss_closure(loss_fn, closure)  # exactly one of them, callable
+        if hvp not in ("exact", "finite_difference"):
+            raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
         super().__init__(
             model,
             data,
@@ -639,12 +704,15 @@ class HessianOperator(_ModelOperator):
             compute_dtype=compute_dtype,
             micro_batch_size=micro_batch_size,
         )
+        self.hvp = hvp
+        if hvp == "finite_difference" and self.dtype != self.param_dtype:
+            raise ValueError("hvp='finite_difference' computes in the parameters' dtype: leave compute_dtype unset")
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         def product(batch, V):
             return self._loop_columns(self._loop_graph(batch), V, last_use=not self.cache_graph)
 
-        return self._accumulate(product, v.unsqueeze(1)).squeeze(1)
+        return self._product(product, v.unsqueeze(1)).squeeze(1)
 
     def _vmap_graph(self, batch):
         # Double backward with the columns batched: the pullback of the gradient

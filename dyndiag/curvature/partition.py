@@ -72,6 +72,8 @@ def resolve_blocks(op: object, blocks: object) -> list[Block]:
             "blocks= needs an operator over named model parameters (HessianOperator, GGNOperator "
             f"or a PreconditionedOperator of one), got {type(op).__name__}"
         )
+    if getattr(op, "shards", None) is not None:
+        raise ValueError("blocks= is not supported on an FSDP-sharded operator (its vectors are local shards)")
     names = list(names)
     if isinstance(blocks, str):
         if blocks not in MODES:

@@ -5,6 +5,12 @@ seeded with the estimator's ``seed``, so results are reproducible for a seed, th
 same on every device, and the global RNG states (torch, CUDA, numpy, python) are
 never touched. Probes are drawn one probe at a time (row by row of a ``(k, dim)``
 draw), so Rademacher blocks drawn in chunks equal one block drawn at once.
+
+Operators of FSDP-sharded models (``op.shards`` set, :mod:`dyndiag.curvature.sharded`)
+hold only this rank's entries of every vector: estimators take inner products,
+norms, QR and SVD through :func:`inner`, :func:`column_norms`, :func:`orthonormal`
+and :func:`thin_svd`, which reduce over the ranks, and draw probes with
+``shards=``, which keeps this rank's entries of the single-process draw.
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ __all__ = [
     "make_generator",
     "rademacher",
     "gaussian",
+    "shards_of",
+    "full_dim",
+    "reduce",
+    "inner",
+    "column_norms",
+    "orthonormal",
+    "thin_svd",
 ]
 
 
@@ -78,20 +91,98 @@ def make_generator(seed: int) -> torch.Generator:
 
 
 def rademacher(
-    gen: torch.Generator, dim: int, k: int, dtype: torch.dtype, device: torch.device
+    gen: torch.Generator, dim: int, k: int, dtype: torch.dtype, device: torch.device, *, shards=None
 ) -> torch.Tensor:
     """``(dim, k)`` block of independent +-1 entries, in ``dtype`` on ``device``.
 
     Drawn on the CPU as int8 (one byte per entry) and moved before the cast, so a
-    GPU operator receives a quarter of the bytes of a float32 block.
+    GPU operator receives a quarter of the bytes of a float32 block. With
+    ``shards`` (a sharded operator's layout), every probe is drawn whole, one at a
+    time (int8 draws row by row equal one block), and this rank keeps its entries:
+    the union over ranks is the single-process block for the same generator.
     """
-    bits = torch.randint(0, 2, (k, dim), generator=gen, dtype=torch.int8)
+    if shards is None:
+        bits = torch.randint(0, 2, (k, dim), generator=gen, dtype=torch.int8)
+    else:
+        rows = [shards.take(torch.randint(0, 2, (shards.full_dim,), generator=gen, dtype=torch.int8)) for _ in range(k)]
+        bits = torch.stack(rows) if rows else torch.empty(0, shards.dim, dtype=torch.int8)
     return bits.T.to(device=device).to(dtype).mul_(2).sub_(1).contiguous()
 
 
 def gaussian(
-    gen: torch.Generator, dim: int, k: int, dtype: torch.dtype, device: torch.device
+    gen: torch.Generator, dim: int, k: int, dtype: torch.dtype, device: torch.device, *, shards=None
 ) -> torch.Tensor:
-    """``(dim, k)`` block of standard normal entries (drawn in float64), in ``dtype`` on ``device``."""
-    z = torch.randn((k, dim), generator=gen, dtype=torch.float64)
+    """``(dim, k)`` block of standard normal entries (drawn in float64), in ``dtype`` on ``device``.
+
+    With ``shards``, the full ``(k, full_dim)`` block is drawn (the few columns of a
+    Lanczos start) and this rank keeps its rows: the single-process block's.
+    """
+    z = torch.randn((k, dim if shards is None else shards.full_dim), generator=gen, dtype=torch.float64)
+    if shards is not None:
+        z = shards.take(z.T).T
     return z.T.to(device=device, dtype=dtype).contiguous()
+
+
+# -- reductions: the operator's vectors may be split over ranks ----------------
+def shards_of(op: object):
+    """The layout of a sharded operator's vectors (``op.shards``), else ``None``."""
+    return getattr(op, "shards", None)
+
+
+def full_dim(op: object) -> int:
+    """The length of the operator's full vectors: ``op.dim``, or the sum over ranks."""
+    shards = shards_of(op)
+    return op.dim if shards is None else shards.full_dim  # type: ignore[attr-defined]
+
+
+def reduce(op: object, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (this rank's part of sums over the operator's vector entries) summed
+    over ranks when the operator is sharded; ``t`` itself otherwise."""
+    shards = shards_of(op)
+    return t if shards is None else shards.reduce(t)
+
+
+def inner(op: object, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A^T B`` of two blocks of the operator's vectors, summed over ranks when sharded."""
+    return reduce(op, A.T @ B)
+
+
+def column_norms(op: object, W: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Euclidean norms of the vectors along ``dim`` of ``W`` (reduced over ranks when sharded)."""
+    shards = shards_of(op)
+    if shards is None:
+        return torch.linalg.vector_norm(W, dim=dim)
+    return shards.reduce((W * W).sum(dim)).sqrt()
+
+
+def _tsqr(shards, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall block split by rows over ranks (TSQR): the local QR's
+    ``R`` factors are gathered (``k x k`` each) and factored once more, so ``Q``
+    stays local and as orthonormal as a single-process QR."""
+    import torch.distributed as dist
+
+    k = W.shape[1]
+    Q1, R1 = torch.linalg.qr(W)
+    R = W.new_zeros(k, k)
+    R[: R1.shape[0]] = R1
+    Rs = [torch.empty_like(R) for _ in range(shards.world)]
+    dist.all_gather(Rs, R, group=shards.group)
+    Q2, R = torch.linalg.qr(torch.cat(Rs))
+    return Q1 @ Q2[shards.rank * k : shards.rank * k + R1.shape[0]], R
+
+
+def orthonormal(op: object, W: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``Q`` of the columns of ``W`` (thin QR, ``(dim, k)``)."""
+    shards = shards_of(op)
+    return torch.linalg.qr(W).Q if shards is None else _tsqr(shards, W)[0]
+
+
+def thin_svd(op: object, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, Vh`` of ``W`` (``full_matrices=False``); by TSQR then the ``k x k``
+    SVD of ``R`` when the operator is sharded."""
+    shards = shards_of(op)
+    if shards is None:
+        return torch.linalg.svd(W, full_matrices=False)
+    Q, R = _tsqr(shards, W)
+    U, S, Vh = torch.linalg.svd(R)
+    return Q @ U, S, Vh

@@ -183,9 +183,12 @@ class StepContext:
         or ``run.gradient_fn()`` when the run gives one."""
         if self.run.gradient_fn is not None:
             return self.run.gradient_fn()
-        # torch.cat allocates a new tensor: it is already a copy.
+        from ..curvature.sharded import local
+
+        # torch.cat allocates a new tensor: it is already a copy. FSDP's DTensor
+        # gradients give their local shards, the layout of a sharded operator's vectors.
         grads = zip(self.params, self.grads)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in grads])
+        return torch.cat([(torch.zeros_like(local(p)) if g is None else local(g)).reshape(-1) for p, g in grads])
 
     @property
     def norms_before_clip(self) -> list[torch.Tensor | None] | None:
@@ -265,12 +268,13 @@ class StepContext:
         """
         from ..curvature.lanczos import eigenvalues
         from ..curvature.results import EigenResult
+        from ..curvature.vectors import full_dim
 
         key = (float(tol), int(seed))
         res = self._eigen.get(key)
         if res is None or res.values.numel() < k or (vectors and res.vectors is None):
             needs = [n for n in (p.eigen_need() for p in self.due) if n is not None and (float(n[1]), int(n[2])) == key]
-            want_k = min(max([k] + [n[0] for n in needs]), self.hessian.dim - 1)
+            want_k = min(max([k] + [n[0] for n in needs]), full_dim(self.hessian) - 1)  # same on every FSDP rank
             want_v = vectors or any(n[3] for n in needs)
             res = eigenvalues(self.hessian, k=max(want_k, k), which="LA", tol=tol, seed=seed, return_vectors=want_v)
             self._eigen[key] = res

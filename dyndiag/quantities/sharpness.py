@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..curvature.vectors import check_int, check_operator, multiply
+from ..curvature.vectors import check_int, check_operator, column_norms, full_dim, inner, multiply, orthonormal, reduce
 from ..curvature.base import CurvatureOperator
 from ..curvature.lanczos import eigenvalues
 from ..curvature.preconditioned import PreconditionedOperator
@@ -36,8 +36,8 @@ def _check_vector(v: object, name: str, dim: int, dtype: torch.dtype, device: to
     return v.detach().to(device)
 
 
-def _unit(v: torch.Tensor, name: str) -> torch.Tensor:
-    norm = torch.linalg.vector_norm(v)
+def _unit(op: object, v: torch.Tensor, name: str) -> torch.Tensor:
+    norm = column_norms(op, v)  # over every rank's entries when op is sharded (FSDP)
     if float(norm) == 0.0:
         raise ValueError(f"{name} must be non-zero")
     return v / norm
@@ -61,12 +61,12 @@ def directional_sharpness(op: object, direction: torch.Tensor) -> float:
         of ``op``. Independent of the length of ``d``.
     """
     dim, dtype, device = check_operator(op)
-    u = _unit(_check_vector(direction, "direction", dim, dtype, device), "direction")
-    return float(u @ multiply(op, u[:, None])[:, 0])
+    u = _unit(op, _check_vector(direction, "direction", dim, dtype, device), "direction")
+    return float(reduce(op, u @ multiply(op, u[:, None])[:, 0]))
 
 
 def _top_eigenvalue(op: CurvatureOperator, tol: float, seed: int) -> float:
-    if op.dim == 1:
+    if full_dim(op) == 1:
         return float(multiply(op, torch.ones(1, 1, dtype=op.dtype, device=op.device))[0, 0])
     return float(eigenvalues(op, k=1, which="LA", tol=tol, seed=seed).values[0])
 
@@ -367,13 +367,13 @@ def subspace_overlap(
     """
     dim, dtype, device = check_operator(op)
     k = check_int(k, "k")
-    if not 1 <= k < dim:
+    if not 1 <= k < full_dim(op):
         raise ValueError(f"k must satisfy 1 <= k < op.dim = {dim}, got {k}")
-    u = _unit(_check_vector(vector, "vector", dim, dtype, device), "vector")
+    u = _unit(op, _check_vector(vector, "vector", dim, dtype, device), "vector")
     if eigen is None:
         eigen = eigenvalues(op, k=k, which="LA", tol=tol, seed=seed, return_vectors=True)
     elif eigen.vectors is None or eigen.vectors.dim() != 2 or eigen.vectors.shape[0] != dim or eigen.vectors.shape[1] < k:
         raise ValueError(f"eigen must hold at least k = {k} eigenvectors of the operator (return_vectors=True)")
-    Q = torch.linalg.qr(eigen.vectors[:, :k].to(device)).Q
-    proj = Q.T @ u
+    Q = orthonormal(op, eigen.vectors[:, :k].to(device))
+    proj = inner(op, Q, u)
     return float(min(max(float(proj @ proj), 0.0), 1.0))

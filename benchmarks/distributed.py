@@ -1,0 +1,175 @@
+"""FSDP benchmark: top Hessian eigenvalue of a ~5 M-parameter model on 2 FSDP ranks against one process.
+
+Run from the repository root::
+
+    python benchmarks/distributed.py            # 3 interleaved repeats
+    python benchmarks/distributed.py --quick    # 1 repeat
+
+Model: an MLP 512-768x9-10 with tanh (5.1 M parameters in ten layers of at
+most 0.6 M each, so FSDP's one unsharded layer at a time is a small part of the
+model), float32, on random inputs and labels, 64 samples in all. One process holds the whole model and all 64
+samples; the FSDP run shards the model with ``fully_shard`` (each Linear and the
+root) over 2 gloo ranks on the CPU, each rank holding 32 samples, so both compute
+the same operator. Products by double backward (``hvp="exact"``: parameters
+gathered, FSDP's hooks set aside) and by central differences
+(``hvp="finite_difference"``: FSDP's own sharded forward and backward).
+
+Columns per configuration: the first product (``matvec``, graph built) in
+seconds and the resident memory it raised each process to; then
+``eigenvalues(op, k=1, tol=1e-2, max_matvecs=20)`` in seconds, HVPs, the
+eigenvalue, and the peak resident memory of each process (memory: ``ru_maxrss``
+above the process after building model and data; each configuration runs in
+fresh processes, so its peak is its own; medians over repeats, times the slower
+rank). The Lanczos basis is part of the peak (up to 24 columns here: 0.5 GB in
+one process, half of it per FSDP rank). On a shared CPU the two ranks compete
+for the same cores: times compare the work, not a multi-machine speed-up; memory
+per rank is the figure FSDP is about. The 11x11 landscape column is not measured
+here (no distributed surface on this branch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+N, WIDTHS = 64, (512,) + (768,) * 9 + (10,)
+
+
+def build(seed: int = 0):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(WIDTHS[:-1], WIDTHS[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    model = nn.Sequential(*layers[:-1])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, WIDTHS[0], generator=g)
+    y = torch.randint(0, WIDTHS[-1], (N,), generator=g)
+    return model, x, y
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(model, data, hvp: str) -> dict:
+    """Top-1 eigenvalue of the model's Hessian on ``data``: time, HVPs, value, peak MB."""
+    import torch
+    from torch import nn
+
+    import dyndiag as dd
+
+    # A product on a tiny model first: the autograd engine's and the allocator's
+    # first-use memory would otherwise count as the product's.
+    tiny = nn.Sequential(nn.Linear(data[0].shape[1], 4), nn.Tanh(), nn.Linear(4, WIDTHS[-1]))
+    dd.HessianOperator(tiny, nn.CrossEntropyLoss(), data, hvp=hvp).matvec(torch.ones(sum(p.numel() for p in tiny.parameters())))
+    base = _rss_mb()
+    op = dd.HessianOperator(model, nn.CrossEntropyLoss(), data, hvp=hvp)
+    v = torch.ones(op.dim)
+    t = time.perf_counter()
+    op.matvec(v)
+    product = time.perf_counter() - t
+    product_mb = _rss_mb() - base
+    t = time.perf_counter()
+    res = dd.eigenvalues(op, k=1, tol=1e-2, max_matvecs=20)
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "hvps": res.num_matvecs, "value": float(res.values[0]), "product_s": product,
+            "product_mb": product_mb, "peak_mb": _rss_mb() - base, "dim": op.dim}
+
+
+def _rank(rank: int, world: int, init_file: str, hvp: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, x, y = build()
+        for m in model:
+            if isinstance(m, torch.nn.Linear):
+                fully_shard(m)
+        fully_shard(model)
+        part = slice(rank * N // world, (rank + 1) * N // world)
+        data = (x[part].clone(), y[part].clone())
+        del x, y
+        result = measure(model, data, hvp)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(result, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_one(kind: str, hvp: str) -> list[dict]:
+    """One configuration in this (fresh) process: ``single`` or ``fsdp`` (2 ranks)."""
+    if kind == "single":
+        import torch
+
+        torch.set_num_threads(1)  # the same per-process threads as each FSDP rank
+        model, x, y = build()
+        return [measure(model, (x, y), hvp)]
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result")
+        mp.spawn(_rank, args=(2, os.path.join(tmp, "init"), hvp, out), nprocs=2, join=True)
+        results = []
+        for r in range(2):
+            with open(f"{out}.{r}") as f:
+                results.append(json.load(f))
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--run", nargs=2, metavar=("KIND", "HVP"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_one(*args.run)))
+        return
+    import torch
+
+    repeats = 1 if args.quick else args.repeats
+    configs = [(k, h) for h in ("exact", "finite_difference") for k in ("single", "fsdp")]
+    runs: dict = {c: [] for c in configs}
+    for _ in range(repeats):  # interleaved: drift on a shared machine hits every configuration alike
+        for kind, hvp in configs:
+            proc = subprocess.run([sys.executable, __file__, "--run", kind, hvp], capture_output=True, text=True,
+                                  check=True)
+            runs[(kind, hvp)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"{'config':<26} {'dim/rank':>9} {'HVP s':>6} {'HVP MB/rank':>12} {'top-1 s':>8} {'HVPs':>5} "
+          f"{'eigenvalue':>11} {'peak MB/rank':>13}")
+
+    def per_rank(rs, key):
+        return "/".join(f"{statistics.median(rep[i][key] for rep in rs):.0f}" for i in range(len(rs[0])))
+
+    for (kind, hvp), rs in runs.items():
+        seconds = statistics.median(max(r["seconds"] for r in rep) for rep in rs)
+        product = statistics.median(max(r["product_s"] for r in rep) for rep in rs)
+        first = rs[0][0]
+        print(f"{kind + ' ' + hvp:<26} {first['dim']:>9} {product:>6.2f} {per_rank(rs, 'product_mb'):>12} "
+              f"{seconds:>8.2f} {first['hvps']:>5} {first['value']:>11.5g} {per_rank(rs, 'peak_mb'):>13}")
+    for hvp in ("exact", "finite_difference"):
+        single = statistics.median(rep[0]["peak_mb"] for rep in runs[("single", hvp)])
+        sharded = statistics.median(max(r["peak_mb"] for r in rep) for rep in runs[("fsdp", hvp)])
+        print(f"{hvp}: FSDP peak per rank / single-process peak = {sharded / max(single, 1e-9):.2f}")
+    print(f"command: python benchmarks/distributed.py --repeats {repeats}; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, one thread per process")
+
+
+if __name__ == "__main__":
+    main()

@@ -37,8 +37,14 @@ PROBE_DATA = [token_batch(batch=3, length=8, seed=100), token_batch(batch=2, len
 TRAIN = [token_batch(batch=4, length=8, seed=s) for s in range(3)]
 
 
-def _probes():
-    return [P.EdgeOfStability(every=2), P.HessianSpectrum(k=2, trace_matvecs=6, every=2), P.SoftmaxCollapse()]
+SCORING = token_batch(batch=4, length=8, seed=7)
+
+
+def _probes(name: str = "hf_gpt2"):
+    """The issue's probe set: AdamW's preconditioned sharpness, per-block spectra, per-sequence scores, collapse."""
+    forward = None if name == "hf_gpt2" else (lambda m, b: m(b["input_ids"], b["attention_mask"]))
+    return [P.EdgeOfStability(every=2), P.HessianSpectrum(k=2, trace_matvecs=6, every=2, blocks="layer"),
+            P.DataScores(SCORING, every=2, forward=forward), P.SoftmaxCollapse()]
 
 
 def _train(name: str, probes=None, compiled: bool = False):
@@ -74,7 +80,7 @@ def _train(name: str, probes=None, compiled: bool = False):
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_plain_loop_is_bit_identical_with_a_monitor_and_records_token_weighted_curvature(name, compiled):
-    got, df, frames = _train(name, _probes(), compiled)
+    got, df, frames = _train(name, _probes(name), compiled)
     rng = torch.get_rng_state()
     ref, _, frames_ref = _train(name, None, compiled)
     assert torch.equal(rng, torch.get_rng_state())
@@ -86,10 +92,13 @@ def test_plain_loop_is_bit_identical_with_a_monitor_and_records_token_weighted_c
     assert df.value.notna().all()
     metrics = set(zip(df.probe, df.metric))
     assert {("edge_of_stability", m) for m in ("sharpness", "preconditioned_sharpness", "threshold", "loss")} <= metrics
-    assert {("hessian_spectrum", "eigenvalue"), ("hessian_spectrum", "trace"),
+    assert {("hessian_spectrum", "eigenvalue_0"), ("hessian_spectrum", "trace"),
             ("softmax_collapse", "collapsed_fraction")} <= metrics
+    prefix = "transformer." if name == "hf_gpt2" else ""
+    assert {prefix + "h.0", prefix + "h.1"} <= set(df[df.metric == "eigenvalue_0"].key)
     assert sorted(set(df[df.probe == "edge_of_stability"].step)) == [0, 2]
     assert sorted(set(df[df.probe == "hessian_spectrum"].step)) == [0, 2]
+    assert sorted(set(df[df.probe == "data_scores"].step)) == [0, 2]
     assert sorted(set(df[df.probe == "softmax_collapse"].step)) == [0, 1, 2]
 
     # Step 0 is the initial model: the probe loss is the token-weighted mean over the two
@@ -199,7 +208,8 @@ def test_hugging_face_trainer_on_gpt2_is_bit_identical_with_the_callback_and_rec
     # The Trainer's AdamW: two param groups (decay, no decay), one row of each per step.
     assert set(eos[eos.metric == "preconditioned_sharpness"].key) == {"0", "1"}
     assert sorted(set(df[df.metric == "collapsed_fraction"].step)) == [0, 1, 2]
-    assert set(df[(df.probe == "hessian_spectrum") & (df.metric == "eigenvalue")].key) == {"0", "1"}
+    assert {"transformer.h.0", "transformer.h.1"} <= set(df[(df.probe == "hessian_spectrum")].key)
+    assert sorted(set(df[df.probe == "data_scores"].step)) == [0, 2]
     # Step 0's probe loss: the initial model (dropout off) on the first four examples.
     batch = cb.monitor.run.probe_data
     assert torch.equal(batch["labels"], Tokens().labels[:4])

@@ -104,3 +104,6 @@ def test_bad_arguments():
         dd.HessianOperator(tanh_mlp(), CE, (x, y), hvp="forward")
     with pytest.raises(ValueError, match="compute_dtype"):
         dd.HessianOperator(tanh_mlp(), CE, (x, y), hvp="finite_difference", compute_dtype=torch.float32)
+    # "auto" is exact on a model that is not FSDP-sharded, whatever its dtype.
+    assert dd.HessianOperator(tanh_mlp(), CE, (x, y)).hvp == "exact"
+    assert dd.HessianOperator(tanh_mlp(), CE, (x, y), compute_dtype=torch.float32).hvp == "exact"

@@ -61,6 +61,7 @@ def _operators(rank: int) -> dict:
     for hvp, tol in (("exact", 1e-10), ("finite_difference", 1e-8)):  # the accuracy of each
         op = dd.HessianOperator(model, CE, data, hvp=hvp)
         out[hvp] = dict(_results(op, tol), index=op.shards.index, dim=op.dim)
+    out["auto"] = dd.HessianOperator(model, CE, data).hvp
     ggn = dd.GGNOperator(model, CE, data)
     out["GGNv"] = ggn.matvec(ggn.shards.take(_full_v()))
     out["refused"] = [
@@ -111,6 +112,7 @@ def test_two_fsdp_ranks_see_the_operator_of_the_union(tmp_path):
     assert (got - ggn).norm() <= 1e-10 * ggn.norm()
     assert "FSDP" in r0["refused"][0] and "at=" in r0["refused"][1]
     assert r0["unchanged"] and r1["unchanged"]
+    assert r0["auto"] == r1["auto"] == "finite_difference"  # nothing full-size gathered by default
     for r in (r0, r1):
         kept, fresh = r["after_step"]
         assert torch.equal(kept, fresh)

@@ -629,7 +629,10 @@ class HessianOperator(_ModelOperator):
         the float32 model with the same (rounded) weights. Autocast regions inside
         the model still apply.
     hvp:
-        ``"exact"`` (default): products by double backward, as above.
+        ``"auto"`` (default): ``"finite_difference"`` on an FSDP-sharded model
+        computing in its parameters' dtype (no full-size vector or parameter is
+        ever gathered), ``"exact"`` everywhere else.
+        ``"exact"``: products by double backward, as above.
         ``"finite_difference"``: central differences of two gradients per column,
         each computed by the model's ordinary forward and ``backward()`` (FSDP's
         sharded ones on an FSDP model), for models without a double backward;
@@ -683,11 +686,11 @@ class HessianOperator(_ModelOperator):
         at: Sequence[torch.Tensor] | None = None,
         compute_dtype: torch.dtype | None = None,
         micro_batch_size: int | None = None,
-        hvp: str = "exact",
+        hvp: str = "auto",
     ) -> None:
         make_loss_closure(loss_fn, closure)  # exactly one of them, callable
-        if hvp not in ("exact", "finite_difference"):
-            raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
+        if hvp not in ("auto", "exact", "finite_difference"):
+            raise ValueError(f"hvp must be 'auto', 'exact' or 'finite_difference', got {hvp!r}")
         super().__init__(
             model,
             data,
@@ -704,6 +707,11 @@ class HessianOperator(_ModelOperator):
             compute_dtype=compute_dtype,
             micro_batch_size=micro_batch_size,
         )
+        if hvp == "auto":
+            # Sharded models are sharded because they do not fit on one device: by default
+            # nothing of full size is gathered there.
+            sharded = self.shards is not None and self.dtype == self.param_dtype
+            hvp = "finite_difference" if sharded else "exact"
         self.hvp = hvp
         if hvp == "finite_difference" and self.dtype != self.param_dtype:
             raise ValueError("hvp='finite_difference' computes in the parameters' dtype: leave compute_dtype unset")

@@ -78,7 +78,7 @@ from ..data import (
 from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params, unwrap
 from ..state import rng_state, set_rng_state
 from .base import CurvatureOperator
-from .blocks import AUTO_CPU_CHUNK, auto_chunk, cpu_chunk, race, remembered
+from .blocks import AUTO_CPU_CHUNK, VMAP_BYTES_PER_SAVED_BYTE, auto_chunk, cpu_chunk, race, remembered
 from .loss_hessian import loss_hessian
 
 __all__ = ["HessianOperator", "GGNOperator"]
@@ -301,6 +301,13 @@ class _ModelOperator(CurvatureOperator):
             t.reshape(k, *s) for t, s in zip(torch.split(V, self._numels, dim=1), self._shapes)
         )
 
+    def _place(self, positions: Sequence[int], parts: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """``parts`` of the parameters at ``positions`` -> one entry per parameter (``None`` elsewhere)."""
+        full: list[torch.Tensor | None] = [None] * len(self._numels)
+        for i, p in zip(positions, parts):
+            full[i] = p
+        return full
+
     def _join(self, parts: Sequence[torch.Tensor | None], k: int) -> torch.Tensor:
         """Per-parameter ``(k, *shape)`` tensors -> ``(k, dim)``; ``None`` (a parameter
         with no path to the loss) is a block of zeros."""
@@ -369,6 +376,116 @@ class _ModelOperator(CurvatureOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self._accumulate(self._batch_matmat, V)
+
+    def block_matmat(self, X: torch.Tensor, blocks: Sequence[tuple[Sequence[str], int]]) -> torch.Tensor:
+        """Products of diagonal blocks of the operator, all of them in one pass over the data.
+
+        ``X``: ``(dim, k)``, its columns in consecutive groups, one per ``(names,
+        width)`` of ``blocks``: ``width`` columns of the diagonal block ``H_bb`` of the
+        parameters ``names`` (a subset of :attr:`names`; blocks may overlap). Returns
+        ``(dim, k)``: each group's columns multiplied by its block, ``H_bb X_b`` on the
+        block's rows, zeros on the others (a group's rows outside its block are not
+        read). Counts ``k`` products.
+
+        On every batch the forward (and the Hessian's first backward) is shared by
+        all blocks, and each block differentiates only toward its own parameters, so
+        a block's column costs what it costs on an operator of the block's parameters
+        alone (the GGN's ``J v`` runs a forward per block: forward mode carries
+        the primal). Columns are batched or looped as ``backend`` says, in chunks of
+        ``max_batch_vectors``.
+        """
+        X = self._check_vectors(X, "X", ndim=2)
+        groups = self._groups(blocks, X.shape[1])
+        if X.shape[1] == 0:
+            return torch.empty_like(X)
+        out = self._accumulate(lambda batch, V: self._batch_blocks(batch, V, groups), X)
+        self._counted(X.shape[1])
+        return out
+
+    def _groups(self, blocks: object, k: int) -> list[tuple[list[int], torch.Tensor, slice]]:
+        """``blocks`` of :meth:`block_matmat` as ``(parameter positions, row index, columns)``."""
+        position = {n: i for i, n in enumerate(self.names)}
+        offsets = np.cumsum([0, *self._numels]).tolist()
+        groups, start = [], 0
+        for entry in blocks:  # type: ignore[attr-defined]
+            names, width = entry
+            names = [names] if isinstance(names, str) else list(names)
+            unknown = [n for n in names if n not in position]
+            if not names or unknown:
+                raise ValueError(f"blocks: {unknown[:3] or names} are not the names of some of the operator's parameters")
+            if not isinstance(width, int) or isinstance(width, bool) or width < 0:
+                raise ValueError(f"blocks: widths must be non-negative ints, got {width!r}")
+            positions = sorted({position[n] for n in names})
+            index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in positions]).to(self.device)
+            groups.append((positions, index, slice(start, start + width)))
+            start += width
+        if start != k:
+            raise ValueError(f"blocks: widths add up to {start} columns, X has {k}")
+        return groups
+
+    def _batch_blocks(self, batch, X: torch.Tensor, groups: list) -> torch.Tensor:
+        """:meth:`block_matmat` on one batch: one graph (the loop's) for every block."""
+        graph = self._loop_graph(batch)
+        out = torch.zeros_like(X)
+        step = self._block_step(batch, max(cols.stop - cols.start for _, _, cols in groups))
+        for positions, index, cols in groups:
+            for start in range(cols.start, cols.stop, step):
+                c = slice(start, min(start + step, cols.stop))
+                V = torch.zeros_like(X[:, c])
+                V[index] = X[index, c]
+                out[index, c] = self._block_chunk(batch, graph, V, positions)[index]
+        return out
+
+    def _block_step(self, batch, widest: int) -> int:
+        """Columns of one block multiplied together: ``max_batch_vectors``; ``"auto"``
+        resolved from the bytes a forward saves (a batched column holds a few times
+        that), as the full products resolve it off CUDA."""
+        if self.max_batch_vectors != "auto":
+            return self.max_batch_vectors
+        if self.backend == "loop" or widest <= 1:
+            return AUTO_CPU_CHUNK
+        saved = self._saved_bytes(batch)
+        if _is_cuda(self.device):
+            self.max_batch_vectors = auto_chunk(VMAP_BYTES_PER_SAVED_BYTE * saved, _cuda_free(self.device))
+        else:
+            self.max_batch_vectors = cpu_chunk(saved)
+        return self.max_batch_vectors
+
+    def _block_chunk(self, batch, graph, V: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """The block of the parameters at ``positions`` times ``V`` (zero off the
+        block's rows) on ``graph``: batched or column by column, chosen as :meth:`_chunk`
+        chooses (raced on the CPU per block and width)."""
+        width = V.shape[1]
+
+        def columns(batched: bool) -> Callable:
+            return lambda g, W: self._block_columns(g, W, positions, batched)
+
+        def loop() -> torch.Tensor:
+            return columns(False)(graph, V)
+
+        def batched() -> torch.Tensor:
+            return columns(True)(graph, V)
+
+        if self.backend == "loop" or (self.backend == "auto" and (width == 1 or self._vmap_failed)):
+            return loop()
+        if self.backend == "vmap" or _is_cuda(self.device):
+            return self._vmap_or_fallback(batch, V, batched, loop)
+        key = ("blocks", type(self).__name__, tuple(zip(self.names, self._shapes)), tuple(positions), self.dtype,
+               self.cache_graph, width, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
+        backend = remembered(key)
+        if backend is None:
+            def run() -> torch.Tensor:
+                return race(key, V, (lambda: graph, columns(True)), (lambda: graph, columns(False)),
+                            graph_is_reused=True)[0]
+
+            return self._vmap_or_fallback(batch, V, run, loop)
+        return self._vmap_or_fallback(batch, V, batched, loop) if backend == "vmap" else loop()
+
+    def _block_columns(self, graph, V: torch.Tensor, positions: list[int], batched: bool) -> torch.Tensor:  # pragma: no cover - abstract
+        """``(dim, w)``: the rows of the parameters at ``positions`` of ``H V`` for ``V``
+        zero off those rows, on a graph from :meth:`_loop_graph`, differentiating
+        toward those parameters alone; columns ``batched`` or one at a time."""
+        raise NotImplementedError
 
     def _batch_matmat(self, batch, V: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(V)
@@ -443,9 +560,12 @@ class _ModelOperator(CurvatureOperator):
         self.block_backends[width] = backend
         return self._vmap_or_fallback(batch, V) if backend == "vmap" else self._loop_chunk(batch, V)
 
-    def _vmap_or_fallback(self, batch, V: torch.Tensor, run: Callable | None = None) -> torch.Tensor:
+    def _vmap_or_fallback(
+        self, batch, V: torch.Tensor, run: Callable | None = None, loop: Callable | None = None
+    ) -> torch.Tensor:
         """``run()`` (default: vmap on ``V``), or with ``backend="auto"`` the loop
-        with one warning when vmap fails for this model."""
+        (``loop()``, default: the loop on ``V``) with one warning when vmap fails for
+        this model."""
         try:
             return run() if run is not None else self._vmap_chunk(batch, V)
         except (ValueError, TypeError):
@@ -462,7 +582,7 @@ class _ModelOperator(CurvatureOperator):
             )
         self._vmap_failed = True
         self.block_backends[V.shape[1]] = "loop"
-        return self._loop_chunk(batch, V)
+        return loop() if loop is not None else self._loop_chunk(batch, V)
 
     def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         return self._loop_columns(self._loop_graph(batch), V)
@@ -663,7 +783,7 @@ class HessianOperator(_ModelOperator):
         g = torch.autograd.grad(self._loss(leaves, batch), leaves, create_graph=True, allow_unused=True)
         # Parameters that do not reach the loss, or reach it only linearly, have no
         # second-order graph: their rows of H are zero.
-        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        live = {i for i, gi in enumerate(g) if gi is not None and gi.requires_grad}
         return leaves, g, live
 
     def _loop_graph(self, batch):
@@ -672,16 +792,32 @@ class HessianOperator(_ModelOperator):
     def _loop_columns(self, graph, V: torch.Tensor, last_use: bool = False) -> torch.Tensor:
         """``last_use``: nothing multiplies on ``graph`` after these columns, so the
         last one frees it as it goes (a lower peak than keeping it whole)."""
+        return self._block_columns(graph, V, range(len(self.params)), batched=False, last_use=last_use)
+
+    def _block_columns(
+        self, graph, V: torch.Tensor, positions: Sequence[int], batched: bool, last_use: bool = False
+    ) -> torch.Tensor:
+        # d/dθ_b <g_b, v_b> = H_bb v_b: only the gradients of the block's parameters are
+        # pulled back, only toward them, so autograd leaves out every other parameter's
+        # weight-gradient work and the first backward's nodes that do not reach g_b.
         leaves, g, live = graph
-        out = torch.zeros_like(V)
+        outs = [i for i in positions if i in live]
+        inputs = [leaves[i] for i in positions]
         rows = self._split(V.T)
         k = V.shape[1]
-        for j in range(k if live else 0):
+        if not outs:
+            return torch.zeros_like(V)
+        if batched:  # the pullback vmapped over the columns by autograd
+            parts = torch.autograd.grad([g[i] for i in outs], inputs, [rows[i] for i in outs],
+                                        retain_graph=not last_use, allow_unused=True, is_grads_batched=True)
+            return self._join(self._place(positions, parts), k).T
+        out = torch.zeros_like(V)
+        for j in range(k):
             parts = torch.autograd.grad(
-                [g[i] for i in live], leaves, [rows[i][j] for i in live], retain_graph=not (last_use and j == k - 1),
+                [g[i] for i in outs], inputs, [rows[i][j] for i in outs], retain_graph=not (last_use and j == k - 1),
                 allow_unused=True,
             )
-            out[:, j] = self._join(parts, 1)[0]
+            out[:, j] = self._join(self._place(positions, parts), 1)[0]
         return out
 
 
@@ -774,15 +910,21 @@ class GGNOperator(_ModelOperator):
     def _loop_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
         return self._columns(batch, V, batched=False)
 
-    def _columns(self, batch, V: torch.Tensor, batched: bool) -> torch.Tensor:
-        """``G V`` on one batch, columns batched by vmap or one at a time."""
+    def _block_columns(self, batch, V: torch.Tensor, positions: list[int], batched: bool) -> torch.Tensor:
+        return self._columns(batch, V, batched, positions)
+
+    def _columns(self, batch, V: torch.Tensor, batched: bool, positions: Sequence[int] | None = None) -> torch.Tensor:
+        """``G V`` on one batch, columns batched by vmap or one at a time; with
+        ``positions`` (``V`` zero off those parameters' rows) forward mode carries
+        tangents of those parameters only and pulls back toward them only (their rows
+        of ``G V``, zeros elsewhere); reverse mode multiplies the whole ``V``."""
         tangents = self._split(V.T)
         if self._forward_mode:
             try:
                 if batched:
-                    return self._forward_mode_products(batch, tangents, batched=True)
+                    return self._forward_mode_products(batch, tangents, True, positions)
                 return torch.stack(
-                    [self._forward_mode_products(batch, tuple(t[j] for t in tangents), batched=False)
+                    [self._forward_mode_products(batch, tuple(t[j] for t in tangents), False, positions)
                      for j in range(V.shape[1])], dim=1,
                 )
             except RuntimeError as err:
@@ -804,14 +946,27 @@ class GGNOperator(_ModelOperator):
             return self._join(vmap(column)(tangents), V.shape[1]).T
         return torch.stack([self._join(column(tuple(t[j] for t in tangents)), 1)[0] for j in range(V.shape[1])], 1)
 
-    def _forward_mode_products(self, batch, tangents: tuple[torch.Tensor, ...], batched: bool) -> torch.Tensor:
+    def _forward_mode_products(
+        self, batch, tangents: tuple[torch.Tensor, ...], batched: bool, positions: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """``G V`` for per-parameter tangents: ``(k, *shape)`` each with ``batched`` (one
         forward with the ``k`` tangents batched by vmap, one batched backward; returns
-        ``(dim, k)``), else one column's ``(*shape)`` (returns ``(dim,)``)."""
-        leaves = tuple(self._leaves())
+        ``(dim, k)``), else one column's ``(*shape)`` (returns ``(dim,)``). With
+        ``positions`` only those parameters carry tangents and receive ``J^T`` (the
+        others enter as constants), giving their rows of ``G V`` and zeros elsewhere."""
+        values = self._values()
+        positions = range(len(values)) if positions is None else positions
+        leaves = tuple(values[i].requires_grad_(True) for i in positions)
+        tangents = tuple(tangents[i] for i in positions)
+
+        def call(block):
+            tensors = list(values)
+            for i, t in zip(positions, block):
+                tensors[i] = t
+            return self._call(tensors, batch)
 
         def forward(t):
-            return jvp(lambda tensors: self._call(tensors, batch), (leaves,), (t,))
+            return jvp(call, (leaves,), (t,))
 
         with warnings.catch_warnings():
             # torch loads its forward-mode decompositions on first use through the
@@ -822,7 +977,8 @@ class GGNOperator(_ModelOperator):
         # The tangents' own graph (J depends on the parameters) is not differentiated.
         hjv = (vmap(loss_hessian_) if batched else loss_hessian_)(jv.detach())
         del jv
-        parts = torch.autograd.grad(outputs, leaves, hjv, is_grads_batched=batched, allow_unused=True)
+        parts = self._place(positions, torch.autograd.grad(outputs, leaves, hjv, is_grads_batched=batched,
+                                                           allow_unused=True))
         return self._join(parts, tangents[0].shape[0]).T if batched else self._join(parts, 1)[0]
 
     def _loss_hessian(self, outputs: torch.Tensor, batch) -> Callable[[torch.Tensor], torch.Tensor]:

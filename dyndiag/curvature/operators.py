@@ -424,25 +424,30 @@ class _ModelOperator(CurvatureOperator):
         return groups
 
     def _batch_blocks(self, batch, X: torch.Tensor, groups: list) -> torch.Tensor:
-        """:meth:`block_matmat` on one batch: one graph (the loop's) for every block."""
+        """:meth:`block_matmat` on one batch: one graph (the loop's) for every block,
+        the columns in chunks of ``max_batch_vectors`` whichever blocks they belong to."""
         graph = self._loop_graph(batch)
-        out = torch.zeros_like(X)
-        step = self._block_step(batch, max(cols.stop - cols.start for _, _, cols in groups))
-        for positions, index, cols in groups:
-            for start in range(cols.start, cols.stop, step):
-                c = slice(start, min(start + step, cols.stop))
-                V = torch.zeros_like(X[:, c])
-                V[index] = X[index, c]
-                out[index, c] = self._block_chunk(batch, graph, V, positions)[index]
-        return out
+        V = torch.zeros_like(X)  # each group's columns on its block's rows alone
+        for _, index, cols in groups:
+            V[index, cols] = X[index, cols]
+        k = X.shape[1]
+        step = self._block_step(batch, k)
+        out = torch.empty_like(X)
+        layout = [(positions, cols) for positions, _, cols in groups]
+        for start in range(0, k, step):
+            stop = min(start + step, k)
+            out[:, start:stop] = self._block_chunk(batch, graph, V[:, start:stop], _columns_in(layout, start, stop))
+        result = torch.zeros_like(X)  # the block rows alone (reverse-mode GGN products fill every row)
+        for _, index, cols in groups:
+            result[index, cols] = out[index, cols]
+        return result
 
-    def _block_step(self, batch, widest: int) -> int:
-        """Columns of one block multiplied together: ``max_batch_vectors``; ``"auto"``
-        resolved from the bytes a forward saves (a batched column holds a few times
-        that), as the full products resolve it off CUDA."""
+    def _block_step(self, batch, k: int) -> int:
+        """Columns multiplied together: ``max_batch_vectors``; ``"auto"`` resolved
+        from the bytes a forward saves (a batched column holds a few times that)."""
         if self.max_batch_vectors != "auto":
             return self.max_batch_vectors
-        if self.backend == "loop" or widest <= 1:
+        if self.backend == "loop" or k <= 1:
             return AUTO_CPU_CHUNK
         saved = self._saved_bytes(batch)
         if _is_cuda(self.device):
@@ -451,14 +456,15 @@ class _ModelOperator(CurvatureOperator):
             self.max_batch_vectors = cpu_chunk(saved)
         return self.max_batch_vectors
 
-    def _block_chunk(self, batch, graph, V: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """The block of the parameters at ``positions`` times ``V`` (zero off the
-        block's rows) on ``graph``: batched or column by column, chosen as :meth:`_chunk`
-        chooses (raced on the CPU per block and width)."""
+    def _block_chunk(self, batch, graph, V: torch.Tensor, groups: list[tuple[list[int], slice]]) -> torch.Tensor:
+        """``V``'s columns times their blocks on ``graph``: ``groups`` holds each block's
+        parameter positions and columns of ``V`` (zero off the block's rows). Batched
+        or column by column, chosen as :meth:`_chunk` chooses (raced on the CPU for
+        each layout of blocks and widths)."""
         width = V.shape[1]
 
         def columns(batched: bool) -> Callable:
-            return lambda g, W: self._block_columns(g, W, positions, batched)
+            return lambda g, W: self._block_columns(g, W, groups, batched)
 
         def loop() -> torch.Tensor:
             return columns(False)(graph, V)
@@ -470,21 +476,31 @@ class _ModelOperator(CurvatureOperator):
             return loop()
         if self.backend == "vmap" or _is_cuda(self.device):
             return self._vmap_or_fallback(batch, V, batched, loop)
-        key = ("blocks", type(self).__name__, tuple(zip(self.names, self._shapes)), tuple(positions), self.dtype,
-               self.cache_graph, width, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
+        layout = tuple((tuple(p), c.stop - c.start) for p, c in groups)
+        key = ("blocks", type(self).__name__, tuple(zip(self.names, self._shapes)), layout, self.dtype,
+               self.cache_graph, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
         backend = remembered(key)
         if backend is None:
+            done = [0]
+
+            def loop_on(g, W: torch.Tensor) -> torch.Tensor:
+                # The race loops over the first columns, then (if the loop wins) the rest.
+                start, done[0] = done[0], done[0] + W.shape[1]
+                return self._block_columns(g, W, _columns_in(groups, start, done[0]), False)
+
             def run() -> torch.Tensor:
-                return race(key, V, (lambda: graph, columns(True)), (lambda: graph, columns(False)),
-                            graph_is_reused=True)[0]
+                return race(key, V, (lambda: graph, columns(True)), (lambda: graph, loop_on), graph_is_reused=True)[0]
 
             return self._vmap_or_fallback(batch, V, run, loop)
         return self._vmap_or_fallback(batch, V, batched, loop) if backend == "vmap" else loop()
 
-    def _block_columns(self, graph, V: torch.Tensor, positions: list[int], batched: bool) -> torch.Tensor:  # pragma: no cover - abstract
-        """``(dim, w)``: the rows of the parameters at ``positions`` of ``H V`` for ``V``
-        zero off those rows, on a graph from :meth:`_loop_graph`, differentiating
-        toward those parameters alone; columns ``batched`` or one at a time."""
+    def _block_columns(
+        self, graph, V: torch.Tensor, groups: list[tuple[Sequence[int], slice]], batched: bool
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        """``(dim, w)``: each group's columns of ``V`` (zero off the rows of the
+        parameters at its positions) times the diagonal block of those parameters, on
+        a graph from :meth:`_loop_graph`, differentiating toward them alone; its rows
+        (other rows: zero or the full product's); columns ``batched`` or one at a time."""
         raise NotImplementedError
 
     def _batch_matmat(self, batch, V: torch.Tensor) -> torch.Tensor:
@@ -605,6 +621,13 @@ class _ModelOperator(CurvatureOperator):
     def _loop_columns(self, graph: object, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """``H V`` column by column on a graph from :meth:`_loop_graph`."""
         raise NotImplementedError
+
+
+def _columns_in(groups: list[tuple[list[int], slice]], start: int, stop: int) -> list[tuple[list[int], slice]]:
+    """The ``(positions, columns)`` groups that meet columns ``start:stop``, their
+    columns counted from ``start``."""
+    return [(p, slice(max(c.start, start) - start, min(c.stop, stop) - start))
+            for p, c in groups if c.start < stop and c.stop > start]
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -792,32 +815,32 @@ class HessianOperator(_ModelOperator):
     def _loop_columns(self, graph, V: torch.Tensor, last_use: bool = False) -> torch.Tensor:
         """``last_use``: nothing multiplies on ``graph`` after these columns, so the
         last one frees it as it goes (a lower peak than keeping it whole)."""
-        return self._block_columns(graph, V, range(len(self.params)), batched=False, last_use=last_use)
+        return self._block_columns(graph, V, [(range(len(self.params)), slice(0, V.shape[1]))], False, last_use)
 
     def _block_columns(
-        self, graph, V: torch.Tensor, positions: Sequence[int], batched: bool, last_use: bool = False
+        self, graph, V: torch.Tensor, groups: list[tuple[Sequence[int], slice]], batched: bool, last_use: bool = False
     ) -> torch.Tensor:
         # d/dθ_b <g_b, v_b> = H_bb v_b: only the gradients of the block's parameters are
         # pulled back, only toward them, so autograd leaves out every other parameter's
         # weight-gradient work and the first backward's nodes that do not reach g_b.
         leaves, g, live = graph
-        outs = [i for i in positions if i in live]
-        inputs = [leaves[i] for i in positions]
         rows = self._split(V.T)
-        k = V.shape[1]
-        if not outs:
-            return torch.zeros_like(V)
-        if batched:  # the pullback vmapped over the columns by autograd
-            parts = torch.autograd.grad([g[i] for i in outs], inputs, [rows[i] for i in outs],
-                                        retain_graph=not last_use, allow_unused=True, is_grads_batched=True)
-            return self._join(self._place(positions, parts), k).T
         out = torch.zeros_like(V)
-        for j in range(k):
-            parts = torch.autograd.grad(
-                [g[i] for i in outs], inputs, [rows[i][j] for i in outs], retain_graph=not (last_use and j == k - 1),
-                allow_unused=True,
-            )
-            out[:, j] = self._join(self._place(positions, parts), 1)[0]
+        for n, (positions, cols) in enumerate(groups):
+            outs = [i for i in positions if i in live]
+            inputs = [leaves[i] for i in positions]
+            if not outs:
+                continue
+            if batched:  # the pullback vmapped over the columns by autograd
+                parts = torch.autograd.grad([g[i] for i in outs], inputs, [rows[i][cols] for i in outs],
+                                            retain_graph=True, allow_unused=True, is_grads_batched=True)
+                out[:, cols] = self._join(self._place(positions, parts), cols.stop - cols.start).T
+                continue
+            for j in range(cols.start, cols.stop):
+                free = last_use and n == len(groups) - 1 and j == cols.stop - 1
+                parts = torch.autograd.grad([g[i] for i in outs], inputs, [rows[i][j] for i in outs],
+                                            retain_graph=not free, allow_unused=True)
+                out[:, j] = self._join(self._place(positions, parts), 1)[0]
         return out
 
 
@@ -910,23 +933,31 @@ class GGNOperator(_ModelOperator):
     def _loop_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
         return self._columns(batch, V, batched=False)
 
-    def _block_columns(self, batch, V: torch.Tensor, positions: list[int], batched: bool) -> torch.Tensor:
-        return self._columns(batch, V, batched, positions)
+    def _block_columns(self, batch, V: torch.Tensor, groups: list[tuple[Sequence[int], slice]], batched: bool) -> torch.Tensor:
+        return self._columns(batch, V, batched, groups)
 
-    def _columns(self, batch, V: torch.Tensor, batched: bool, positions: Sequence[int] | None = None) -> torch.Tensor:
-        """``G V`` on one batch, columns batched by vmap or one at a time; with
-        ``positions`` (``V`` zero off those parameters' rows) forward mode carries
-        tangents of those parameters only and pulls back toward them only (their rows
-        of ``G V``, zeros elsewhere); reverse mode multiplies the whole ``V``."""
+    def _columns(
+        self, batch, V: torch.Tensor, batched: bool, groups: list[tuple[Sequence[int], slice]] | None = None
+    ) -> torch.Tensor:
+        """``G V`` on one batch, columns batched by vmap or one at a time. ``groups``:
+        ``(parameter positions, columns)`` of diagonal blocks (``V`` zero off each
+        block's rows): forward mode then pulls each block's columns back toward its
+        own parameters only, and a column alone carries tangents of its block's
+        parameters only (their rows of ``G V``, zeros elsewhere); reverse mode
+        multiplies the whole ``V``."""
         tangents = self._split(V.T)
+        k = V.shape[1]
+        groups = [(range(len(self.params)), slice(0, k))] if groups is None else groups
         if self._forward_mode:
             try:
                 if batched:
-                    return self._forward_mode_products(batch, tangents, True, positions)
-                return torch.stack(
-                    [self._forward_mode_products(batch, tuple(t[j] for t in tangents), False, positions)
-                     for j in range(V.shape[1])], dim=1,
-                )
+                    return self._forward_mode_products(batch, tangents, groups)
+                out = torch.zeros_like(V)
+                for positions, cols in groups:
+                    for j in range(cols.start, cols.stop):
+                        column = tuple(t[j : j + 1] for t in tangents)
+                        out[:, j : j + 1] = self._forward_mode_products(batch, column, [(positions, slice(0, 1))])
+                return out
             except RuntimeError as err:
                 if "forward ad" not in str(err).lower() and "jvp" not in str(err).lower():
                     raise
@@ -943,25 +974,24 @@ class GGNOperator(_ModelOperator):
             return pullback(loss_hessian_(jacobian(t)[0]))[0]
 
         if batched:
-            return self._join(vmap(column)(tangents), V.shape[1]).T
-        return torch.stack([self._join(column(tuple(t[j] for t in tangents)), 1)[0] for j in range(V.shape[1])], 1)
+            return self._join(vmap(column)(tangents), k).T
+        return torch.stack([self._join(column(tuple(t[j] for t in tangents)), 1)[0] for j in range(k)], 1)
 
     def _forward_mode_products(
-        self, batch, tangents: tuple[torch.Tensor, ...], batched: bool, positions: Sequence[int] | None = None
+        self, batch, tangents: tuple[torch.Tensor, ...], groups: list[tuple[Sequence[int], slice]]
     ) -> torch.Tensor:
-        """``G V`` for per-parameter tangents: ``(k, *shape)`` each with ``batched`` (one
-        forward with the ``k`` tangents batched by vmap, one batched backward; returns
-        ``(dim, k)``), else one column's ``(*shape)`` (returns ``(dim,)``). With
-        ``positions`` only those parameters carry tangents and receive ``J^T`` (the
-        others enter as constants), giving their rows of ``G V`` and zeros elsewhere."""
+        """``(dim, k)``: ``G V`` for per-parameter tangents ``(k, *shape)``, one forward
+        with the tangents of the parameters of ``groups`` (the others enter as
+        constants), batched by vmap where ``k > 1``; then each group's columns pulled
+        back toward its own parameters (its rows of ``G V``; zeros elsewhere)."""
         values = self._values()
-        positions = range(len(values)) if positions is None else positions
-        leaves = tuple(values[i].requires_grad_(True) for i in positions)
-        tangents = tuple(tangents[i] for i in positions)
+        k = tangents[0].shape[0]
+        dual = sorted({i for positions, _ in groups for i in positions})
+        leaves = tuple(values[i].requires_grad_(True) for i in dual)
 
         def call(block):
             tensors = list(values)
-            for i, t in zip(positions, block):
+            for i, t in zip(dual, block):
                 tensors[i] = t
             return self._call(tensors, batch)
 
@@ -972,14 +1002,24 @@ class GGNOperator(_ModelOperator):
             # torch loads its forward-mode decompositions on first use through the
             # deprecated torch.jit.script: torch's own business, not the caller's.
             warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
-            outputs, jv = vmap(forward, out_dims=(None, 0))(tangents) if batched else forward(tangents)
+            dual_tangents = tuple(tangents[i] for i in dual)
+            if k > 1:
+                outputs, jv = vmap(forward, out_dims=(None, 0))(dual_tangents)
+            else:
+                outputs, jv = forward(tuple(t[0] for t in dual_tangents))
+                jv = jv.unsqueeze(0)
         loss_hessian_ = self._loss_hessian(outputs.detach(), batch)
         # The tangents' own graph (J depends on the parameters) is not differentiated.
-        hjv = (vmap(loss_hessian_) if batched else loss_hessian_)(jv.detach())
+        hjv = (vmap(loss_hessian_) if k > 1 else lambda u: loss_hessian_(u[0]).unsqueeze(0))(jv.detach())
         del jv
-        parts = self._place(positions, torch.autograd.grad(outputs, leaves, hjv, is_grads_batched=batched,
-                                                           allow_unused=True))
-        return self._join(parts, tangents[0].shape[0]).T if batched else self._join(parts, 1)[0]
+        leaf = dict(zip(dual, leaves))
+        out = torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
+        for n, (positions, cols) in enumerate(groups):
+            w = cols.stop - cols.start
+            parts = torch.autograd.grad(outputs, [leaf[i] for i in positions], hjv[cols] if w > 1 else hjv[cols][0],
+                                        is_grads_batched=w > 1, retain_graph=n < len(groups) - 1, allow_unused=True)
+            out[:, cols] = self._join(self._place(positions, parts), w).T
+        return out
 
     def _loss_hessian(self, outputs: torch.Tensor, batch) -> Callable[[torch.Tensor], torch.Tensor]:
         """``u -> H_L u`` at ``outputs``: in closed form where there is one, else by

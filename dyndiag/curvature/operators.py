@@ -461,7 +461,9 @@ class _ModelOperator(CurvatureOperator):
         parameter positions and columns of ``V`` (zero off the block's rows). Batched
         or column by column, chosen as :meth:`_chunk` chooses (raced on the CPU for
         each layout of blocks and widths)."""
-        width = V.shape[1]
+        # Batching helps where it batches columns: those of one block, or for an operator
+        # whose batched pass is shared by all blocks (the GGN's forward), every column.
+        width = V.shape[1] if self._blocks_share_batch else max(c.stop - c.start for _, c in groups)
 
         def columns(batched: bool) -> Callable:
             return lambda g, W: self._block_columns(g, W, groups, batched)
@@ -493,6 +495,9 @@ class _ModelOperator(CurvatureOperator):
 
             return self._vmap_or_fallback(batch, V, run, loop)
         return self._vmap_or_fallback(batch, V, batched, loop) if backend == "vmap" else loop()
+
+    #: Whether a batched block chunk batches the columns of all its blocks together.
+    _blocks_share_batch = False
 
     def _block_columns(
         self, graph, V: torch.Tensor, groups: list[tuple[Sequence[int], slice]], batched: bool
@@ -831,7 +836,7 @@ class HessianOperator(_ModelOperator):
             inputs = [leaves[i] for i in positions]
             if not outs:
                 continue
-            if batched:  # the pullback vmapped over the columns by autograd
+            if batched and cols.stop - cols.start > 1:  # the pullback vmapped over the columns by autograd
                 parts = torch.autograd.grad([g[i] for i in outs], inputs, [rows[i][cols] for i in outs],
                                             retain_graph=True, allow_unused=True, is_grads_batched=True)
                 out[:, cols] = self._join(self._place(positions, parts), cols.stop - cols.start).T
@@ -932,6 +937,8 @@ class GGNOperator(_ModelOperator):
 
     def _loop_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
         return self._columns(batch, V, batched=False)
+
+    _blocks_share_batch = True  # one forward carries every block's tangents
 
     def _block_columns(self, batch, V: torch.Tensor, groups: list[tuple[Sequence[int], slice]], batched: bool) -> torch.Tensor:
         return self._columns(batch, V, batched, groups)

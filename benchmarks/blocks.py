@@ -51,16 +51,16 @@ def closure(model, batch):
 
 
 class Calls:
-    """Counts an operator's product calls (matmat and matvec)."""
+    """Counts an operator's product calls (matmat, matvec and block_matmat)."""
 
     def __init__(self, op):
         self.n = 0
-        for name in ("matmat", "matvec"):
+        for name in ("matmat", "matvec", "block_matmat"):
             inner = getattr(op, name)
 
-            def wrapped(V, inner=inner):
+            def wrapped(*args, inner=inner):
                 self.n += 1
-                return inner(V)
+                return inner(*args)
 
             setattr(op, name, wrapped)
 

@@ -21,6 +21,11 @@ criterion alone. Nothing is differentiated twice through the model, which on a
 language model would hold several logits-sized tensors. ``vmap`` batches the
 columns of a chunk, ``loop`` takes them one at a time.
 
+``block_matmat(X, blocks)`` multiplies columns of several diagonal blocks at once
+(``blocks=`` on the estimators): one gradient graph (Hessian) or one forward (GGN)
+per batch for all blocks, each block's columns differentiated toward its own
+parameters only.
+
 ``backend="auto"`` takes vmap on CUDA and, on the CPU, whichever of the two is
 faster for this operator and chunk width, timed on the first such chunk
 (:mod:`dyndiag.curvature.blocks`; both are exact, ``op.block_backends`` holds the
@@ -387,12 +392,15 @@ class _ModelOperator(CurvatureOperator):
         block's rows, zeros on the others (a group's rows outside its block are not
         read). Counts ``k`` products.
 
-        On every batch the forward (and the Hessian's first backward) is shared by
-        all blocks, and each block differentiates only toward its own parameters, so
-        a block's column costs what it costs on an operator of the block's parameters
-        alone (the GGN's ``J v`` runs a forward per block: forward mode carries
-        the primal). Columns are batched or looped as ``backend`` says, in chunks of
-        ``max_batch_vectors``.
+        On every batch one gradient graph serves all blocks: the Hessian's first
+        backward (kept between products with ``cache_graph``), then for each block
+        the pullback of its parameters' gradients toward its parameters alone; the
+        GGN's forward carries every column's tangents at once (batched by vmap), then
+        each block's columns are pulled back toward its parameters alone. Other
+        parameters' weight-gradient work is left out, so a column costs what it costs
+        on an operator of the block's parameters, or less. Columns are batched or
+        looped as ``backend`` says (``"auto"``: raced on the CPU per layout of
+        blocks), in chunks of ``max_batch_vectors``.
         """
         X = self._check_vectors(X, "X", ndim=2)
         groups = self._groups(blocks, X.shape[1])
@@ -412,7 +420,7 @@ class _ModelOperator(CurvatureOperator):
             names = [names] if isinstance(names, str) else list(names)
             unknown = [n for n in names if n not in position]
             if not names or unknown:
-                raise ValueError(f"blocks: {unknown[:3] or names} are not the names of some of the operator's parameters")
+                raise ValueError(f"blocks: a block must name some of the operator's parameters (op.names), got {names[:3]}")
             if not isinstance(width, int) or isinstance(width, bool) or width < 0:
                 raise ValueError(f"blocks: widths must be non-negative ints, got {width!r}")
             positions = sorted({position[n] for n in names})

@@ -121,6 +121,7 @@ def main() -> None:
                         help="the operators' backend for the step timings (auto: raced on the CPU)")
     parser.add_argument("--steps-only", action="store_true", help="skip the full estimators")
     parser.add_argument("--operator", default="hessian", choices=("hessian", "ggn"))
+    parser.add_argument("--estimator-repeats", type=int, default=1, help="runs of the estimators each way")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, batch = build(args.quick)
@@ -140,22 +141,25 @@ def main() -> None:
     if args.steps_only:
         return
     settings = (1, 12, 2, 8) if args.quick else (1, 30, 4, 20)
-    results, calls, columns, seconds = {}, {}, {}, {}
-    for way in ("lockstep", "per block"):
-        if way == "lockstep":
-            ops = [operator(model, batch, kind)]
-        else:
-            named = dict(model.named_parameters())
-            ops = {b.name: operator(model, batch, kind, params=[named[n] for n in b.params]) for b in parts}
-        counters = [Calls(op) for op in (ops if way == "lockstep" else ops.values())]
-        start = time.perf_counter()
-        results[way] = estimates(ops, "layer" if way == "lockstep" else None, settings)
-        seconds[way] = time.perf_counter() - start
-        calls[way] = sum(c.n for c in counters)
-        columns[way] = sum(op.num_matvecs for op in (ops if way == "lockstep" else ops.values()))
-    print(f"estimators (k={settings[0]}, trace budget {settings[1]}, SLQ {settings[2]} x {settings[3]}), once:")
-    for way in seconds:
-        print(f"  {way:<10} {seconds[way]:8.2f} s {calls[way]:5d} calls {columns[way]:6d} columns")
+    results, calls, columns, seconds = {}, {}, {}, {"lockstep": [], "per block": []}
+    for _ in range(args.estimator_repeats):
+        for way in seconds:  # interleaved; fresh operators each time
+            if way == "lockstep":
+                ops = [operator(model, batch, kind)]
+            else:
+                named = dict(model.named_parameters())
+                ops = {b.name: operator(model, batch, kind, params=[named[n] for n in b.params]) for b in parts}
+            counters = [Calls(op) for op in (ops if way == "lockstep" else ops.values())]
+            start = time.perf_counter()
+            results[way] = estimates(ops, "layer" if way == "lockstep" else None, settings)
+            seconds[way].append(time.perf_counter() - start)
+            calls[way] = sum(c.n for c in counters)
+            columns[way] = sum(op.num_matvecs for op in (ops if way == "lockstep" else ops.values()))
+    print(f"estimators (k={settings[0]}, trace budget {settings[1]}, SLQ {settings[2]} x {settings[3]}), "
+          f"median of {args.estimator_repeats}:")
+    for way, t in seconds.items():
+        print(f"  {way:<10} {statistics.median(t):8.2f} s {calls[way]:5d} calls {columns[way]:6d} columns"
+              f"   (each: {', '.join(f'{x:.1f}' for x in t)})")
     (e1, t1, _), (e2, t2, _) = results["lockstep"], results["per block"]
     top = max(abs(float(e1[b].values[0]) - float(e2[b].values[0])) / abs(float(e2[b].values[0])) for b in e1)
     trace_gap = max(abs(t1[b].value - t2[b].value) / abs(t2[b].value) for b in t1)

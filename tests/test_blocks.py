@@ -560,3 +560,28 @@ def test_lockstep_multiplies_model_operators_by_block_products(gpt):
     tr = dd.trace(P, num_matvecs=96, blocks={"wpe": "wpe.*"})  # the sketch spans its 32 coordinates: exact
     (block,) = resolve_blocks(op, {"wpe": "wpe.*"})
     assert calls and tr["wpe"].value == pytest.approx((float(sub(gpt[2], block).trace()) + 0.5 * 32) / 2, rel=1e-9)
+
+
+def test_block_products_of_a_reverse_mode_ggn():
+    # A model op without a forward-mode derivative: the GGN's products go reverse mode.
+    from exact import exact_ggn
+    from models import classification_data
+    from test_operators_lm import NoForwardAD
+
+    x, y = classification_data(n=12)
+    torch.manual_seed(0)
+    model = NoForwardAD().double()
+    op = dd.GGNOperator(model, nn.CrossEntropyLoss(), (x, y))
+    G = exact_ggn(model, nn.CrossEntropyLoss(), [(x, y)])
+    parts = resolve_blocks(op, "module")
+    X = torch.zeros(op.dim, 2 * len(parts), dtype=torch.float64)
+    for j, block in enumerate(parts):
+        X[block.index, 2 * j : 2 * j + 2] = torch.randn(block.dim, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="forward-mode"):
+        Y = op.block_matmat(X, [(b.params, 2) for b in parts])
+    for j, block in enumerate(parts):
+        c = slice(2 * j, 2 * j + 2)
+        torch.testing.assert_close(Y[:, c][block.index], sub(G, block) @ X[block.index, c], rtol=0, atol=1e-10)
+        off = torch.ones(op.dim, dtype=torch.bool)
+        off[block.index] = False
+        assert not Y[off][:, c].any()  # the full product's other rows are dropped

@@ -147,6 +147,7 @@ class _ModelOperator(CurvatureOperator):
             self._at = [a.to(self.device) for a in at]
         self._shapes = [p.shape for p in self.params]
         self._numels = [p.numel() for p in self.params]
+        self._offsets = np.cumsum([0, *self._numels]).tolist()  # parameter i: rows offsets[i]:offsets[i + 1]
         self._evaluate = Evaluate(model, fn)
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
         chosen = set(self.names)
@@ -306,12 +307,16 @@ class _ModelOperator(CurvatureOperator):
             t.reshape(k, *s) for t, s in zip(torch.split(V, self._numels, dim=1), self._shapes)
         )
 
-    def _place(self, positions: Sequence[int], parts: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """``parts`` of the parameters at ``positions`` -> one entry per parameter (``None`` elsewhere)."""
-        full: list[torch.Tensor | None] = [None] * len(self._numels)
+    def _rows(self, V: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter ``i``'s rows of ``V`` (dim, k) as ``(k, *shape)``."""
+        return V[self._offsets[i] : self._offsets[i + 1]].T.reshape(V.shape[1], *self._shapes[i])
+
+    def _put(self, out: torch.Tensor, positions: Sequence[int], parts: Sequence[torch.Tensor | None]) -> None:
+        """Write ``(k, *shape)`` ``parts`` of the parameters at ``positions`` into their
+        rows of ``out`` (dim, k); ``None`` (no path to the loss) leaves them as they are."""
         for i, p in zip(positions, parts):
-            full[i] = p
-        return full
+            if p is not None:
+                out[self._offsets[i] : self._offsets[i + 1]] = p.reshape(out.shape[1], -1).T
 
     def _join(self, parts: Sequence[torch.Tensor | None], k: int) -> torch.Tensor:
         """Per-parameter ``(k, *shape)`` tensors -> ``(k, dim)``; ``None`` (a parameter
@@ -406,14 +411,22 @@ class _ModelOperator(CurvatureOperator):
         groups = self._groups(blocks, X.shape[1])
         if X.shape[1] == 0:
             return torch.empty_like(X)
-        out = self._accumulate(lambda batch, V: self._batch_blocks(batch, V, groups), X)
+        out = self._accumulate(lambda batch, V: self._batch_blocks(batch, V, groups), self._block_rows(X, groups))
         self._counted(X.shape[1])
+        return self._block_rows(out, groups)  # reverse-mode GGN products fill every row
+
+    def _block_rows(self, X: torch.Tensor, groups: list[tuple[list[int], slice]]) -> torch.Tensor:
+        """``X`` with each group's columns zero off its block's rows."""
+        out = torch.zeros_like(X)
+        for positions, cols in groups:
+            for i in positions:
+                rows = slice(self._offsets[i], self._offsets[i + 1])
+                out[rows, cols] = X[rows, cols]
         return out
 
-    def _groups(self, blocks: object, k: int) -> list[tuple[list[int], torch.Tensor, slice]]:
-        """``blocks`` of :meth:`block_matmat` as ``(parameter positions, row index, columns)``."""
+    def _groups(self, blocks: object, k: int) -> list[tuple[list[int], slice]]:
+        """``blocks`` of :meth:`block_matmat` as ``(parameter positions, columns)``."""
         position = {n: i for i, n in enumerate(self.names)}
-        offsets = np.cumsum([0, *self._numels]).tolist()
         groups, start = [], 0
         for entry in blocks:  # type: ignore[attr-defined]
             names, width = entry
@@ -423,32 +436,24 @@ class _ModelOperator(CurvatureOperator):
                 raise ValueError(f"blocks: a block must name some of the operator's parameters (op.names), got {names[:3]}")
             if not isinstance(width, int) or isinstance(width, bool) or width < 0:
                 raise ValueError(f"blocks: widths must be non-negative ints, got {width!r}")
-            positions = sorted({position[n] for n in names})
-            index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in positions]).to(self.device)
-            groups.append((positions, index, slice(start, start + width)))
+            groups.append((sorted({position[n] for n in names}), slice(start, start + width)))
             start += width
         if start != k:
             raise ValueError(f"blocks: widths add up to {start} columns, X has {k}")
         return groups
 
-    def _batch_blocks(self, batch, X: torch.Tensor, groups: list) -> torch.Tensor:
-        """:meth:`block_matmat` on one batch: one graph (the loop's) for every block,
-        the columns in chunks of ``max_batch_vectors`` whichever blocks they belong to."""
+    def _batch_blocks(self, batch, V: torch.Tensor, groups: list[tuple[list[int], slice]]) -> torch.Tensor:
+        """:meth:`block_matmat` on one batch (``V``: each group's columns zero off its
+        block's rows): one graph (the loop's) for every block, the columns in chunks of
+        ``max_batch_vectors`` whichever blocks they belong to."""
         graph = self._loop_graph(batch)
-        V = torch.zeros_like(X)  # each group's columns on its block's rows alone
-        for _, index, cols in groups:
-            V[index, cols] = X[index, cols]
-        k = X.shape[1]
+        k = V.shape[1]
         step = self._block_step(batch, k)
-        out = torch.empty_like(X)
-        layout = [(positions, cols) for positions, _, cols in groups]
+        out = torch.empty_like(V)
         for start in range(0, k, step):
             stop = min(start + step, k)
-            out[:, start:stop] = self._block_chunk(batch, graph, V[:, start:stop], _columns_in(layout, start, stop))
-        result = torch.zeros_like(X)  # the block rows alone (reverse-mode GGN products fill every row)
-        for _, index, cols in groups:
-            result[index, cols] = out[index, cols]
-        return result
+            out[:, start:stop] = self._block_chunk(batch, graph, V[:, start:stop], _columns_in(groups, start, stop))
+        return out
 
     def _block_step(self, batch, k: int) -> int:
         """Columns multiplied together: ``max_batch_vectors``; ``"auto"`` resolved
@@ -837,7 +842,6 @@ class HessianOperator(_ModelOperator):
         # pulled back, only toward them, so autograd leaves out every other parameter's
         # weight-gradient work and the first backward's nodes that do not reach g_b.
         leaves, g, live = graph
-        rows = self._split(V.T)
         out = torch.zeros_like(V)
         for n, (positions, cols) in enumerate(groups):
             outs = [i for i in positions if i in live]
@@ -845,15 +849,15 @@ class HessianOperator(_ModelOperator):
             if not outs:
                 continue
             if batched and cols.stop - cols.start > 1:  # the pullback vmapped over the columns by autograd
-                parts = torch.autograd.grad([g[i] for i in outs], inputs, [rows[i][cols] for i in outs],
+                parts = torch.autograd.grad([g[i] for i in outs], inputs, [self._rows(V[:, cols], i) for i in outs],
                                             retain_graph=True, allow_unused=True, is_grads_batched=True)
-                out[:, cols] = self._join(self._place(positions, parts), cols.stop - cols.start).T
+                self._put(out[:, cols], positions, parts)
                 continue
             for j in range(cols.start, cols.stop):
                 free = last_use and n == len(groups) - 1 and j == cols.stop - 1
-                parts = torch.autograd.grad([g[i] for i in outs], inputs, [rows[i][j] for i in outs],
+                parts = torch.autograd.grad([g[i] for i in outs], inputs, [self._rows(V[:, j : j + 1], i)[0] for i in outs],
                                             retain_graph=not free, allow_unused=True)
-                out[:, j] = self._join(self._place(positions, parts), 1)[0]
+                self._put(out[:, j : j + 1], positions, parts)
         return out
 
 
@@ -1033,7 +1037,7 @@ class GGNOperator(_ModelOperator):
             w = cols.stop - cols.start
             parts = torch.autograd.grad(outputs, [leaf[i] for i in positions], hjv[cols] if w > 1 else hjv[cols][0],
                                         is_grads_batched=w > 1, retain_graph=n < len(groups) - 1, allow_unused=True)
-            out[:, cols] = self._join(self._place(positions, parts), w).T
+            self._put(out[:, cols], positions, parts)
         return out
 
     def _loss_hessian(self, outputs: torch.Tensor, batch) -> Callable[[torch.Tensor], torch.Tensor]:

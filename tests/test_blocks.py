@@ -469,3 +469,119 @@ def test_blocks_of_the_ggn(cnn):
         lam = torch.linalg.eigvalsh(Gb).flip(0)[:2]
         torch.testing.assert_close(res[block.name].values, lam, rtol=0, atol=1e-6 * float(lam[0]))
         assert tr[block.name].value == pytest.approx(float(Gb.trace()), rel=1e-9)
+
+
+# -- block products ----------------------------------------------------------------------
+
+
+def lm_forward(model, batch):
+    return model(batch["input_ids"], batch["attention_mask"])
+
+
+def lm_operator(kind, model, data, **kwargs):
+    if kind == "hessian":
+        return dd.HessianOperator(model, None, data, closure=lm_closure, **kwargs)
+    return dd.GGNOperator(model, CRITERION, data, forward=lm_forward, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+@pytest.mark.parametrize("backend", ["vmap", "loop", "auto"])
+def test_block_products_are_the_block_rows_of_full_products(kind, backend):
+    # Several batches cut into micro-batches, blocks that overlap, a chunk narrower than a block.
+    model = tiny_gpt(width=4)
+    data = [token_batch(seed=1), token_batch(batch=4, seed=2)]
+    op = lm_operator(kind, model, data, backend=backend, micro_batch_size=2, max_batch_vectors=2)
+    parts = resolve_blocks(op, {"h.1": "h.1.*", "attn": "h.*.attn.*", "wte": "wte.*", "ln_f": "ln_f.*"})
+    widths = [3, 2, 1, 4]
+    g = torch.Generator().manual_seed(0)
+    X = torch.zeros(op.dim, sum(widths), dtype=torch.float64)
+    cols, start = [], 0
+    for block, w in zip(parts, widths):
+        X[block.index, start : start + w] = torch.randn(block.dim, w, dtype=torch.float64, generator=g)
+        cols.append(slice(start, start + w))
+        start += w
+    Y = op.block_matmat(X, [(b.params, w) for b, w in zip(parts, widths)])
+    assert op.num_matvecs == sum(widths)
+    full = op.matmat(X)
+    scale = float(full.abs().max())
+    for block, c in zip(parts, cols):
+        torch.testing.assert_close(Y[block.index, c], full[block.index, c], rtol=0, atol=1e-10 * scale)
+        off = torch.ones(op.dim, dtype=torch.bool)
+        off[block.index] = False
+        assert not Y[off, c].any()  # zeros off the block's rows
+    # A group's rows outside its block are not read.
+    noisy = X + (X == 0) * torch.randn(X.shape, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(op.block_matmat(noisy, [(b.params, w) for b, w in zip(parts, widths)]), Y,
+                               rtol=0, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_a_block_product_differentiates_toward_its_own_parameters_only(kind, monkeypatch):
+    model = tiny_gpt(width=4)
+    op = lm_operator(kind, model, token_batch(), backend="loop")
+    fired: dict[str, int] = {}
+
+    def values():  # the operator's parameter values, each counting the gradients taken toward it
+        out = [p.detach().clone().requires_grad_(True) for p in op.params]
+        for name, t in zip(op.names, out):
+            t.register_hook(lambda grad, name=name: fired.update({name: fired.get(name, 0) + 1}))
+        return out
+
+    monkeypatch.setattr(op, "_values", values)
+    (block,) = resolve_blocks(op, {"h.1": "h.1.*"})
+    X = torch.zeros(op.dim, 1, dtype=torch.float64)
+    X[block.index] = 1.0
+    op.block_matmat(X, [(block.params, 1)])
+    first = 1 if kind == "hessian" else 0  # the Hessian's first backward reaches every parameter
+    assert fired == {n: first + (n in block.params) for n in op.names if first or n in block.params}
+
+
+def test_block_matmat_bad_blocks(gpt):
+    op = gpt_op(gpt)
+    X = torch.zeros(op.dim, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="op.names.*'nope'"):
+        op.block_matmat(X, [(["nope"], 2)])
+    with pytest.raises(ValueError, match="add up to 1"):
+        op.block_matmat(X, [(["wpe.weight"], 1)])
+    with pytest.raises(ValueError, match="widths"):
+        op.block_matmat(X, [(["wpe.weight"], -1)])
+
+
+def test_lockstep_multiplies_model_operators_by_block_products(gpt):
+    op = gpt_op(gpt)
+    calls = []
+    inner = op.block_matmat
+    op.block_matmat = lambda X, blocks: calls.append(len(blocks)) or inner(X, blocks)
+    res = dd.eigenvalues(op, k=1, tol=1e-8, blocks="layer")
+    assert len(calls) == max(r.num_matvecs for r in res.values())  # one call per step
+    assert op.num_matvecs == sum(r.num_matvecs for r in res.values())
+    P = dd.curvature.PreconditionedOperator(op, torch.full((op.dim,), 2.0, dtype=torch.float64), shift=0.5)
+    calls.clear()
+    tr = dd.trace(P, num_matvecs=96, blocks={"wpe": "wpe.*"})  # the sketch spans its 32 coordinates: exact
+    (block,) = resolve_blocks(op, {"wpe": "wpe.*"})
+    assert calls and tr["wpe"].value == pytest.approx((float(sub(gpt[2], block).trace()) + 0.5 * 32) / 2, rel=1e-9)
+
+
+def test_block_products_of_a_reverse_mode_ggn():
+    # A model op without a forward-mode derivative: the GGN's products go reverse mode.
+    from exact import exact_ggn
+    from models import classification_data
+    from test_operators_lm import NoForwardAD
+
+    x, y = classification_data(n=12)
+    torch.manual_seed(0)
+    model = NoForwardAD().double()
+    op = dd.GGNOperator(model, nn.CrossEntropyLoss(), (x, y))
+    G = exact_ggn(model, nn.CrossEntropyLoss(), [(x, y)])
+    parts = resolve_blocks(op, "module")
+    X = torch.zeros(op.dim, 2 * len(parts), dtype=torch.float64)
+    for j, block in enumerate(parts):
+        X[block.index, 2 * j : 2 * j + 2] = torch.randn(block.dim, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="forward-mode"):
+        Y = op.block_matmat(X, [(b.params, 2) for b in parts])
+    for j, block in enumerate(parts):
+        c = slice(2 * j, 2 * j + 2)
+        torch.testing.assert_close(Y[:, c][block.index], sub(G, block) @ X[block.index, c], rtol=0, atol=1e-10)
+        off = torch.ones(op.dim, dtype=torch.bool)
+        off[block.index] = False
+        assert not Y[off][:, c].any()  # the full product's other rows are dropped

@@ -45,9 +45,7 @@ class CurvatureOperator:
         """Multiply one vector: ``v`` of shape ``(dim,)`` -> ``(dim,)``."""
         v = self._check_vectors(v, "v", ndim=1)
         out = self._matvec(v)
-        self.num_matvecs += 1
-        if self.on_products is not None:
-            self.on_products(1)
+        self._counted(1)
         return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -60,10 +58,14 @@ class CurvatureOperator:
         if k == 0:
             return torch.empty_like(V)
         out = self._matmat(V)
+        self._counted(k)
+        return out
+
+    def _counted(self, k: int) -> None:
+        """Record ``k`` products (:attr:`num_matvecs`, :attr:`on_products`)."""
         self.num_matvecs += k
         if self.on_products is not None:
             self.on_products(k)
-        return out
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         if isinstance(other, torch.Tensor) and other.dim() == 1:

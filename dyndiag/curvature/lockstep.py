@@ -8,8 +8,12 @@ products. :func:`drive_blocks` runs one generator per diagonal block of the oper
 block's rows of one ``(dim, sum q_b)`` matrix (zero elsewhere), multiplies it by one
 product call, and hands each block the rows of its own columns that are its own.
 That is the block's product ``H_bb V_b`` exactly, and every step is one pass over
-the data for all blocks. A step costs ``sum q_b`` operator columns (one per column
-of every block still running); the blocks' results count their own columns.
+the data for all blocks. Model operators multiply such a matrix by
+``block_matmat``: per batch one forward (and one first backward) for all blocks,
+then each block's columns differentiated toward its own parameters only, so a
+column costs what it costs on the block's own operator; other operators get a full
+product per column. A step counts ``sum q_b`` operator columns (one per column of
+every block still running); the blocks' results count their own columns.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def drive_blocks(
             for (i, (_, cols)), w in zip(running.items(), widths):
                 X[blocks[i].index, start : start + w] = cols.to(dtype)
                 start += w
-            Y = multiply(op, X)
+            Y = multiply(op, X, [(blocks[i].params, w) for i, w in zip(running, widths)])
             start = 0
             for (i, (algo, _)), w in zip(list(running.items()), widths):
                 advance(i, algo, Y[blocks[i].index, start : start + w])

@@ -23,6 +23,11 @@ criterion alone. Nothing is differentiated twice through the model, which on a
 language model would hold several logits-sized tensors. ``vmap`` batches the
 columns of a chunk, ``loop`` takes them one at a time.
 
+``block_matmat(X, blocks)`` multiplies columns of several diagonal blocks at once
+(``blocks=`` on the estimators): one gradient graph (Hessian) or one forward (GGN)
+per batch for all blocks, each block's columns differentiated toward its own
+parameters only.
+
 ``backend="auto"`` takes vmap on CUDA and, on the CPU, whichever of the two is
 faster for this operator and chunk width, timed on the first such chunk
 (:mod:`dyndiag.curvature.blocks`; both are exact, ``op.block_backends`` holds the
@@ -81,7 +86,7 @@ from ..data import (
 from ..evaluation import Evaluate, operator_mode, outputs_fn, select_params, unwrap
 from ..state import rng_state, set_rng_state
 from .base import CurvatureOperator
-from .blocks import AUTO_CPU_CHUNK, auto_chunk, cpu_chunk, race, remembered
+from .blocks import AUTO_CPU_CHUNK, VMAP_BYTES_PER_SAVED_BYTE, auto_chunk, cpu_chunk, race, remembered
 from .loss_hessian import loss_hessian
 from .finite_difference import central_differences
 from .sharded import Shards, fsdp_hooks_off
@@ -154,6 +159,7 @@ class _ModelOperator(CurvatureOperator):
             self._at = [a.to(self.device) for a in at]
         self._shapes = [p.shape for p in self.params]
         self._numels = [p.numel() for p in self.params]
+        self._offsets = np.cumsum([0, *self._numels]).tolist()  # parameter i: rows offsets[i]:offsets[i + 1]
         self._evaluate = Evaluate(model, fn)
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
         chosen = set(self.names)
@@ -315,6 +321,17 @@ class _ModelOperator(CurvatureOperator):
             t.reshape(k, *s) for t, s in zip(torch.split(V, self._numels, dim=1), self._shapes)
         )
 
+    def _rows(self, V: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter ``i``'s rows of ``V`` (dim, k) as ``(k, *shape)``."""
+        return V[self._offsets[i] : self._offsets[i + 1]].T.reshape(V.shape[1], *self._shapes[i])
+
+    def _put(self, out: torch.Tensor, positions: Sequence[int], parts: Sequence[torch.Tensor | None]) -> None:
+        """Write ``(k, *shape)`` ``parts`` of the parameters at ``positions`` into their
+        rows of ``out`` (dim, k); ``None`` (no path to the loss) leaves them as they are."""
+        for i, p in zip(positions, parts):
+            if p is not None:
+                out[self._offsets[i] : self._offsets[i + 1]] = p.reshape(out.shape[1], -1).T
+
     def _join(self, parts: Sequence[torch.Tensor | None], k: int) -> torch.Tensor:
         """Per-parameter ``(k, *shape)`` tensors -> ``(k, dim)``; ``None`` (a parameter
         with no path to the loss) is a block of zeros."""
@@ -411,6 +428,140 @@ class _ModelOperator(CurvatureOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self._product(self._batch_matmat, V)
 
+    def block_matmat(self, X: torch.Tensor, blocks: Sequence[tuple[Sequence[str], int]]) -> torch.Tensor:
+        """Products of diagonal blocks of the operator, all of them in one pass over the data.
+
+        ``X``: ``(dim, k)``, its columns in consecutive groups, one per ``(names,
+        width)`` of ``blocks``: ``width`` columns of the diagonal block ``H_bb`` of the
+        parameters ``names`` (a subset of :attr:`names`; blocks may overlap). Returns
+        ``(dim, k)``: each group's columns multiplied by its block, ``H_bb X_b`` on the
+        block's rows, zeros on the others (a group's rows outside its block are not
+        read). Counts ``k`` products.
+
+        On every batch one gradient graph serves all blocks: the Hessian's first
+        backward (kept between products with ``cache_graph``), then for each block
+        the pullback of its parameters' gradients toward its parameters alone; the
+        GGN's forward carries every column's tangents at once (batched by vmap), then
+        each block's columns are pulled back toward its parameters alone. Other
+        parameters' weight-gradient work is left out, so a column costs what it costs
+        on an operator of the block's parameters, or less. Columns are batched or
+        looped as ``backend`` says (``"auto"``: raced on the CPU per layout of
+        blocks), in chunks of ``max_batch_vectors``.
+        """
+        X = self._check_vectors(X, "X", ndim=2)
+        groups = self._groups(blocks, X.shape[1])
+        if X.shape[1] == 0:
+            return torch.empty_like(X)
+        out = self._accumulate(lambda batch, V: self._batch_blocks(batch, V, groups), self._block_rows(X, groups))
+        self._counted(X.shape[1])
+        return self._block_rows(out, groups)  # reverse-mode GGN products fill every row
+
+    def _block_rows(self, X: torch.Tensor, groups: list[tuple[list[int], slice]]) -> torch.Tensor:
+        """``X`` with each group's columns zero off its block's rows."""
+        out = torch.zeros_like(X)
+        for positions, cols in groups:
+            for i in positions:
+                rows = slice(self._offsets[i], self._offsets[i + 1])
+                out[rows, cols] = X[rows, cols]
+        return out
+
+    def _groups(self, blocks: object, k: int) -> list[tuple[list[int], slice]]:
+        """``blocks`` of :meth:`block_matmat` as ``(parameter positions, columns)``."""
+        position = {n: i for i, n in enumerate(self.names)}
+        groups, start = [], 0
+        for entry in blocks:  # type: ignore[attr-defined]
+            names, width = entry
+            names = [names] if isinstance(names, str) else list(names)
+            unknown = [n for n in names if n not in position]
+            if not names or unknown:
+                raise ValueError(f"blocks: a block must name some of the operator's parameters (op.names), got {names[:3]}")
+            if not isinstance(width, int) or isinstance(width, bool) or width < 0:
+                raise ValueError(f"blocks: widths must be non-negative ints, got {width!r}")
+            groups.append((sorted({position[n] for n in names}), slice(start, start + width)))
+            start += width
+        if start != k:
+            raise ValueError(f"blocks: widths add up to {start} columns, X has {k}")
+        return groups
+
+    def _batch_blocks(self, batch, V: torch.Tensor, groups: list[tuple[list[int], slice]]) -> torch.Tensor:
+        """:meth:`block_matmat` on one batch (``V``: each group's columns zero off its
+        block's rows): one graph (the loop's) for every block, the columns in chunks of
+        ``max_batch_vectors`` whichever blocks they belong to."""
+        graph = self._loop_graph(batch)
+        k = V.shape[1]
+        step = self._block_step(batch, k)
+        out = torch.empty_like(V)
+        for start in range(0, k, step):
+            stop = min(start + step, k)
+            out[:, start:stop] = self._block_chunk(batch, graph, V[:, start:stop], _columns_in(groups, start, stop))
+        return out
+
+    def _block_step(self, batch, k: int) -> int:
+        """Columns multiplied together: ``max_batch_vectors``; ``"auto"`` resolved
+        from the bytes a forward saves (a batched column holds a few times that)."""
+        if self.max_batch_vectors != "auto":
+            return self.max_batch_vectors
+        if self.backend == "loop" or k <= 1:
+            return AUTO_CPU_CHUNK
+        saved = self._saved_bytes(batch)
+        if _is_cuda(self.device):
+            self.max_batch_vectors = auto_chunk(VMAP_BYTES_PER_SAVED_BYTE * saved, _cuda_free(self.device))
+        else:
+            self.max_batch_vectors = cpu_chunk(saved)
+        return self.max_batch_vectors
+
+    def _block_chunk(self, batch, graph, V: torch.Tensor, groups: list[tuple[list[int], slice]]) -> torch.Tensor:
+        """``V``'s columns times their blocks on ``graph``: ``groups`` holds each block's
+        parameter positions and columns of ``V`` (zero off the block's rows). Batched
+        or column by column, chosen as :meth:`_chunk` chooses (raced on the CPU for
+        each layout of blocks and widths)."""
+        # Batching helps where it batches columns: those of one block, or for an operator
+        # whose batched pass is shared by all blocks (the GGN's forward), every column.
+        width = V.shape[1] if self._blocks_share_batch else max(c.stop - c.start for _, c in groups)
+
+        def columns(batched: bool) -> Callable:
+            return lambda g, W: self._block_columns(g, W, groups, batched)
+
+        def loop() -> torch.Tensor:
+            return columns(False)(graph, V)
+
+        def batched() -> torch.Tensor:
+            return columns(True)(graph, V)
+
+        if self.backend == "loop" or (self.backend == "auto" and (width == 1 or self._vmap_failed)):
+            return loop()
+        if self.backend == "vmap" or _is_cuda(self.device):
+            return self._vmap_or_fallback(batch, V, batched, loop)
+        layout = tuple((tuple(p), c.stop - c.start) for p, c in groups)
+        key = ("blocks", type(self).__name__, tuple(zip(self.names, self._shapes)), layout, self.dtype,
+               self.cache_graph, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
+        backend = remembered(key)
+        if backend is None:
+            done = [0]
+
+            def loop_on(g, W: torch.Tensor) -> torch.Tensor:
+                # The race loops over the first columns, then (if the loop wins) the rest.
+                start, done[0] = done[0], done[0] + W.shape[1]
+                return self._block_columns(g, W, _columns_in(groups, start, done[0]), False)
+
+            def run() -> torch.Tensor:
+                return race(key, V, (lambda: graph, columns(True)), (lambda: graph, loop_on), graph_is_reused=True)[0]
+
+            return self._vmap_or_fallback(batch, V, run, loop)
+        return self._vmap_or_fallback(batch, V, batched, loop) if backend == "vmap" else loop()
+
+    #: Whether a batched block chunk batches the columns of all its blocks together.
+    _blocks_share_batch = False
+
+    def _block_columns(
+        self, graph, V: torch.Tensor, groups: list[tuple[Sequence[int], slice]], batched: bool
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        """``(dim, w)``: each group's columns of ``V`` (zero off the rows of the
+        parameters at its positions) times the diagonal block of those parameters, on
+        a graph from :meth:`_loop_graph`, differentiating toward them alone; its rows
+        (other rows: zero or the full product's); columns ``batched`` or one at a time."""
+        raise NotImplementedError
+
     def _batch_matmat(self, batch, V: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(V)
         start = 0
@@ -484,9 +635,12 @@ class _ModelOperator(CurvatureOperator):
         self.block_backends[width] = backend
         return self._vmap_or_fallback(batch, V) if backend == "vmap" else self._loop_chunk(batch, V)
 
-    def _vmap_or_fallback(self, batch, V: torch.Tensor, run: Callable | None = None) -> torch.Tensor:
+    def _vmap_or_fallback(
+        self, batch, V: torch.Tensor, run: Callable | None = None, loop: Callable | None = None
+    ) -> torch.Tensor:
         """``run()`` (default: vmap on ``V``), or with ``backend="auto"`` the loop
-        with one warning when vmap fails for this model."""
+        (``loop()``, default: the loop on ``V``) with one warning when vmap fails for
+        this model."""
         try:
             return run() if run is not None else self._vmap_chunk(batch, V)
         except (ValueError, TypeError):
@@ -503,7 +657,7 @@ class _ModelOperator(CurvatureOperator):
             )
         self._vmap_failed = True
         self.block_backends[V.shape[1]] = "loop"
-        return self._loop_chunk(batch, V)
+        return loop() if loop is not None else self._loop_chunk(batch, V)
 
     def _loop_chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         return self._loop_columns(self._loop_graph(batch), V)
@@ -526,6 +680,13 @@ class _ModelOperator(CurvatureOperator):
     def _loop_columns(self, graph: object, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """``H V`` column by column on a graph from :meth:`_loop_graph`."""
         raise NotImplementedError
+
+
+def _columns_in(groups: list[tuple[list[int], slice]], start: int, stop: int) -> list[tuple[list[int], slice]]:
+    """The ``(positions, columns)`` groups that meet columns ``start:stop``, their
+    columns counted from ``start``."""
+    return [(p, slice(max(c.start, start) - start, min(c.stop, stop) - start))
+            for p, c in groups if c.start < stop and c.stop > start]
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -739,7 +900,7 @@ class HessianOperator(_ModelOperator):
         g = torch.autograd.grad(self._loss(leaves, batch), leaves, create_graph=True, allow_unused=True)
         # Parameters that do not reach the loss, or reach it only linearly, have no
         # second-order graph: their rows of H are zero.
-        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        live = {i for i, gi in enumerate(g) if gi is not None and gi.requires_grad}
         return leaves, g, live
 
     def _loop_graph(self, batch):
@@ -748,16 +909,31 @@ class HessianOperator(_ModelOperator):
     def _loop_columns(self, graph, V: torch.Tensor, last_use: bool = False) -> torch.Tensor:
         """``last_use``: nothing multiplies on ``graph`` after these columns, so the
         last one frees it as it goes (a lower peak than keeping it whole)."""
+        return self._block_columns(graph, V, [(range(len(self.params)), slice(0, V.shape[1]))], False, last_use)
+
+    def _block_columns(
+        self, graph, V: torch.Tensor, groups: list[tuple[Sequence[int], slice]], batched: bool, last_use: bool = False
+    ) -> torch.Tensor:
+        # d/dθ_b <g_b, v_b> = H_bb v_b: only the gradients of the block's parameters are
+        # pulled back, only toward them, so autograd leaves out every other parameter's
+        # weight-gradient work and the first backward's nodes that do not reach g_b.
         leaves, g, live = graph
         out = torch.zeros_like(V)
-        rows = self._split(V.T)
-        k = V.shape[1]
-        for j in range(k if live else 0):
-            parts = torch.autograd.grad(
-                [g[i] for i in live], leaves, [rows[i][j] for i in live], retain_graph=not (last_use and j == k - 1),
-                allow_unused=True,
-            )
-            out[:, j] = self._join(parts, 1)[0]
+        for n, (positions, cols) in enumerate(groups):
+            outs = [i for i in positions if i in live]
+            inputs = [leaves[i] for i in positions]
+            if not outs:
+                continue
+            if batched and cols.stop - cols.start > 1:  # the pullback vmapped over the columns by autograd
+                parts = torch.autograd.grad([g[i] for i in outs], inputs, [self._rows(V[:, cols], i) for i in outs],
+                                            retain_graph=True, allow_unused=True, is_grads_batched=True)
+                self._put(out[:, cols], positions, parts)
+                continue
+            for j in range(cols.start, cols.stop):
+                free = last_use and n == len(groups) - 1 and j == cols.stop - 1
+                parts = torch.autograd.grad([g[i] for i in outs], inputs, [self._rows(V[:, j : j + 1], i)[0] for i in outs],
+                                            retain_graph=not free, allow_unused=True)
+                self._put(out[:, j : j + 1], positions, parts)
         return out
 
 
@@ -850,17 +1026,33 @@ class GGNOperator(_ModelOperator):
     def _loop_columns(self, batch, V: torch.Tensor) -> torch.Tensor:
         return self._columns(batch, V, batched=False)
 
-    def _columns(self, batch, V: torch.Tensor, batched: bool) -> torch.Tensor:
-        """``G V`` on one batch, columns batched by vmap or one at a time."""
+    _blocks_share_batch = True  # one forward carries every block's tangents
+
+    def _block_columns(self, batch, V: torch.Tensor, groups: list[tuple[Sequence[int], slice]], batched: bool) -> torch.Tensor:
+        return self._columns(batch, V, batched, groups)
+
+    def _columns(
+        self, batch, V: torch.Tensor, batched: bool, groups: list[tuple[Sequence[int], slice]] | None = None
+    ) -> torch.Tensor:
+        """``G V`` on one batch, columns batched by vmap or one at a time. ``groups``:
+        ``(parameter positions, columns)`` of diagonal blocks (``V`` zero off each
+        block's rows): forward mode then pulls each block's columns back toward its
+        own parameters only, and a column alone carries tangents of its block's
+        parameters only (their rows of ``G V``, zeros elsewhere); reverse mode
+        multiplies the whole ``V``."""
         tangents = self._split(V.T)
+        k = V.shape[1]
+        groups = [(range(len(self.params)), slice(0, k))] if groups is None else groups
         if self._forward_mode:
             try:
                 if batched:
-                    return self._forward_mode_products(batch, tangents, batched=True)
-                return torch.stack(
-                    [self._forward_mode_products(batch, tuple(t[j] for t in tangents), batched=False)
-                     for j in range(V.shape[1])], dim=1,
-                )
+                    return self._forward_mode_products(batch, tangents, groups)
+                out = torch.zeros_like(V)
+                for positions, cols in groups:
+                    for j in range(cols.start, cols.stop):
+                        column = tuple(t[j : j + 1] for t in tangents)
+                        out[:, j : j + 1] = self._forward_mode_products(batch, column, [(positions, slice(0, 1))])
+                return out
             except RuntimeError as err:
                 if "forward ad" not in str(err).lower() and "jvp" not in str(err).lower():
                     raise
@@ -877,29 +1069,52 @@ class GGNOperator(_ModelOperator):
             return pullback(loss_hessian_(jacobian(t)[0]))[0]
 
         if batched:
-            return self._join(vmap(column)(tangents), V.shape[1]).T
-        return torch.stack([self._join(column(tuple(t[j] for t in tangents)), 1)[0] for j in range(V.shape[1])], 1)
+            return self._join(vmap(column)(tangents), k).T
+        return torch.stack([self._join(column(tuple(t[j] for t in tangents)), 1)[0] for j in range(k)], 1)
 
-    def _forward_mode_products(self, batch, tangents: tuple[torch.Tensor, ...], batched: bool) -> torch.Tensor:
-        """``G V`` for per-parameter tangents: ``(k, *shape)`` each with ``batched`` (one
-        forward with the ``k`` tangents batched by vmap, one batched backward; returns
-        ``(dim, k)``), else one column's ``(*shape)`` (returns ``(dim,)``)."""
-        leaves = tuple(self._leaves())
+    def _forward_mode_products(
+        self, batch, tangents: tuple[torch.Tensor, ...], groups: list[tuple[Sequence[int], slice]]
+    ) -> torch.Tensor:
+        """``(dim, k)``: ``G V`` for per-parameter tangents ``(k, *shape)``, one forward
+        with the tangents of the parameters of ``groups`` (the others enter as
+        constants), batched by vmap where ``k > 1``; then each group's columns pulled
+        back toward its own parameters (its rows of ``G V``; zeros elsewhere)."""
+        values = self._values()
+        k = tangents[0].shape[0]
+        dual = sorted({i for positions, _ in groups for i in positions})
+        leaves = tuple(values[i].requires_grad_(True) for i in dual)
+
+        def call(block):
+            tensors = list(values)
+            for i, t in zip(dual, block):
+                tensors[i] = t
+            return self._call(tensors, batch)
 
         def forward(t):
-            return jvp(lambda tensors: self._call(tensors, batch), (leaves,), (t,))
+            return jvp(call, (leaves,), (t,))
 
         with warnings.catch_warnings():
             # torch loads its forward-mode decompositions on first use through the
             # deprecated torch.jit.script: torch's own business, not the caller's.
             warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
-            outputs, jv = vmap(forward, out_dims=(None, 0))(tangents) if batched else forward(tangents)
+            dual_tangents = tuple(tangents[i] for i in dual)
+            if k > 1:
+                outputs, jv = vmap(forward, out_dims=(None, 0))(dual_tangents)
+            else:
+                outputs, jv = forward(tuple(t[0] for t in dual_tangents))
+                jv = jv.unsqueeze(0)
         loss_hessian_ = self._loss_hessian(outputs.detach(), batch)
         # The tangents' own graph (J depends on the parameters) is not differentiated.
-        hjv = (vmap(loss_hessian_) if batched else loss_hessian_)(jv.detach())
+        hjv = (vmap(loss_hessian_) if k > 1 else lambda u: loss_hessian_(u[0]).unsqueeze(0))(jv.detach())
         del jv
-        parts = torch.autograd.grad(outputs, leaves, hjv, is_grads_batched=batched, allow_unused=True)
-        return self._join(parts, tangents[0].shape[0]).T if batched else self._join(parts, 1)[0]
+        leaf = dict(zip(dual, leaves))
+        out = torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
+        for n, (positions, cols) in enumerate(groups):
+            w = cols.stop - cols.start
+            parts = torch.autograd.grad(outputs, [leaf[i] for i in positions], hjv[cols] if w > 1 else hjv[cols][0],
+                                        is_grads_batched=w > 1, retain_graph=n < len(groups) - 1, allow_unused=True)
+            self._put(out[:, cols], positions, parts)
+        return out
 
     def _loss_hessian(self, outputs: torch.Tensor, batch) -> Callable[[torch.Tensor], torch.Tensor]:
         """``u -> H_L u`` at ``outputs``: in closed form where there is one, else by

@@ -10,6 +10,7 @@ Hessian of ``loss + w/2 ||theta||^2``, which is ``H + w I``).
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -84,6 +85,16 @@ class PreconditionedOperator(CurvatureOperator):
         w = v * self._scale
         return self._shifted(multiply(self.op, w[:, None])[:, 0], w, True) * self._scale
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, V: torch.Tensor, blocks: Sequence[tuple[Sequence[str], int]] | None = None) -> torch.Tensor:
         W = V * self._scale[:, None]
-        return self._shifted(multiply(self.op, W), W, False) * self._scale[:, None]
+        return self._shifted(multiply(self.op, W, blocks), W, False) * self._scale[:, None]
+
+    def block_matmat(self, X: torch.Tensor, blocks: Sequence[tuple[Sequence[str], int]]) -> torch.Tensor:
+        """Diagonal blocks' products (see :meth:`dyndiag.HessianOperator.block_matmat`):
+        ``D`` and the shift are diagonal, so a block of this operator is
+        ``D_b^-1/2 (H_bb + S_b) D_b^-1/2``, multiplied by ``op``'s own block products
+        where it has them. Counts ``k`` products."""
+        X = self._check_vectors(X, "X", ndim=2)
+        out = self._matmat(X, blocks)
+        self._counted(X.shape[1])
+        return out

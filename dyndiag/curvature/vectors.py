@@ -16,6 +16,7 @@ and :func:`thin_svd`, which reduce over the ranks, and draw probes with
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -58,13 +59,21 @@ def check_operator(op: object, name: str = "op") -> tuple[int, torch.dtype, torc
     return int(dim), dtype, torch.device(op.device)  # type: ignore[attr-defined]
 
 
-def multiply(op: object, V: torch.Tensor) -> torch.Tensor:
+def multiply(op: object, V: torch.Tensor, blocks: Sequence[tuple[Sequence[str], int]] | None = None) -> torch.Tensor:
     """``H V`` for a ``(dim, k)`` block: ``op.matmat``, or ``op.matvec`` for one column.
 
     Operators multiply a single vector by a cheaper path than a batch (double
     backward on a kept gradient graph rather than a vmapped pass), and both count
     one product.
+
+    ``blocks``: ``V``'s columns come in groups ``(parameter names, width)``, each
+    group's columns zero off its block's rows, and only each group's rows of its
+    own block are wanted (``H_bb V_b``): ``op.block_matmat`` where the operator has
+    it (it differentiates each block toward its own parameters only), else the full
+    product (whose other rows are then not zero).
     """
+    if blocks is not None and callable(getattr(op, "block_matmat", None)):
+        return op.block_matmat(V, blocks)  # type: ignore[attr-defined]
     if V.shape[1] == 1 and callable(getattr(op, "matvec", None)):
         return op.matvec(V[:, 0]).unsqueeze(1)  # type: ignore[attr-defined]
     return op.matmat(V)  # type: ignore[attr-defined]

@@ -107,3 +107,12 @@ def test_bad_arguments():
     # "auto" is exact on a model that is not FSDP-sharded, whatever its dtype.
     assert dd.HessianOperator(tanh_mlp(), CE, (x, y)).hvp == "exact"
     assert dd.HessianOperator(tanh_mlp(), CE, (x, y), compute_dtype=torch.float32).hvp == "exact"
+
+
+def test_per_block_eigenvalues_by_finite_differences_match_the_exact_blocks():
+    x, y = classification_data()
+    exact = dd.eigenvalues(dd.HessianOperator(tanh_mlp(), CE, (x, y)), k=2, blocks="module")
+    fd = dd.eigenvalues(dd.HessianOperator(tanh_mlp(), CE, (x, y), hvp="finite_difference"), k=2, blocks="module")
+    assert list(fd) == list(exact) == ["0", "2"]
+    for name in exact:
+        torch.testing.assert_close(fd[name].values, exact[name].values, rtol=1e-7, atol=1e-9)

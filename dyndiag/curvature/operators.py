@@ -452,7 +452,10 @@ class _ModelOperator(CurvatureOperator):
         groups = self._groups(blocks, X.shape[1])
         if X.shape[1] == 0:
             return torch.empty_like(X)
-        out = self._accumulate(lambda batch, V: self._batch_blocks(batch, V, groups), self._block_rows(X, groups))
+        if self.hvp == "finite_difference" or self.shards is not None:  # the full product, its block rows kept
+            out = self._product(self._batch_matmat, self._block_rows(X, groups))
+        else:
+            out = self._accumulate(lambda batch, V: self._batch_blocks(batch, V, groups), self._block_rows(X, groups))
         self._counted(X.shape[1])
         return self._block_rows(out, groups)  # reverse-mode GGN products fill every row
 

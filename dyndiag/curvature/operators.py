@@ -1111,7 +1111,7 @@ class GGNOperator(_ModelOperator):
         hjv = (vmap(loss_hessian_) if k > 1 else lambda u: loss_hessian_(u[0]).unsqueeze(0))(jv.detach())
         del jv
         leaf = dict(zip(dual, leaves))
-        out = torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
+        out = torch.zeros(self._offsets[-1], k, dtype=self.dtype, device=self.device)
         for n, (positions, cols) in enumerate(groups):
             w = cols.stop - cols.start
             parts = torch.autograd.grad(outputs, [leaf[i] for i in positions], hjv[cols] if w > 1 else hjv[cols][0],

@@ -117,6 +117,7 @@ from ..data import (
     to_device,
     weighted_mean,
 )
+from ..curvature.sharded import gathered
 from ..distributed import all_gather_object, broadcast_object, is_distributed, is_writer, rank, world_size
 from ..evaluation import Evaluate, operator_mode, select_params, unwrap
 from ..state import preserve_state
@@ -256,95 +257,97 @@ def surface(
         raise TypeError(f"data_parallel must be True or False, got {type(data_parallel).__name__}")
 
     model = unwrap(model)
-    names, chosen = select_params(model, params)
-    dtype, device = chosen[0].dtype, chosen[0].device
-    dirs = _check_directions(directions, sum(p.numel() for p in chosen), dtype, device)
-    coords = tuple(np.linspace(-float(extent), float(extent), resolution) for _ in dirs)
-    shape = tuple(len(c) for c in coords)
+    # An FSDP model is evaluated as one process's model: full parameters on every rank.
+    with gathered(model) as swap:
+        names, chosen = select_params(model, swap(params))
+        dtype, device = chosen[0].dtype, chosen[0].device
+        dirs = _check_directions(directions, sum(p.numel() for p in chosen), dtype, device)
+        coords = tuple(np.linspace(-float(extent), float(extent), resolution) for _ in dirs)
+        shape = tuple(len(c) for c in coords)
 
-    theta = torch.cat([p.detach().reshape(-1) for p in chosen])
-    ranks = world_size()
-    split = ranks > 1 and not data_parallel  # grid points split across ranks
-    key = _key(coords, dirs, theta, metric is not None) if path is not None or ranks > 1 else None
-    if ranks > 1 and len(set(all_gather_object(key))) > 1:
-        raise ValueError(
-            "directions, centre parameters, extent, resolution or metric differ across ranks; every rank must "
-            "call surface with the same ones (random_directions with the same seed gives the same directions)"
-        )
-    store = os.fspath(path) if path is not None and is_writer() else None
-    done = _resume(store, key, shape)
+        theta = torch.cat([p.detach().reshape(-1) for p in chosen])
+        ranks = world_size()
+        split = ranks > 1 and not data_parallel  # grid points split across ranks
+        key = _key(coords, dirs, theta, metric is not None) if path is not None or ranks > 1 else None
+        if ranks > 1 and len(set(all_gather_object(key))) > 1:
+            raise ValueError(
+                "directions, centre parameters, extent, resolution or metric differ across ranks; every rank must "
+                "call surface with the same ones (random_directions with the same seed gives the same directions)"
+            )
+        store = os.fspath(path) if path is not None and is_writer() else None
+        done = _resume(store, key, shape)
 
-    values = np.full(shape, np.nan)
-    metric_values = np.full(shape, np.nan) if metric is not None else None
-    for idx, (loss, m) in done.items():
-        values[idx] = loss
-        if metric_values is not None:
-            metric_values[idx] = m
-
-    grid = list(np.ndindex(*shape))  # flat (row-major) index -> grid index
-    todo = [f for f, idx in enumerate(grid) if idx not in done]
-    if not todo:
-        return Surface(coords=coords, values=values, metric_values=metric_values)
-
-    from tqdm.auto import tqdm
-
-    point_fn = _point_fn(fn, loss_fn if closure is None else None, metric)
-    quiet = not is_writer() or (False if progress is None else not progress)
-    bar = tqdm(total=len(todo), desc="landscape", disable=True if quiet else None)
-    handle = open(store, "a", encoding="utf-8") if store is not None else None
-
-    def keep(points: list[tuple[int, float, float | None]]) -> None:
-        """Store finished points ``(flat index, loss, metric)``: arrays, file (one fsync), bar."""
-        for f, loss, m in points:
-            values[grid[f]] = loss
+        values = np.full(shape, np.nan)
+        metric_values = np.full(shape, np.nan) if metric is not None else None
+        for idx, (loss, m) in done.items():
+            values[idx] = loss
             if metric_values is not None:
-                metric_values[grid[f]] = m
-        if handle is not None and points:
-            _append(handle, [(grid[f], loss, m) for f, loss, m in points])
-        bar.update(len(points))
+                metric_values[idx] = m
 
-    record, on_error = (_gathering(keep), _report_failure) if split else (keep, None)
-    try:
-        # The state guard restores what the per-point loop writes (parameters, running
-        # statistics a train-mode BatchNorm moves); vmap writes nothing.
-        with preserve_state(model, params=True), operator_mode(model), torch.no_grad():
-            D = torch.stack(dirs, 1)  # (dim, k)
-            # Every grid point's coordinates (N, k), made once: a tensor per point
-            # costs more than the indexing.
-            C = torch.tensor([[float(c[i]) for c, i in zip(coords, idx)] for idx in grid], dtype=dtype, device=device)
-            batches = _prepared(data, device)
-            evaluator = lambda batched: _evaluator(point_fn, model, names, chosen, theta, D, batches,  # noqa: E731
-                                                   device, batched, metric is not None, data_parallel)
-            why = _unbatchable(model, closure)
-            size = requested or (1 if why else _auto_chunk(model, point_fn, batches, theta.numel(), device))
-            if ranks > 1:
-                # One chunk size and one reason for every rank: the chunks are the unit of
-                # work (split) or of the all-reduces every rank must enter (data_parallel).
-                agreed = all_gather_object((size, why))
-                size = min(s for s, _ in agreed)
-                why = next((w for _, w in agreed if w is not None), None)
-            if split:
-                size = min(size, -(-len(grid) // ranks))  # every rank gets a chunk of a fresh grid
-            chunks = _chunks(todo, size, len(grid), rank() if split else 0, ranks if split else 1)
-            agree = _agree_first if data_parallel and ranks > 1 else None
-            if size > 1 and why is None:
-                why = _run(evaluator(True), C, chunks, set(todo), record, first=model, agree=agree,
-                           on_error=on_error)
-            if size > 1 and why is not None:
-                if requested:
-                    warnings.warn(f"surface: batch_points={requested} falls back to the per-point loop: {why}",
-                                  RuntimeWarning, stacklevel=2)
-                size = 1
-            if size == 1:
-                # Split: this rank's chunks as they were dealt (the rounds stay in step across
-                # ranks); one process or data-parallel: one point at a time.
-                points = chunks if split else [(f, f + 1) for f in todo]
-                _run(evaluator(False), C, points, set(todo), record, per_point=True, on_error=on_error)
-    finally:
-        bar.close()
-        if handle is not None:
-            handle.close()
-    return Surface(coords=coords, values=values, metric_values=metric_values, batch_points=size)
+        grid = list(np.ndindex(*shape))  # flat (row-major) index -> grid index
+        todo = [f for f, idx in enumerate(grid) if idx not in done]
+        if not todo:
+            return Surface(coords=coords, values=values, metric_values=metric_values)
+
+        from tqdm.auto import tqdm
+
+        point_fn = _point_fn(fn, loss_fn if closure is None else None, metric)
+        quiet = not is_writer() or (False if progress is None else not progress)
+        bar = tqdm(total=len(todo), desc="landscape", disable=True if quiet else None)
+        handle = open(store, "a", encoding="utf-8") if store is not None else None
+
+        def keep(points: list[tuple[int, float, float | None]]) -> None:
+            """Store finished points ``(flat index, loss, metric)``: arrays, file (one fsync), bar."""
+            for f, loss, m in points:
+                values[grid[f]] = loss
+                if metric_values is not None:
+                    metric_values[grid[f]] = m
+            if handle is not None and points:
+                _append(handle, [(grid[f], loss, m) for f, loss, m in points])
+            bar.update(len(points))
+
+        record, on_error = (_gathering(keep), _report_failure) if split else (keep, None)
+        try:
+            # The state guard restores what the per-point loop writes (parameters, running
+            # statistics a train-mode BatchNorm moves); vmap writes nothing.
+            with preserve_state(model, params=True), operator_mode(model), torch.no_grad():
+                D = torch.stack(dirs, 1)  # (dim, k)
+                # Every grid point's coordinates (N, k), made once: a tensor per point
+                # costs more than the indexing.
+                C = torch.tensor([[float(c[i]) for c, i in zip(coords, idx)] for idx in grid], dtype=dtype, device=device)
+                batches = _prepared(data, device)
+                evaluator = lambda batched: _evaluator(point_fn, model, names, chosen, theta, D, batches,  # noqa: E731
+                                                       device, batched, metric is not None, data_parallel)
+                why = _unbatchable(model, closure)
+                size = requested or (1 if why else _auto_chunk(model, point_fn, batches, theta.numel(), device))
+                if ranks > 1:
+                    # One chunk size and one reason for every rank: the chunks are the unit of
+                    # work (split) or of the all-reduces every rank must enter (data_parallel).
+                    agreed = all_gather_object((size, why))
+                    size = min(s for s, _ in agreed)
+                    why = next((w for _, w in agreed if w is not None), None)
+                if split:
+                    size = min(size, -(-len(grid) // ranks))  # every rank gets a chunk of a fresh grid
+                chunks = _chunks(todo, size, len(grid), rank() if split else 0, ranks if split else 1)
+                agree = _agree_first if data_parallel and ranks > 1 else None
+                if size > 1 and why is None:
+                    why = _run(evaluator(True), C, chunks, set(todo), record, first=model, agree=agree,
+                               on_error=on_error)
+                if size > 1 and why is not None:
+                    if requested:
+                        warnings.warn(f"surface: batch_points={requested} falls back to the per-point loop: {why}",
+                                      RuntimeWarning, stacklevel=2)
+                    size = 1
+                if size == 1:
+                    # Split: this rank's chunks as they were dealt (the rounds stay in step across
+                    # ranks); one process or data-parallel: one point at a time.
+                    points = chunks if split else [(f, f + 1) for f in todo]
+                    _run(evaluator(False), C, points, set(todo), record, per_point=True, on_error=on_error)
+        finally:
+            bar.close()
+            if handle is not None:
+                handle.close()
+        return Surface(coords=coords, values=values, metric_values=metric_values, batch_points=size)
 
 
 def _resume(store: str | None, key: str | None, shape: tuple[int, ...]) -> dict:

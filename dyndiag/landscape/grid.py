@@ -130,6 +130,7 @@ _MAX_CHUNK = 128
 _ACTIVATION_ELEMENTS = 2**20  # a chunk's largest module output: 4 MiB in float32
 _PARAMETER_ELEMENTS = 2**26  # a chunk's stacked parameters: 256 MiB in float32
 _CPU_MIN_CHUNK = 16
+_KEY_PIECE = 2**20  # entries hashed at a time
 
 
 @dataclass
@@ -660,7 +661,10 @@ def _key(coords, dirs, theta, has_metric: bool) -> str:
         h.update(np.ascontiguousarray(c, dtype=np.float64).tobytes())
     for t in [*dirs, theta]:
         h.update(str(t.dtype).encode())
-        h.update(np.ascontiguousarray(t.detach().cpu().double().numpy()).tobytes())
+        # The float64 bytes piece by piece: the same key without a float64 copy of a
+        # whole (dim,) vector (on a large model, more memory than the point evaluated).
+        for part in t.detach().reshape(-1).split(_KEY_PIECE):
+            h.update(part.cpu().double().numpy())
     return h.hexdigest()
 
 

@@ -33,9 +33,11 @@ the 121 points; on 2 FSDP ranks the grid is split (each rank evaluates its chunk
 on the same 64 samples, about 60 points each) and every rank works on the full
 parameters, gathered once (so its peak holds a full model, the two directions and
 the point being evaluated, like one process; FSDP saves no memory here). Columns:
-the points this rank evaluated, seconds for directions and surface (times the
-slower rank), the loss at the centre, and the peak resident memory per process
-above the built model and data (which is half the parameters on an FSDP rank).
+the forwards this rank ran (its points, plus one forward with which
+``batch_points="auto"`` sizes the chunks), the chunk size, seconds for the
+directions and for directions and surface together (times the slower rank), the
+loss at the centre, and the peak resident memory per process above the built
+model and data (which is half the parameters on an FSDP rank).
 """
 
 from __future__ import annotations
@@ -120,10 +122,11 @@ def measure_landscape(model, data) -> dict:
     handle = model[0].register_forward_hook(count)
     t = time.perf_counter()
     dirs = dd.landscape.random_directions(model, n=2, seed=0)
+    directions = time.perf_counter() - t
     surf = dd.landscape.surface(model, nn.CrossEntropyLoss(), data, dirs, extent=1.0, resolution=11, progress=False)
     seconds = time.perf_counter() - t
     handle.remove()
-    return {"seconds": seconds, "forwards": calls[0], "centre": float(surf.values[5, 5]),
+    return {"seconds": seconds, "directions_s": directions, "forwards": calls[0], "centre": float(surf.values[5, 5]),
             "batch_points": surf.batch_points, "peak_mb": _rss_mb() - base, "dim": dirs[0].numel()}
 
 
@@ -214,12 +217,12 @@ def main() -> None:
               f"{first['value']:>11.5g} {per_rank(rs, 'peak_mb'):>13}")
     landscape = [(c, rs) for c, rs in runs.items() if c[1] == "landscape"]
     if landscape:
-        print(f"\n{'11x11 landscape':<26} {'dim':>9} {'forwards/rank':>13} {'chunk':>6} {'seconds':>8} "
+        print(f"\n{'11x11 landscape':<26} {'dim':>9} {'forwards/rank':>13} {'chunk':>6} {'dirs s':>7} {'seconds':>8} "
               f"{'centre loss':>12} {'peak MB/rank':>13}")
     for (kind, _), rs in landscape:
         first = rs[0][0]
         print(f"{kind:<26} {first['dim']:>9} {per_rank(rs, 'forwards'):>13} {first['batch_points']:>6} "
-              f"{slowest(rs, 'seconds'):>8.2f} {first['centre']:>12.6g} {per_rank(rs, 'peak_mb'):>13}")
+              f"{slowest(rs, 'directions_s'):>7.2f} {slowest(rs, 'seconds'):>8.2f} {first['centre']:>12.6g} {per_rank(rs, 'peak_mb'):>13}")
     for work in WORKS:
         if ("single", work) in runs:
             single = statistics.median(rep[0]["peak_mb"] for rep in runs[("single", work)])

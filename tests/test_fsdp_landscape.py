@@ -46,11 +46,13 @@ def _landscapes(model, data, shard) -> dict:
     out["split_points"] = L.surface(model, CE, data, dirs, batch_points=1, **KW)
     out["parallel"] = L.surface(model, CE, shard, dirs, data_parallel=True, **KW)
     out["line"] = L.surface(model, CE, data, out["all"][0], **KW)
+    last = [model[2].weight]  # a subset of the (sharded) parameters
+    out["subset"] = L.surface(model, CE, data, L.random_directions(model, n=1, seed=5, params=last), params=last, **KW)
     out["eigen"] = L.eigen_directions(dd.HessianOperator(model, CE, data), k=2, tol=1e-12)
     # A path of state_dicts (DTensor entries under FSDP) ending at the model itself.
     traj = L.trajectory_directions([*_path(model.state_dict())[:2], model], n=2)
     out["trajectory"] = (traj.directions, torch.from_numpy(traj.path))
-    for key in ("split", "split_points", "parallel", "line"):
+    for key in ("split", "split_points", "parallel", "line", "subset"):
         out[key] = torch.from_numpy(out[key].values)
     return out
 
@@ -83,7 +85,7 @@ def test_landscapes_of_an_fsdp_model_equal_one_process(tmp_path):
         assert r["unchanged"] and r["train"] and r["grads"]
         for key in ("filter", "all"):  # the same seed draws the same full-size directions
             assert all(torch.equal(a, b) for a, b in zip(r[key], single[key])), key
-        for key in ("split", "split_points", "parallel", "line"):
+        for key in ("split", "split_points", "parallel", "line", "subset"):
             err = ((r[key] - single[key]).norm() / single[key].norm()).item()
             assert err <= 1e-10, (key, err)
         for a, b in zip(r["eigen"], single["eigen"]):

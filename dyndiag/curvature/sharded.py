@@ -14,6 +14,8 @@ functionally on gathered parameter values with FSDP's forward hooks set aside
 gathered vector and reduced over ranks (its graph holds every layer's full weights,
 like a single process's product). ``hvp="finite_difference"`` instead runs FSDP's
 own sharded forward and backward (:mod:`dyndiag.curvature.finite_difference`).
+Code that evaluates or writes parameters like on one process (the loss landscapes)
+uses :func:`gathered`: full plain parameters swapped in for a block.
 """
 
 from __future__ import annotations

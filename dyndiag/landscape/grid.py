@@ -87,6 +87,12 @@ Rank 0 alone reads and writes ``path`` (the other ranks' ``path`` is ignored) an
 broadcasts the finished points, so an interrupted run resumes on any number of
 ranks, one process included; with the same world size and ``batch_points`` the
 chunks are the same and resumed values bit-identical.
+On an FSDP-sharded model (``fully_shard``; ``DTensor`` parameters) every rank
+gathers the full parameters once, sets FSDP's hooks aside and evaluates the model
+as one process would (:func:`dyndiag.curvature.sharded.gathered`), in either mode
+above: directions, centre and points are full-size on every rank, so a rank's
+memory is a single process's surface's (FSDP's saving does not apply), and the
+sharded parameters are put back untouched.
 """
 
 from __future__ import annotations
@@ -189,7 +195,8 @@ def surface(
     ----------
     model:
         The network; it is returned bit-identical (parameters, buffers, modes,
-        ``.grad``, RNG states).
+        ``.grad``, RNG states). An FSDP-sharded model (``fully_shard``) is evaluated
+        on its gathered full parameters (module docstring).
     loss_fn:
         Criterion ``loss_fn(outputs, targets)`` with mean reduction (or None with
         ``closure``).
@@ -198,7 +205,9 @@ def surface(
         iterated once per chunk of grid points.
     directions:
         One or two flat ``(dim,)`` tensors in parameter order (see
-        :func:`random_directions`); a single 1-D tensor counts as one direction.
+        :func:`random_directions`); a single 1-D tensor counts as one direction. On an
+        FSDP-sharded model ``dim`` is the full number of entries (the directions
+        :func:`random_directions` and :func:`eigen_directions` return there).
     extent, resolution:
         Coordinates ``np.linspace(-extent, extent, resolution)`` along each
         direction; 0 is the model as given.

@@ -206,23 +206,35 @@ def main() -> None:
     def slowest(rs, key):
         return statistics.median(max(r[key] for r in rep) for rep in rs)
 
-    eigen = [(c, rs) for c, rs in runs.items() if c[1] != "landscape"]
-    if eigen:
-        print(f"{'config':<26} {'dim/rank':>9} {'HVP s':>6} {'HVP MB/rank':>12} {'top-1 s':>8} {'HVPs':>5} "
-              f"{'eigenvalue':>11} {'peak MB/rank':>13}")
-    for (kind, hvp), rs in eigen:
-        first = rs[0][0]
-        print(f"{kind + ' ' + hvp:<26} {first['dim']:>9} {slowest(rs, 'product_s'):>6.2f} "
-              f"{per_rank(rs, 'product_mb'):>12} {slowest(rs, 'seconds'):>8.2f} {first['hvps']:>5} "
-              f"{first['value']:>11.5g} {per_rank(rs, 'peak_mb'):>13}")
-    landscape = [(c, rs) for c, rs in runs.items() if c[1] == "landscape"]
-    if landscape:
-        print(f"\n{'11x11 landscape':<26} {'dim':>9} {'forwards/rank':>13} {'chunk':>6} {'dirs s':>7} {'seconds':>8} "
-              f"{'centre loss':>12} {'peak MB/rank':>13}")
-    for (kind, _), rs in landscape:
-        first = rs[0][0]
-        print(f"{kind:<26} {first['dim']:>9} {per_rank(rs, 'forwards'):>13} {first['batch_points']:>6} "
-              f"{slowest(rs, 'directions_s'):>7.2f} {slowest(rs, 'seconds'):>8.2f} {first['centre']:>12.6g} {per_rank(rs, 'peak_mb'):>13}")
+    def table(rows, columns) -> None:
+        """A header and one line per configuration; ``columns``: ``(header, width, value(kind, work, rs))``."""
+        if not rows:
+            return
+        print(" ".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w, _) in enumerate(columns)))
+        for (kind, work), rs in rows:
+            cells = [(value(kind, work, rs), w) for _, w, value in columns]
+            print(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(cells)))
+
+    def first(key, spec=""):
+        return lambda kind, work, rs: format(rs[0][0][key], spec)
+
+    def slowest_of(key):
+        return lambda kind, work, rs: f"{slowest(rs, key):.2f}"
+
+    def per_rank_of(key):
+        return lambda kind, work, rs: per_rank(rs, key)
+
+    table([(c, rs) for c, rs in runs.items() if c[1] != "landscape"], [
+        ("config", 26, lambda kind, work, rs: f"{kind} {work}"), ("dim/rank", 9, first("dim")),
+        ("HVP s", 6, slowest_of("product_s")), ("HVP MB/rank", 12, per_rank_of("product_mb")),
+        ("top-1 s", 8, slowest_of("seconds")), ("HVPs", 5, first("hvps")), ("eigenvalue", 11, first("value", ".5g")),
+        ("peak MB/rank", 13, per_rank_of("peak_mb"))])
+    print()
+    table([(c, rs) for c, rs in runs.items() if c[1] == "landscape"], [
+        ("11x11 landscape", 26, lambda kind, work, rs: kind), ("dim", 9, first("dim")),
+        ("forwards/rank", 13, per_rank_of("forwards")), ("chunk", 6, first("batch_points")),
+        ("dirs s", 7, slowest_of("directions_s")), ("seconds", 8, slowest_of("seconds")),
+        ("centre loss", 12, first("centre", ".6g")), ("peak MB/rank", 13, per_rank_of("peak_mb"))])
     for work in WORKS:
         if ("single", work) in runs:
             single = statistics.median(rep[0]["peak_mb"] for rep in runs[("single", work)])

@@ -199,8 +199,8 @@ def gathered(model: nn.Module) -> Iterator[Callable]:
                 params[name] = full[id(p)]
 
             def swap(params):
-                if params is None or isinstance(params, str) or not isinstance(params, Sequence):
-                    return params
+                if params is None or isinstance(params, (str, torch.Tensor)):
+                    return params  # the default, a glob, or a mistake the caller reports
                 return [full.get(id(p), p) for p in params]
 
             yield swap

@@ -673,7 +673,7 @@ def _key(coords, dirs, theta, has_metric: bool) -> str:
         # The float64 bytes piece by piece: the same key without a float64 copy of a
         # whole (dim,) vector (on a large model, more memory than the point evaluated).
         for part in t.detach().reshape(-1).split(_KEY_PIECE):
-            h.update(part.cpu().double().numpy())
+            h.update(part.cpu().double().contiguous().numpy())
     return h.hexdigest()
 
 

@@ -12,22 +12,15 @@ import dyndiag as dd
 import dyndiag.landscape as L
 from models import classification_data, tanh_mlp
 from ranks import on_ranks
+from test_fsdp import _sharded_mlp  # hidden width 7: rows split 4/3, unequal shards
 
-fsdp = pytest.importorskip("torch.distributed.fsdp")
+pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available():
     pytest.skip("torch.distributed not available", allow_module_level=True)
 
 CE = nn.CrossEntropyLoss()
 SPLIT = 10  # data_parallel: rank 0 holds 10 samples, rank 1 the other 14
 KW = dict(resolution=4, extent=0.5, progress=False)  # 16 points
-
-
-def _sharded_mlp():
-    model = tanh_mlp()  # hidden width 7: rows split 4/3, unequal shards
-    for layer in (model[0], model[2]):
-        fsdp.fully_shard(layer)
-    fsdp.fully_shard(model)
-    return model
 
 
 def _path(state: dict) -> list[dict]:

@@ -1,9 +1,11 @@
-"""FSDP benchmark: top Hessian eigenvalue of a ~5 M-parameter model on 2 FSDP ranks against one process.
+"""FSDP benchmark: top Hessian eigenvalue and an 11x11 landscape of a ~5 M-parameter model on 2 FSDP ranks
+against one process.
 
 Run from the repository root::
 
     python benchmarks/distributed.py            # 3 interleaved repeats
     python benchmarks/distributed.py --quick    # 1 repeat
+    python benchmarks/distributed.py --quick --only landscape
 
 Model: an MLP 512-768x9-10 with tanh (5.1 M parameters in ten layers of at
 most 0.6 M each, so FSDP's one unsharded layer at a time is a small part of the
@@ -23,8 +25,19 @@ fresh processes, so its peak is its own; medians over repeats, times the slower
 rank). The Lanczos basis is part of the peak (up to 24 columns here: 0.5 GB in
 one process, half of it per FSDP rank). On a shared CPU the two ranks compete
 for the same cores: times compare the work, not a multi-machine speed-up; memory
-per rank is the figure FSDP is about. The 11x11 landscape column is not measured
-here (no distributed surface on this branch).
+per rank is the figure FSDP is about.
+
+Landscape: ``random_directions(model, n=2, seed=0)`` then an 11x11 ``surface``
+(``extent=1``, ``batch_points="auto"``) on all 64 samples. One process evaluates
+the 121 points; on 2 FSDP ranks the grid is split (each rank evaluates its chunks
+on the same 64 samples, about 60 points each) and every rank works on the full
+parameters, gathered once (so its peak holds a full model, the two directions and
+the point being evaluated, like one process; FSDP saves no memory here). Columns:
+the forwards this rank ran (its points, plus one forward with which
+``batch_points="auto"`` sizes the chunks), the chunk size, seconds for the
+directions and for directions and surface together (times the slower rank), the
+loss at the centre, and the peak resident memory per process above the built
+model and data (which is half the parameters on an FSDP rank).
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 N, WIDTHS = 64, (512,) + (768,) * 9 + (10,)
+WORKS = ("exact", "finite_difference", "landscape")
 
 
 def build(seed: int = 0):
@@ -88,6 +102,34 @@ def measure(model, data, hvp: str) -> dict:
             "product_mb": product_mb, "peak_mb": _rss_mb() - base, "dim": op.dim}
 
 
+def measure_landscape(model, data) -> dict:
+    """Directions and an 11x11 surface: time, forwards this rank ran, peak MB."""
+    import torch
+    from torch import nn
+
+    import dyndiag as dd
+
+    # A tiny surface first: imports (tqdm) and first-use memory are not the landscape's.
+    tiny = nn.Sequential(nn.Linear(data[0].shape[1], 4), nn.Tanh(), nn.Linear(4, WIDTHS[-1]))
+    dd.landscape.surface(tiny, nn.CrossEntropyLoss(), data, dd.landscape.random_directions(tiny), resolution=2,
+                         progress=False)
+    base = _rss_mb()
+    calls = [0]
+
+    def count(module, inputs, output):  # one per point and batch (per chunk under vmap)
+        calls[0] += 1
+
+    handle = model[0].register_forward_hook(count)
+    t = time.perf_counter()
+    dirs = dd.landscape.random_directions(model, n=2, seed=0)
+    directions = time.perf_counter() - t
+    surf = dd.landscape.surface(model, nn.CrossEntropyLoss(), data, dirs, extent=1.0, resolution=11, progress=False)
+    seconds = time.perf_counter() - t
+    handle.remove()
+    return {"seconds": seconds, "directions_s": directions, "forwards": calls[0], "centre": float(surf.values[5, 5]),
+            "batch_points": surf.batch_points, "peak_mb": _rss_mb() - base, "dim": dirs[0].numel()}
+
+
 def _rank(rank: int, world: int, init_file: str, hvp: str, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -101,10 +143,13 @@ def _rank(rank: int, world: int, init_file: str, hvp: str, out: str) -> None:
             if isinstance(m, torch.nn.Linear):
                 fully_shard(m)
         fully_shard(model)
-        part = slice(rank * N // world, (rank + 1) * N // world)
-        data = (x[part].clone(), y[part].clone())
-        del x, y
-        result = measure(model, data, hvp)
+        if hvp == "landscape":  # the grid split: every rank evaluates its points on all the data
+            result = measure_landscape(model, (x, y))
+        else:
+            part = slice(rank * N // world, (rank + 1) * N // world)
+            data = (x[part].clone(), y[part].clone())
+            del x, y
+            result = measure(model, data, hvp)
         with open(f"{out}.{rank}", "w") as f:
             json.dump(result, f)
         dist.barrier()
@@ -119,6 +164,8 @@ def run_one(kind: str, hvp: str) -> list[dict]:
 
         torch.set_num_threads(1)  # the same per-process threads as each FSDP rank
         model, x, y = build()
+        if hvp == "landscape":
+            return [measure_landscape(model, (x, y))]
         return [measure(model, (x, y), hvp)]
     import torch.multiprocessing as mp
 
@@ -136,7 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--run", nargs=2, metavar=("KIND", "HVP"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=WORKS, default=list(WORKS), help="what to measure")
+    parser.add_argument("--run", nargs=2, metavar=("KIND", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         print(json.dumps(run_one(*args.run)))
@@ -144,30 +192,56 @@ def main() -> None:
     import torch
 
     repeats = 1 if args.quick else args.repeats
-    configs = [(k, h) for h in ("exact", "finite_difference") for k in ("single", "fsdp")]
+    configs = [(k, w) for w in WORKS if w in args.only for k in ("single", "fsdp")]
     runs: dict = {c: [] for c in configs}
     for _ in range(repeats):  # interleaved: drift on a shared machine hits every configuration alike
-        for kind, hvp in configs:
-            proc = subprocess.run([sys.executable, __file__, "--run", kind, hvp], capture_output=True, text=True,
+        for kind, work in configs:
+            proc = subprocess.run([sys.executable, __file__, "--run", kind, work], capture_output=True, text=True,
                                   check=True)
-            runs[(kind, hvp)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"{'config':<26} {'dim/rank':>9} {'HVP s':>6} {'HVP MB/rank':>12} {'top-1 s':>8} {'HVPs':>5} "
-          f"{'eigenvalue':>11} {'peak MB/rank':>13}")
+            runs[(kind, work)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
     def per_rank(rs, key):
         return "/".join(f"{statistics.median(rep[i][key] for rep in rs):.0f}" for i in range(len(rs[0])))
 
-    for (kind, hvp), rs in runs.items():
-        seconds = statistics.median(max(r["seconds"] for r in rep) for rep in rs)
-        product = statistics.median(max(r["product_s"] for r in rep) for rep in rs)
-        first = rs[0][0]
-        print(f"{kind + ' ' + hvp:<26} {first['dim']:>9} {product:>6.2f} {per_rank(rs, 'product_mb'):>12} "
-              f"{seconds:>8.2f} {first['hvps']:>5} {first['value']:>11.5g} {per_rank(rs, 'peak_mb'):>13}")
-    for hvp in ("exact", "finite_difference"):
-        single = statistics.median(rep[0]["peak_mb"] for rep in runs[("single", hvp)])
-        sharded = statistics.median(max(r["peak_mb"] for r in rep) for rep in runs[("fsdp", hvp)])
-        print(f"{hvp}: FSDP peak per rank / single-process peak = {sharded / max(single, 1e-9):.2f}")
-    print(f"command: python benchmarks/distributed.py --repeats {repeats}; torch {torch.__version__}, "
+    def slowest(rs, key):
+        return statistics.median(max(r[key] for r in rep) for rep in rs)
+
+    def table(rows, columns) -> None:
+        """A header and one line per configuration; ``columns``: ``(header, width, value(kind, work, rs))``."""
+        if not rows:
+            return
+        print(" ".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w, _) in enumerate(columns)))
+        for (kind, work), rs in rows:
+            cells = [(value(kind, work, rs), w) for _, w, value in columns]
+            print(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(cells)))
+
+    def first(key, spec=""):
+        return lambda kind, work, rs: format(rs[0][0][key], spec)
+
+    def slowest_of(key):
+        return lambda kind, work, rs: f"{slowest(rs, key):.2f}"
+
+    def per_rank_of(key):
+        return lambda kind, work, rs: per_rank(rs, key)
+
+    table([(c, rs) for c, rs in runs.items() if c[1] != "landscape"], [
+        ("config", 26, lambda kind, work, rs: f"{kind} {work}"), ("dim/rank", 9, first("dim")),
+        ("HVP s", 6, slowest_of("product_s")), ("HVP MB/rank", 12, per_rank_of("product_mb")),
+        ("top-1 s", 8, slowest_of("seconds")), ("HVPs", 5, first("hvps")), ("eigenvalue", 11, first("value", ".5g")),
+        ("peak MB/rank", 13, per_rank_of("peak_mb"))])
+    print()
+    table([(c, rs) for c, rs in runs.items() if c[1] == "landscape"], [
+        ("11x11 landscape", 26, lambda kind, work, rs: kind), ("dim", 9, first("dim")),
+        ("forwards/rank", 13, per_rank_of("forwards")), ("chunk", 6, first("batch_points")),
+        ("dirs s", 7, slowest_of("directions_s")), ("seconds", 8, slowest_of("seconds")),
+        ("centre loss", 12, first("centre", ".6g")), ("peak MB/rank", 13, per_rank_of("peak_mb"))])
+    for work in WORKS:
+        if ("single", work) in runs:
+            single = statistics.median(rep[0]["peak_mb"] for rep in runs[("single", work)])
+            print(f"{work}: FSDP peak per rank / single-process peak = "
+                  f"{slowest(runs[('fsdp', work)], 'peak_mb') / max(single, 1e-9):.2f}")
+    only = "" if len(args.only) == len(WORKS) else " --only " + " ".join(args.only)
+    print(f"command: python benchmarks/distributed.py --repeats {repeats}{only}; torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, one thread per process")
 
 

@@ -14,18 +14,20 @@ functionally on gathered parameter values with FSDP's forward hooks set aside
 gathered vector and reduced over ranks (its graph holds every layer's full weights,
 like a single process's product). ``hvp="finite_difference"`` instead runs FSDP's
 own sharded forward and backward (:mod:`dyndiag.curvature.finite_difference`).
+Code that evaluates or writes parameters like on one process (the loss landscapes)
+uses :func:`gathered`: full plain parameters swapped in for a block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Shards", "fsdp_hooks_off", "is_sharded_param"]
+__all__ = ["Shards", "fsdp_hooks_off", "gathered", "is_sharded_param"]
 
 
 def _dtensor_type():
@@ -163,3 +165,45 @@ def fsdp_hooks_off(model: nn.Module) -> Iterator[None]:
         for hooks, items in saved:
             hooks.clear()
             hooks.update(items)
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[Callable]:
+    """The model as one process's model in a block: FSDP's hooks set aside
+    (:func:`fsdp_hooks_off`) and every ``DTensor`` parameter replaced by a plain
+    ``nn.Parameter`` holding its full value (gathered once, on every rank; the same
+    ``requires_grad``; tied parameters stay tied).
+
+    For code that evaluates or writes parameters as on an unsharded model (the loss
+    landscapes): every rank holds a full copy of the sharded parameters for the
+    block. The sharded parameters are neither read again nor written, and are put
+    back on exit (their values, ``.grad`` and flags untouched). Any placement and
+    mesh works; every rank of the mesh must enter the block (the gathers are
+    collectives, in module order). A no-op on a model with no ``DTensor`` parameter.
+
+    Yields ``swap(params)``: a sequence of the model's parameters with each sharded
+    one replaced by its full stand-in (``None`` and name globs pass through).
+    """
+    held = []  # (a module's parameter dict, name, the sharded parameter)
+    full: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and is_sharded_param(p):
+                held.append((m._parameters, name, p))
+    with fsdp_hooks_off(model):
+        try:
+            for params, name, p in held:
+                if id(p) not in full:
+                    with torch.no_grad():
+                        full[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                params[name] = full[id(p)]
+
+            def swap(params):
+                if params is None or isinstance(params, (str, torch.Tensor)):
+                    return params  # the default, a glob, or a mistake the caller reports
+                return [full.get(id(p), p) for p in params]
+
+            yield swap
+        finally:
+            for params, name, p in held:
+                params[name] = p

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..curvature.sharded import gathered
 from ..evaluation import select_params, unwrap
 from ..state import preserve_state
 
@@ -51,7 +52,9 @@ def random_directions(
     Parameters
     ----------
     model:
-        The network; only read.
+        The network; only read. On an FSDP-sharded model (``fully_shard``) every
+        rank of the mesh must call this: the parameters are gathered once and
+        every rank returns the full-size directions of one process.
     n:
         Number of directions (>= 1).
     normalization:
@@ -81,7 +84,8 @@ def random_directions(
 
     Returns
     -------
-    list of ``n`` flat tensors of shape ``(dim,)`` on the parameters' device and dtype.
+    list of ``n`` flat tensors of shape ``(dim,)`` on the parameters' device and dtype
+    (``dim``: every chosen parameter's full number of entries, also on an FSDP model).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -97,8 +101,9 @@ def random_directions(
     if bad:
         raise ValueError(f"ignore must hold names from {_IGNORE}, got {bad!r}")
     model = unwrap(model)
-    with preserve_state(model, params=True):
-        _, chosen = select_params(model, params)
+    # An FSDP model's directions are full-size, drawn and normalised as in one process.
+    with gathered(model) as swap, preserve_state(model, params=True):
+        _, chosen = select_params(model, swap(params))
         norm_ids = _norm_param_ids(model) if "norm" in ignore else set()
         gen = torch.Generator(device="cpu").manual_seed(seed)
         dtype, device = chosen[0].dtype, chosen[0].device
@@ -149,7 +154,10 @@ def eigen_directions(H: object, k: int = 2, *, seed: int = 0, tol: float = 1e-6)
     ``tol`` is its relative eigenvalue tolerance; eigenvector errors scale like
     ``residual / eigengap``, so lower ``tol`` for sharper vectors),
     largest eigenvalue first. Each is flat ``(dim,)`` in the operator's parameter
-    order, with the sign fixed so that its largest-magnitude entry is positive.
+    order, with the sign fixed so that its largest-magnitude entry is positive. On
+    an operator of an FSDP-sharded model (local vectors, ``H.shards``) the vectors
+    are gathered: every rank returns the same full-size ``(H.shards.full_dim,)``
+    directions, as :func:`surface` takes them.
     """
     from ..curvature.lanczos import eigenvalues
 
@@ -159,6 +167,9 @@ def eigen_directions(H: object, k: int = 2, *, seed: int = 0, tol: float = 1e-6)
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     result = eigenvalues(H, k, tol=tol, return_vectors=True, seed=seed)
     vectors = result.vectors
+    shards = getattr(H, "shards", None)
+    if shards is not None:
+        vectors = shards.full(vectors)
     out = []
     for i in range(vectors.shape[1]):
         v = vectors[:, i].clone()

@@ -87,6 +87,12 @@ Rank 0 alone reads and writes ``path`` (the other ranks' ``path`` is ignored) an
 broadcasts the finished points, so an interrupted run resumes on any number of
 ranks, one process included; with the same world size and ``batch_points`` the
 chunks are the same and resumed values bit-identical.
+On an FSDP-sharded model (``fully_shard``; ``DTensor`` parameters) every rank
+gathers the full parameters once, sets FSDP's hooks aside and evaluates the model
+as one process would (:func:`dyndiag.curvature.sharded.gathered`), in either mode
+above: directions, centre and points are full-size on every rank, so a rank's
+memory is a single process's surface's (FSDP's saving does not apply), and the
+sharded parameters are put back untouched.
 """
 
 from __future__ import annotations
@@ -117,6 +123,7 @@ from ..data import (
     to_device,
     weighted_mean,
 )
+from ..curvature.sharded import gathered
 from ..distributed import all_gather_object, broadcast_object, is_distributed, is_writer, rank, world_size
 from ..evaluation import Evaluate, operator_mode, select_params, unwrap
 from ..state import preserve_state
@@ -129,6 +136,7 @@ _MAX_CHUNK = 128
 _ACTIVATION_ELEMENTS = 2**20  # a chunk's largest module output: 4 MiB in float32
 _PARAMETER_ELEMENTS = 2**26  # a chunk's stacked parameters: 256 MiB in float32
 _CPU_MIN_CHUNK = 16
+_KEY_PIECE = 2**20  # entries hashed at a time
 
 
 @dataclass
@@ -187,7 +195,8 @@ def surface(
     ----------
     model:
         The network; it is returned bit-identical (parameters, buffers, modes,
-        ``.grad``, RNG states).
+        ``.grad``, RNG states). An FSDP-sharded model (``fully_shard``) is evaluated
+        on its gathered full parameters (module docstring).
     loss_fn:
         Criterion ``loss_fn(outputs, targets)`` with mean reduction (or None with
         ``closure``).
@@ -196,7 +205,9 @@ def surface(
         iterated once per chunk of grid points.
     directions:
         One or two flat ``(dim,)`` tensors in parameter order (see
-        :func:`random_directions`); a single 1-D tensor counts as one direction.
+        :func:`random_directions`); a single 1-D tensor counts as one direction. On an
+        FSDP-sharded model ``dim`` is the full number of entries (the directions
+        :func:`random_directions` and :func:`eigen_directions` return there).
     extent, resolution:
         Coordinates ``np.linspace(-extent, extent, resolution)`` along each
         direction; 0 is the model as given.
@@ -256,95 +267,97 @@ def surface(
         raise TypeError(f"data_parallel must be True or False, got {type(data_parallel).__name__}")
 
     model = unwrap(model)
-    names, chosen = select_params(model, params)
-    dtype, device = chosen[0].dtype, chosen[0].device
-    dirs = _check_directions(directions, sum(p.numel() for p in chosen), dtype, device)
-    coords = tuple(np.linspace(-float(extent), float(extent), resolution) for _ in dirs)
-    shape = tuple(len(c) for c in coords)
+    # An FSDP model is evaluated as one process's model: full parameters on every rank.
+    with gathered(model) as swap:
+        names, chosen = select_params(model, swap(params))
+        dtype, device = chosen[0].dtype, chosen[0].device
+        dirs = _check_directions(directions, sum(p.numel() for p in chosen), dtype, device)
+        coords = tuple(np.linspace(-float(extent), float(extent), resolution) for _ in dirs)
+        shape = tuple(len(c) for c in coords)
 
-    theta = torch.cat([p.detach().reshape(-1) for p in chosen])
-    ranks = world_size()
-    split = ranks > 1 and not data_parallel  # grid points split across ranks
-    key = _key(coords, dirs, theta, metric is not None) if path is not None or ranks > 1 else None
-    if ranks > 1 and len(set(all_gather_object(key))) > 1:
-        raise ValueError(
-            "directions, centre parameters, extent, resolution or metric differ across ranks; every rank must "
-            "call surface with the same ones (random_directions with the same seed gives the same directions)"
-        )
-    store = os.fspath(path) if path is not None and is_writer() else None
-    done = _resume(store, key, shape)
+        theta = torch.cat([p.detach().reshape(-1) for p in chosen])
+        ranks = world_size()
+        split = ranks > 1 and not data_parallel  # grid points split across ranks
+        key = _key(coords, dirs, theta, metric is not None) if path is not None or ranks > 1 else None
+        if ranks > 1 and len(set(all_gather_object(key))) > 1:
+            raise ValueError(
+                "directions, centre parameters, extent, resolution or metric differ across ranks; every rank must "
+                "call surface with the same ones (random_directions with the same seed gives the same directions)"
+            )
+        store = os.fspath(path) if path is not None and is_writer() else None
+        done = _resume(store, key, shape)
 
-    values = np.full(shape, np.nan)
-    metric_values = np.full(shape, np.nan) if metric is not None else None
-    for idx, (loss, m) in done.items():
-        values[idx] = loss
-        if metric_values is not None:
-            metric_values[idx] = m
-
-    grid = list(np.ndindex(*shape))  # flat (row-major) index -> grid index
-    todo = [f for f, idx in enumerate(grid) if idx not in done]
-    if not todo:
-        return Surface(coords=coords, values=values, metric_values=metric_values)
-
-    from tqdm.auto import tqdm
-
-    point_fn = _point_fn(fn, loss_fn if closure is None else None, metric)
-    quiet = not is_writer() or (False if progress is None else not progress)
-    bar = tqdm(total=len(todo), desc="landscape", disable=True if quiet else None)
-    handle = open(store, "a", encoding="utf-8") if store is not None else None
-
-    def keep(points: list[tuple[int, float, float | None]]) -> None:
-        """Store finished points ``(flat index, loss, metric)``: arrays, file (one fsync), bar."""
-        for f, loss, m in points:
-            values[grid[f]] = loss
+        values = np.full(shape, np.nan)
+        metric_values = np.full(shape, np.nan) if metric is not None else None
+        for idx, (loss, m) in done.items():
+            values[idx] = loss
             if metric_values is not None:
-                metric_values[grid[f]] = m
-        if handle is not None and points:
-            _append(handle, [(grid[f], loss, m) for f, loss, m in points])
-        bar.update(len(points))
+                metric_values[idx] = m
 
-    record, on_error = (_gathering(keep), _report_failure) if split else (keep, None)
-    try:
-        # The state guard restores what the per-point loop writes (parameters, running
-        # statistics a train-mode BatchNorm moves); vmap writes nothing.
-        with preserve_state(model, params=True), operator_mode(model), torch.no_grad():
-            D = torch.stack(dirs, 1)  # (dim, k)
-            # Every grid point's coordinates (N, k), made once: a tensor per point
-            # costs more than the indexing.
-            C = torch.tensor([[float(c[i]) for c, i in zip(coords, idx)] for idx in grid], dtype=dtype, device=device)
-            batches = _prepared(data, device)
-            evaluator = lambda batched: _evaluator(point_fn, model, names, chosen, theta, D, batches,  # noqa: E731
-                                                   device, batched, metric is not None, data_parallel)
-            why = _unbatchable(model, closure)
-            size = requested or (1 if why else _auto_chunk(model, point_fn, batches, theta.numel(), device))
-            if ranks > 1:
-                # One chunk size and one reason for every rank: the chunks are the unit of
-                # work (split) or of the all-reduces every rank must enter (data_parallel).
-                agreed = all_gather_object((size, why))
-                size = min(s for s, _ in agreed)
-                why = next((w for _, w in agreed if w is not None), None)
-            if split:
-                size = min(size, -(-len(grid) // ranks))  # every rank gets a chunk of a fresh grid
-            chunks = _chunks(todo, size, len(grid), rank() if split else 0, ranks if split else 1)
-            agree = _agree_first if data_parallel and ranks > 1 else None
-            if size > 1 and why is None:
-                why = _run(evaluator(True), C, chunks, set(todo), record, first=model, agree=agree,
-                           on_error=on_error)
-            if size > 1 and why is not None:
-                if requested:
-                    warnings.warn(f"surface: batch_points={requested} falls back to the per-point loop: {why}",
-                                  RuntimeWarning, stacklevel=2)
-                size = 1
-            if size == 1:
-                # Split: this rank's chunks as they were dealt (the rounds stay in step across
-                # ranks); one process or data-parallel: one point at a time.
-                points = chunks if split else [(f, f + 1) for f in todo]
-                _run(evaluator(False), C, points, set(todo), record, per_point=True, on_error=on_error)
-    finally:
-        bar.close()
-        if handle is not None:
-            handle.close()
-    return Surface(coords=coords, values=values, metric_values=metric_values, batch_points=size)
+        grid = list(np.ndindex(*shape))  # flat (row-major) index -> grid index
+        todo = [f for f, idx in enumerate(grid) if idx not in done]
+        if not todo:
+            return Surface(coords=coords, values=values, metric_values=metric_values)
+
+        from tqdm.auto import tqdm
+
+        point_fn = _point_fn(fn, loss_fn if closure is None else None, metric)
+        quiet = not is_writer() or (False if progress is None else not progress)
+        bar = tqdm(total=len(todo), desc="landscape", disable=True if quiet else None)
+        handle = open(store, "a", encoding="utf-8") if store is not None else None
+
+        def keep(points: list[tuple[int, float, float | None]]) -> None:
+            """Store finished points ``(flat index, loss, metric)``: arrays, file (one fsync), bar."""
+            for f, loss, m in points:
+                values[grid[f]] = loss
+                if metric_values is not None:
+                    metric_values[grid[f]] = m
+            if handle is not None and points:
+                _append(handle, [(grid[f], loss, m) for f, loss, m in points])
+            bar.update(len(points))
+
+        record, on_error = (_gathering(keep), _report_failure) if split else (keep, None)
+        try:
+            # The state guard restores what the per-point loop writes (parameters, running
+            # statistics a train-mode BatchNorm moves); vmap writes nothing.
+            with preserve_state(model, params=True), operator_mode(model), torch.no_grad():
+                D = torch.stack(dirs, 1)  # (dim, k)
+                # Every grid point's coordinates (N, k), made once: a tensor per point
+                # costs more than the indexing.
+                C = torch.tensor([[float(c[i]) for c, i in zip(coords, idx)] for idx in grid], dtype=dtype, device=device)
+                batches = _prepared(data, device)
+                evaluator = lambda batched: _evaluator(point_fn, model, names, chosen, theta, D, batches,  # noqa: E731
+                                                       device, batched, metric is not None, data_parallel)
+                why = _unbatchable(model, closure)
+                size = requested or (1 if why else _auto_chunk(model, point_fn, batches, theta.numel(), device))
+                if ranks > 1:
+                    # One chunk size and one reason for every rank: the chunks are the unit of
+                    # work (split) or of the all-reduces every rank must enter (data_parallel).
+                    agreed = all_gather_object((size, why))
+                    size = min(s for s, _ in agreed)
+                    why = next((w for _, w in agreed if w is not None), None)
+                if split:
+                    size = min(size, -(-len(grid) // ranks))  # every rank gets a chunk of a fresh grid
+                chunks = _chunks(todo, size, len(grid), rank() if split else 0, ranks if split else 1)
+                agree = _agree_first if data_parallel and ranks > 1 else None
+                if size > 1 and why is None:
+                    why = _run(evaluator(True), C, chunks, set(todo), record, first=model, agree=agree,
+                               on_error=on_error)
+                if size > 1 and why is not None:
+                    if requested:
+                        warnings.warn(f"surface: batch_points={requested} falls back to the per-point loop: {why}",
+                                      RuntimeWarning, stacklevel=2)
+                    size = 1
+                if size == 1:
+                    # Split: this rank's chunks as they were dealt (the rounds stay in step across
+                    # ranks); one process or data-parallel: one point at a time.
+                    points = chunks if split else [(f, f + 1) for f in todo]
+                    _run(evaluator(False), C, points, set(todo), record, per_point=True, on_error=on_error)
+        finally:
+            bar.close()
+            if handle is not None:
+                handle.close()
+        return Surface(coords=coords, values=values, metric_values=metric_values, batch_points=size)
 
 
 def _resume(store: str | None, key: str | None, shape: tuple[int, ...]) -> dict:
@@ -657,7 +670,10 @@ def _key(coords, dirs, theta, has_metric: bool) -> str:
         h.update(np.ascontiguousarray(c, dtype=np.float64).tobytes())
     for t in [*dirs, theta]:
         h.update(str(t.dtype).encode())
-        h.update(np.ascontiguousarray(t.detach().cpu().double().numpy()).tobytes())
+        # The float64 bytes piece by piece: the same key without a float64 copy of a
+        # whole (dim,) vector (on a large model, more memory than the point evaluated).
+        for part in t.detach().reshape(-1).split(_KEY_PIECE):
+            h.update(part.cpu().double().contiguous().numpy())
     return h.hexdigest()
 
 

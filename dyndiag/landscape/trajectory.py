@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import strip_prefixes
+from ..curvature.sharded import is_sharded_param
 from ..evaluation import select_params, unwrap
 
 __all__ = ["TrajectoryDirections", "trajectory_directions"]
@@ -71,11 +72,18 @@ def _param_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors' full values, detached and concatenated flat; an FSDP-sharded one
+    (``DTensor``) is gathered, a collective every rank of its mesh enters."""
+    flat = [t.detach() for t in tensors]
+    return torch.cat([(t.full_tensor() if is_sharded_param(t) else t).reshape(-1) for t in flat])
+
+
 def _flatten(entry, names: list[str] | None, what: str) -> torch.Tensor:
     """One checkpoint-like entry -> flat ``(dim,)`` tensor (detached, not copied if avoidable)."""
     if isinstance(entry, nn.Module):
         _, params = select_params(unwrap(entry), None)
-        return torch.cat([p.detach().reshape(-1) for p in params])
+        return _flat(params)
     if isinstance(entry, torch.Tensor):
         if entry.dim() != 1:
             raise ValueError(f"{what} must be a flat (dim,) tensor, got shape {tuple(entry.shape)}")
@@ -103,7 +111,7 @@ def _flatten(entry, names: list[str] | None, what: str) -> torch.Tensor:
         for t in tensors:
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise TypeError(f"{what} (a state_dict) holds a non-floating or non-tensor parameter entry")
-        return torch.cat([t.detach().reshape(-1) for t in tensors])
+        return _flat(tensors)
     raise TypeError(
         f"{what} must be an nn.Module, a state_dict (mapping) or a flat (dim,) tensor, got {type(entry).__name__}"
     )
@@ -131,7 +139,10 @@ def trajectory_directions(
         ``center``); with no module at all, every floating-point tensor in key
         order except BatchNorm statistics (keys ending in ``running_mean``,
         ``running_var``, ``num_batches_tracked``). Pass ``params_of`` for models
-        with frozen parameters or other floating buffers. Only read.
+        with frozen parameters or other floating buffers. Only read. Modules and
+        state_dicts of an FSDP-sharded model (``DTensor`` entries) are gathered to
+        full values, so every rank of the mesh must call this, and the directions
+        are full-size on every rank.
     n:
         Number of directions, ``1 <= n <= len(checkpoints) - 1``.
     center:

@@ -29,12 +29,16 @@ def to_floats(tensors: list) -> list[float]:
 
     Tensors of one dtype and device are stacked as they are; several kinds are each
     stacked, widened to float64 (exact for every floating type) and joined on the
-    first tensor's device. Nothing else synchronises with the device.
+    first tensor's device. Nothing else synchronises with the device. DTensors
+    (values reduced from FSDP shards) are made full first, a collective on every rank.
     """
     import torch
 
     if not tensors:
         return []
+    # A DTensor (a value computed from FSDP shards) becomes its full value: a collective,
+    # which every rank reaches at the same flush.
+    tensors = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
     kinds: dict = {}
     for i, t in enumerate(tensors):
         kinds.setdefault((t.dtype, t.device), []).append(i)

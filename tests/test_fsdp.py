@@ -141,6 +141,8 @@ def _curvature_probes():
     return [
         P.HessianSpectrum(every=2, k=3, tol=1e-10, trace_matvecs=9, density=True, num_probes=2, lanczos_steps=5),
         P.SubspaceOverlap(every=2, k=2, tol=1e-10),
+        # The cheap probes: their values are DTensors on FSDP, made full when written.
+        P.GradientNorm(per_layer=True), P.LayerRotation(), P.SoftmaxCollapse(),
     ]
 
 
@@ -177,6 +179,11 @@ def test_edge_of_stability_in_an_fsdp_loop_matches_one_process(tmp_path):
     spectra = [d[d.probe.isin(probes)].set_index(["step", "metric", "key"]).value for d in (df, single)]
     assert len(spectra[0]) == len(spectra[1]) == 2 * 5
     assert ((spectra[0] - spectra[1]).abs() <= 1e-6 * spectra[1].abs()).all(), spectra
+    cheap = ("gradient_norm", "layer_rotation", "softmax_collapse")
+    rows = [d[d.probe.isin(cheap)].set_index(["step", "probe", "metric", "key"]).value for d in (df, single)]
+    assert len(rows[0]) == len(rows[1]) == 4 * 11  # 4 steps of 11 rows
+    assert set(rows[0].index.get_level_values("probe")) == set(cheap)
+    assert ((rows[0] - rows[1]).abs() <= 1e-12 * rows[1].abs().clip(lower=1e-300)).all(), (rows[0], rows[1])
     single = single[single.metric == "sharpness"].set_index("step").value
     written = df[df.metric == "sharpness"].set_index("step").value
     assert list(written.index) == [0, 2] == list(single.index)

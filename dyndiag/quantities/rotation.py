@@ -147,7 +147,7 @@ class RotationMeter:
             # A zero tensor on either side has cosine similarity 0 with the other (torch's
             # convention): rotation 1, or 0 when both are zero (0/0 above gave NaN there).
             # Non-finite weights give NaN.
-            rot = dist.square_().mul_(0.5)
+            rot = dist.square().mul(0.5)  # out of place: a DTensor (FSDP) norm cannot be squared in place
             if self.any_ref_zero:
                 rot = torch.where((a == 0) | self.ref_zero, a != self.ref_norm, rot)
             else:

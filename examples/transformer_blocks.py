@@ -37,7 +37,7 @@ max/min over blocks of each block's largest |eigenvalue|, which is what one
 learning rate for all blocks has to serve.
 
 Seen (full mode, 300 Adam steps each, 6 probes x 40 Lanczos steps per block,
-~3 min on a busy 2-core CPU): at initialisation the transformer's block spectra
+~2 min on a busy 2-core CPU): at initialisation the transformer's block spectra
 differ much more in shape than the CNN's, mean JS distance 0.44 against 0.18
 (2.4x; the most different pair, embedding vs final LayerNorm, 0.98, nearly
 disjoint; the CNN's largest 0.32); after training the gap narrows, 0.21 against
@@ -46,7 +46,7 @@ transformer's blocks' largest eigenvalues spread over 117x (query/key and
 LayerNorms ~0.1, value/embedding up to ~7), the CNN's over 25x. At
 initialisation both spreads are large (query/key curvature is ~0 while attention
 is uniform; the first convolution's is tiny under the default initialisation).
-Fast mode (100 steps, 2 probes x 20 steps, ~35 s): mean JS 0.53 vs 0.19 at
+Fast mode (100 steps, 2 probes x 20 steps, ~35-40 s): mean JS 0.53 vs 0.19 at
 initialisation (2.7x), 0.18 vs 0.15 trained (1.25x); trained scale spread 475x
 vs 6x.
 

@@ -64,3 +64,17 @@ def test_safe_step_radius_spikes_happen_at_r_above_1(tmp_path):
     assert large["fraction_spikes_r_ge_1"] >= 0.8
     assert large["fraction_spikes_r_ge_1"] > 2 * large["fraction_steps_r_ge_1"]
     _figure(tmp_path, "safe_step_radius")
+
+
+@pytest.mark.slow
+def test_transformer_blocks_heterogeneous_cnn_homogeneous(tmp_path):
+    found = _load("transformer_blocks").main(fast=True, out=str(tmp_path))
+    transformer, cnn = found["transformer"]["points"], found["CNN"]["points"]
+    # Shapes: at initialisation (the paper's JS0) the transformer's blocks differ far more.
+    assert transformer["initialisation"]["mean"] > 2 * cnn["initialisation"]["mean"]
+    assert transformer["initialisation"]["max"] > 0.8 > cnn["initialisation"]["max"]
+    # Scales: after training the blocks' largest eigenvalues spread over orders of magnitude
+    # in the transformer and stay within a few x in the CNN (one learning rate fits them all).
+    assert transformer["trained"]["spread"] > 100 and cnn["trained"]["spread"] < 20
+    assert transformer["trained"]["mean"] > cnn["trained"]["mean"]
+    _figure(tmp_path, "transformer_blocks")

@@ -531,15 +531,12 @@ class _ModelOperator(CurvatureOperator):
         def batched() -> torch.Tensor:
             return columns(True)(graph, V)
 
-        if self.backend == "loop" or (self.backend == "auto" and (width == 1 or self._vmap_failed)):
-            return loop()
-        if self.backend == "vmap" or _is_cuda(self.device):
-            return self._vmap_or_fallback(batch, V, batched, loop)
-        layout = tuple((tuple(p), c.stop - c.start) for p, c in groups)
-        key = ("blocks", type(self).__name__, tuple(zip(self.names, self._shapes)), layout, self.dtype,
-               self.cache_graph, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
-        backend = remembered(key)
-        if backend is None:
+        def key() -> tuple:
+            layout = tuple((tuple(p), c.stop - c.start) for p, c in groups)
+            return ("blocks", type(self).__name__, tuple(zip(self.names, self._shapes)), layout, self.dtype,
+                    self.cache_graph, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
+
+        def run() -> torch.Tensor:
             done = [0]
 
             def loop_on(g, W: torch.Tensor) -> torch.Tensor:
@@ -547,11 +544,9 @@ class _ModelOperator(CurvatureOperator):
                 start, done[0] = done[0], done[0] + W.shape[1]
                 return self._block_columns(g, W, _columns_in(groups, start, done[0]), False)
 
-            def run() -> torch.Tensor:
-                return race(key, V, (lambda: graph, columns(True)), (lambda: graph, loop_on), graph_is_reused=True)[0]
+            return race(key(), V, (lambda: graph, columns(True)), (lambda: graph, loop_on), graph_is_reused=True)[0]
 
-            return self._vmap_or_fallback(batch, V, run, loop)
-        return self._vmap_or_fallback(batch, V, batched, loop) if backend == "vmap" else loop()
+        return self._by_backend(batch, V, width, key, batched, loop, run)
 
     #: Whether a batched block chunk batches the columns of all its blocks together.
     _blocks_share_batch = False
@@ -617,26 +612,44 @@ class _ModelOperator(CurvatureOperator):
 
     def _chunk(self, batch, V: torch.Tensor) -> torch.Tensor:
         width = V.shape[1]
-        if self.backend == "loop" or (self.backend == "auto" and (width == 1 or self._vmap_failed)):
-            return self._loop_chunk(batch, V)
-        if self.backend == "vmap" or _is_cuda(self.device):
-            return self._vmap_or_fallback(batch, V)
-        key = (type(self).__name__, tuple(zip(self.names, self._shapes)), self.dtype, self.cache_graph,
-               width, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
-        backend = remembered(key)
-        if backend is None:
-            def run() -> torch.Tensor:
-                out, self.block_backends[width] = race(
-                    key, V, (lambda: self._vmap_graph(batch), self._vmap_columns),
-                    (lambda: self._loop_graph(batch), self._loop_columns), graph_is_reused=self.cache_graph,
-                )
-                if self.block_backends[width] == "loop":
-                    self._graphs.pop("vmap", None)  # the loser's graph would only hold memory
-                return out
 
-            return self._vmap_or_fallback(batch, V, run)
-        self.block_backends[width] = backend
-        return self._vmap_or_fallback(batch, V) if backend == "vmap" else self._loop_chunk(batch, V)
+        def key() -> tuple:
+            return (type(self).__name__, tuple(zip(self.names, self._shapes)), self.dtype, self.cache_graph,
+                    width, tuple((tuple(t.shape), t.dtype) for t in tensors_in(batch)))
+
+        def run() -> torch.Tensor:
+            out, self.block_backends[width] = race(
+                key(), V, (lambda: self._vmap_graph(batch), self._vmap_columns),
+                (lambda: self._loop_graph(batch), self._loop_columns), graph_is_reused=self.cache_graph,
+            )
+            if self.block_backends[width] == "loop":
+                self._graphs.pop("vmap", None)  # the loser's graph would only hold memory
+            return out
+
+        return self._by_backend(
+            batch, V, width, key, lambda: self._vmap_chunk(batch, V), lambda: self._loop_chunk(batch, V), run,
+            record=True,
+        )
+
+    def _by_backend(
+        self, batch, V: torch.Tensor, width: int, key: Callable[[], tuple], batched: Callable, loop: Callable,
+        run_race: Callable, *, record: bool = False,
+    ) -> torch.Tensor:
+        """``V``'s chunk multiplied by ``batched()`` (vmap) or ``loop()``, as ``backend``
+        says: the loop for ``"loop"``, one column, or a model vmap failed on; vmap for
+        ``"vmap"`` and on CUDA; on the CPU the winner remembered for ``key()``, or
+        ``run_race()`` (which times both) the first time. ``record`` keeps a remembered
+        choice in ``block_backends[width]``."""
+        if self.backend == "loop" or (self.backend == "auto" and (width == 1 or self._vmap_failed)):
+            return loop()
+        if self.backend == "vmap" or _is_cuda(self.device):
+            return self._vmap_or_fallback(batch, V, batched, loop)
+        backend = remembered(key())
+        if backend is None:
+            return self._vmap_or_fallback(batch, V, run_race, loop)
+        if record:
+            self.block_backends[width] = backend
+        return self._vmap_or_fallback(batch, V, batched, loop) if backend == "vmap" else loop()
 
     def _vmap_or_fallback(
         self, batch, V: torch.Tensor, run: Callable | None = None, loop: Callable | None = None
@@ -656,7 +669,7 @@ class _ModelOperator(CurvatureOperator):
                 f"model ({str(err).splitlines()[0][:200]}); falling back to one product per "
                 "column. Pass backend='loop' to skip the attempt.",
                 RuntimeWarning,
-                stacklevel=9,
+                stacklevel=10,  # the caller of matmat, past _chunk and _by_backend
             )
         self._vmap_failed = True
         self.block_backends[V.shape[1]] = "loop"

@@ -402,22 +402,21 @@ class Monitor:
             return []
         queue, self._queue = self._queue, []
         resolved = resolve_rows([(step, scalars) for step, _, scalars, _ in queue], self._warned)
-        steps = [(step, scalars, arrays, wall_time) for (step, wall_time, _, arrays), scalars in zip(queue, resolved)]
-        self._write(steps)
-        return [(step, *row) for step, scalars, _, _ in steps for row in scalars]
+        rows = []
+        for (step, wall_time, _, arrays), scalars in zip(queue, resolved):
+            self._write(step, scalars, arrays, wall_time)
+            rows += [(step, *row) for row in scalars]
+        return rows
 
-    def _write(self, steps: list[tuple]) -> None:
-        """Store ``(step, scalars, arrays, wall_time)`` items, in one transaction on disk."""
+    def _write(self, step: int, scalars: list, arrays: list, wall_time: float | None = None) -> None:
         if self._writer is not None:
             try:
-                self._writer.write_steps(steps)
+                self._writer.write_step(step, scalars, arrays, wall_time=wall_time)
             except Exception as err:  # a full disk must not stop training either
-                self._warn_once("write", f"records could not be written (steps {steps[0][0]}-{steps[-1][0]}): "
-                                f"{type(err).__name__}: {err}")
+                self._warn_once("write", f"records could not be written (step {step}): {type(err).__name__}: {err}")
         else:
-            for step, scalars, _, wall_time in steps:
-                now = time.time() if wall_time is None else wall_time
-                self._memory += [(step, probe, metric, key, value, now) for probe, metric, key, value in scalars]
+            now = time.time() if wall_time is None else wall_time
+            self._memory += [(step, probe, metric, key, value, now) for probe, metric, key, value in scalars]
 
     def _warn_once(self, key, message: str) -> None:
         warn_once(self._warned, key, message)
@@ -465,7 +464,7 @@ class Monitor:
         atexit.unregister(self._close_at_exit)
         if self._writer is not None:
             if self.step > self._writer.next_step:  # an empty step: only the counter
-                self._write([(self.step - 1, [], [], None)])
+                self._write(self.step - 1, [], [])
             self._writer.close()
             self._writer = None
         return rows

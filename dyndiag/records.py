@@ -190,15 +190,7 @@ class RecordWriter:
         number, an item that is not a 4-tuple) before storing anything, and
         ``sqlite3.Error`` if the transaction failed (a full disk) and was rolled back.
         """
-        self.write_steps([(step, scalars, arrays, wall_time)], amend=amend)
-
-    def write_steps(self, steps: Iterable[tuple], *, amend: bool = False) -> None:
-        """Store several steps in one transaction: ``(step, scalars, arrays, wall_time)``
-        items in increasing step order, each as for :meth:`write_step` (``wall_time``
-        may be ``None``). All are checked before anything is stored; all or none are
-        committed. The Monitor writes the steps its probes kept on the device this way,
-        every ``sync_every`` steps.
-        """
+        step = _check_step(step, "step")
         if self._closed:
             raise ValueError(f"write_step on a closed RecordWriter ({self.path})")
         if os.getpid() != self._pid:
@@ -206,37 +198,9 @@ class RecordWriter:
                              "a forked child cannot write with it")
         if not isinstance(amend, bool):
             raise TypeError(f"amend must be a bool, got {type(amend).__name__}")
-        checked, next_step = [], self._next_step
-        for step, scalars, arrays, wall_time in steps:
-            step = _check_step(step, "step")
-            if step < next_step and not amend:
-                raise ValueError(f"step must be >= next_step={next_step} (steps are written in increasing "
-                                 f"order; open a writer with start_step= to rewind), got {step}")
-            checked.append((step, *self._items(step, scalars, arrays, wall_time), step < next_step))
-            next_step = max(step + 1, next_step)
-        if self._conn is not None and checked:
-            with self._conn as c:  # COMMIT, or ROLLBACK on any exception
-                c.execute("BEGIN IMMEDIATE")
-                if self._rewind is not None:
-                    c.execute("DELETE FROM records WHERE step >= ?", (self._rewind,))
-                    c.execute("DELETE FROM arrays WHERE step >= ?", (self._rewind,))
-                for step, rows, blobs, amending in checked:
-                    if amending:
-                        _check_amend(c, step, rows, blobs)
-                    if rows:
-                        c.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                    if blobs:
-                        c.executemany("INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?)", blobs)
-                c.execute("UPDATE meta SET value = ? WHERE name = 'next_step'", (next_step,))
-                if self._new_run:
-                    c.execute("UPDATE meta SET value = ? WHERE name = 'next_run'", (self.run + 1,))
-        if checked:
-            self._rewind = None
-            self._new_run = False
-            self._next_step = next_step
-
-    def _items(self, step: int, scalars: Iterable[tuple], arrays: Iterable[tuple], wall_time: float | None) -> tuple:
-        """One step's checked ``(records rows, arrays rows)``; ``ValueError``/``TypeError`` as in :meth:`write_step`."""
+        if step < self._next_step and not amend:
+            raise ValueError(f"step must be >= next_step={self._next_step} (steps are written in increasing "
+                             f"order; open a writer with start_step= to rewind), got {step}")
         t = time.time() if wall_time is None else _check_real(wall_time, "wall_time")
         if not math.isfinite(t):
             raise ValueError(f"wall_time must be finite, got {t}")
@@ -252,7 +216,24 @@ class RecordWriter:
             if len(set(names)) != len(names):
                 repeated = next(n for i, n in enumerate(names) if n in names[:i])
                 raise ValueError(f"{kind} of step {step} repeat a (probe, metric, key): {repeated}")
-        return rows, blobs
+        if self._conn is not None:
+            with self._conn as c:  # COMMIT, or ROLLBACK on any exception
+                c.execute("BEGIN IMMEDIATE")
+                if self._rewind is not None:
+                    c.execute("DELETE FROM records WHERE step >= ?", (self._rewind,))
+                    c.execute("DELETE FROM arrays WHERE step >= ?", (self._rewind,))
+                if step < self._next_step:
+                    _check_amend(c, step, rows, blobs)
+                if rows:
+                    c.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                if blobs:
+                    c.executemany("INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?)", blobs)
+                c.execute("UPDATE meta SET value = ? WHERE name = 'next_step'", (max(step + 1, self._next_step),))
+                if self._new_run:
+                    c.execute("UPDATE meta SET value = ? WHERE name = 'next_run'", (run + 1,))
+        self._rewind = None
+        self._new_run = False
+        self._next_step = max(step + 1, self._next_step)
 
     def close(self) -> None:
         """Close the database and release the log dir's lock (idempotent)."""

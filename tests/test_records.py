@@ -481,28 +481,6 @@ def test_a_failed_transaction_stores_nothing_of_the_step_and_the_writer_goes_on(
     assert RecordWriter(tmp_path).next_step == 3
 
 
-def test_write_steps_checks_every_step_first_and_commits_all_or_none(tmp_path):
-    w = RecordWriter(tmp_path)
-    w.write_steps([(0, [("p", "m", "", 0.0)], [], None), (1, [("p", "m", "", 1.0)], [("p", "a", "", np.ones(2))], 5.0)])
-    with pytest.raises(ValueError, match="step must be >= next_step=4"):  # the second item goes back in time
-        w.write_steps([(3, [("p", "m", "", 3.0)], [], None), (2, [("p", "m", "", 2.0)], [], None)])
-    with pytest.raises(TypeError, match="scalars"):  # a bad row in the last step: nothing of the first is stored
-        w.write_steps([(2, [("p", "m", "", 2.0)], [], None), (3, [("p", "m", "", "x")], [], None)])
-    assert w.next_step == 2
-    c = sqlite3.connect(tmp_path / DB_NAME)
-    c.execute("CREATE TRIGGER fail BEFORE INSERT ON records WHEN NEW.value = 13.0 "
-              "BEGIN SELECT RAISE(ABORT, 'no space'); END")
-    c.commit(), c.close()
-    with pytest.raises(sqlite3.Error, match="no space"):
-        w.write_steps([(2, [("p", "m", "", 2.0)], [], None), (3, [("p", "m", "", 13.0)], [], None)])
-    w.write_steps([(4, [("p", "m", "", 4.0)], [], None)])
-    w.close()
-    df = load_records(tmp_path)
-    assert df["step"].tolist() == [0, 1, 4]
-    assert df.loc[df.step == 1, "wall_time"].item() == 5.0
-    assert RecordWriter(tmp_path).next_step == 5
-
-
 def test_a_version_1_store_is_read_migrated_and_appended_to(tmp_path):
     c = sqlite3.connect(tmp_path / DB_NAME)
     c.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")

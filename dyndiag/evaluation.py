@@ -49,23 +49,32 @@ __all__ = [
 
 # A context variable, not a Monitor's attribute: two Monitors on one model (or a quantity
 # called inside a training step) must not take each other's evaluations for training.
-_PROBING: ContextVar[bool] = ContextVar("dyndiag_probing", default=False)
+# 0: not probing; 1: probing; 2: probing with torch.compile forced eager.
+_PROBING: ContextVar[int] = ContextVar("dyndiag_probing", default=0)
 
 
 class probing:  # noqa: N801 - used like a function: ``with probing():``
     """Mark the block as dyndiag's own evaluation of the model (nestable), with
     ``torch.compile`` forced to run eagerly inside it (see the module docstring).
 
+    ``eager=False`` only marks the block: for code that reads tensors and never calls
+    the model (the cheap per-step probes), which then does not pay for the stance
+    (about 10 µs a step); a nested ``probing()`` still forces eager.
+
     A class rather than a generator context manager: it wraps every step's probes.
     """
 
+    def __init__(self, eager: bool = True) -> None:
+        self.eager = eager
+
     def __enter__(self) -> None:
         self._stance = None
-        if not _PROBING.get():
+        state = _PROBING.get()
+        if self.eager and state < 2:
             self._stance = _eager_stance()
             if self._stance is not None:
                 self._stance.__enter__()
-        self._token = _PROBING.set(True)
+        self._token = _PROBING.set(2 if self.eager or state == 2 else 1)
 
     def __exit__(self, *exc: object) -> None:
         _PROBING.reset(self._token)
@@ -86,7 +95,7 @@ def _eager_stance():
 
 def is_probing() -> bool:
     """Whether the calling code runs inside :func:`probing` (a probe, an operator, a quantity)."""
-    return _PROBING.get()
+    return _PROBING.get() > 0
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -161,6 +161,23 @@ def test_a_model_compiled_in_place_is_evaluated_eagerly_with_its_uncompiled_hess
     assert counter.frame_count == 1
 
 
+def test_marking_without_the_eager_stance_still_forces_eager_inside_a_nested_evaluation():
+    from dyndiag.evaluation import is_probing, probing
+
+    counter = CompileCounterWithBackend("aot_eager")
+    double = torch.compile(lambda t: t * 2, backend=counter)
+    x = torch.ones(3)
+    with probing(eager=False):  # the cheap probes' steps: marked, compiled code may run
+        assert is_probing()
+        double(x)
+        assert counter.frame_count == 1
+        torch._dynamo.reset()
+        with probing():  # an operator or quantity inside: eager, nothing compiles
+            double(x)
+        assert counter.frame_count == 1
+    assert not is_probing()
+
+
 def _probes(data):
     return [P.EdgeOfStability(), P.HessianSpectrum(k=2), P.GradientNorm(), P.SoftmaxCollapse(), P.LayerRotation(),
             P.DataScores(data, every=2), P.DirectionalSharpness(every=2)]

@@ -462,3 +462,20 @@ def test_lanczos_basis_grows_with_use_not_to_max_basis_up_front(monkeypatch):
     monkeypatch.undo()
     assert res.converged and abs(res.values[0].item() - 100.0) < 1e-6
     assert max(widths) < 60 and max(widths) >= res.num_matvecs  # what was used, not dim columns
+
+
+def test_block_products_and_one_column_svd_match_their_plain_forms():
+    from dyndiag.curvature.vectors import combine, inner, thin_svd
+
+    g = torch.Generator().manual_seed(0)
+    op = MatrixOperator(torch.eye(50, dtype=torch.float64))
+    basis = torch.randn(50, 12, generator=g, dtype=torch.float64)[:, :7]  # a slice of a wider basis
+    W, C = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(inner(op, basis, W), basis.T @ W, rtol=1e-14, atol=1e-13)
+    torch.testing.assert_close(combine(basis, C), basis @ C, rtol=1e-14, atol=1e-13)
+    w = W[:, :1]
+    U, S, Vh = thin_svd(op, w)
+    U0, S0, Vh0 = torch.linalg.svd(w, full_matrices=False)
+    torch.testing.assert_close(S, S0, rtol=1e-14, atol=0)
+    torch.testing.assert_close(U @ Vh, U0 @ Vh0, rtol=1e-14, atol=1e-15)  # up to the sign convention
+    assert thin_svd(op, torch.zeros(50, 1, dtype=torch.float64))[1].item() == 0

@@ -16,7 +16,7 @@ from .lockstep import Estimator, drive, drive_blocks
 from .partition import BlockSpec, resolve_blocks
 from .results import TraceResult
 from .vectors import (
-    check_count, check_operator, full_dim, inner, make_generator, multiply, orthonormal, rademacher, reduce, shards_of,
+    check_count, check_operator, combine, full_dim, inner, make_generator, multiply, orthonormal, rademacher, reduce, shards_of,
 )
 
 __all__ = ["trace", "diagonal"]
@@ -113,7 +113,7 @@ def _trace(
         if n_probe > 0:
             G = rademacher(gen, dim, n_probe, dtype, device, shards=shards)
             if Q is not None:
-                G = G - Q @ inner(space, Q, G)  # deflated probes (I - QQ^T) g
+                G = G - combine(Q, inner(space, Q, G))  # deflated probes (I - QQ^T) g
             parts.append(G)
         X = torch.cat(parts, 1)
         quad = reduce(space, (X * (yield X)).sum(0, dtype=torch.float64)).cpu()

@@ -25,7 +25,7 @@ from .lockstep import Estimator, drive, drive_blocks
 from .partition import BlockSpec, resolve_blocks
 from .results import EigenResult
 from .vectors import (
-    check_count, check_int, check_operator, column_norms, full_dim, gaussian, inner, make_generator, orthonormal,
+    check_count, check_int, check_operator, column_norms, combine, full_dim, gaussian, inner, make_generator, orthonormal,
     shards_of, thin_svd,
 )
 
@@ -301,7 +301,7 @@ def _cgs2(Q: torch.Tensor, W: torch.Tensor, space: object) -> np.ndarray:
     h = np.zeros((Q.shape[1], W.shape[1]))
     for _ in range(2):
         c = inner(space, Q, W)
-        W -= Q @ c
+        W -= combine(Q, c)
         h += c.cpu().double().numpy()
     return h
 

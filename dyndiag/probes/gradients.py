@@ -58,8 +58,7 @@ def _l2(norms: list) -> torch.Tensor | float:
         norms = [n for n in norms if n is not None]
     if not norms:
         return 0.0
-    first = norms[0]
-    if any(n.dtype != first.dtype or n.device != first.device for n in norms):  # mixed: combine in float64
+    if len({(n.dtype, n.device) for n in norms}) > 1:  # mixed: combine in float64
         norms = [n.to(norms[0].device, torch.float64) for n in norms]
     return torch.linalg.vector_norm(torch.stack(norms))
 

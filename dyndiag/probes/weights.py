@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..quantities.rotation import RotationMeter, matched_reference
 from .base import Probe
 from .context import RunContext, StepContext
 
@@ -30,8 +31,6 @@ class LayerRotation(Probe):
         self.reference = reference
 
     def setup(self, run: RunContext) -> None:
-        from ..quantities.rotation import matched_reference
-
         self._given = None
         if self.reference is not None:  # checked once, for every parameter of the model
             named, refs = matched_reference(run.model, self.reference)
@@ -47,8 +46,6 @@ class LayerRotation(Probe):
                 self._taken[n] = (p, p.detach().clone())
 
     def compute(self, ctx: StepContext) -> Mapping:
-        from ..quantities.rotation import RotationMeter
-
         if ctx.params is not self._params:  # a new set of parameters: normalise their references once
             refs = [self._given[n] if self._given is not None and n in self._given else self._taken[n][1]
                     for n in ctx.names]

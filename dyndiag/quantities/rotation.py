@@ -150,6 +150,6 @@ class RotationMeter:
             rot = dist.square().mul(0.5)  # out of place: a DTensor (FSDP) norm cannot be squared in place
             if self.any_ref_zero:
                 rot = torch.where((a == 0) | self.ref_zero, a != self.ref_norm, rot)
-            else:
-                rot = torch.where(a == 0, 1.0, rot)
+            else:  # masked_fill takes the 1 as a scalar: one kernel fewer than where(..., 1.0, ...)
+                rot = rot.masked_fill(a == 0, 1.0)
         return list(rot.unbind())

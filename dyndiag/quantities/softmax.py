@@ -108,7 +108,7 @@ def _collapsed_rows(
         raise ValueError(f"logits must have at least one row and one column, got shape {tuple(logits.shape)}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    z = logits.detach()
+    z = logits.detach() if logits.requires_grad else logits  # the Monitor's logits are detached already
     counted = None
     if targets is not None:
         if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
@@ -119,7 +119,10 @@ def _collapsed_rows(
         if z.dim() == 3 and shift_labels:
             z, targets = z[:, :-1], targets[:, 1:]
         counted = (targets != ignore_index).reshape(-1)
-    z = z.reshape(-1, z.shape[-1]).to(dtype or z.dtype)
+    if z.dim() != 2:
+        z = z.reshape(-1, z.shape[-1])
+    if dtype is not None and dtype != z.dtype:
+        z = z.to(dtype)
     # The loss kernel's own rounding: a hand-written exp-sum reduces in another order
     # and disagrees with cross_entropy on rows at the edge of collapse.
     return torch.log_softmax(z, dim=-1).amax(dim=-1) == 0, counted

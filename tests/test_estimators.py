@@ -472,6 +472,7 @@ def test_block_products_and_one_column_svd_match_their_plain_forms():
     basis = torch.randn(50, 12, generator=g, dtype=torch.float64)[:, :7]  # a slice of a wider basis
     W, C = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
     torch.testing.assert_close(inner(op, basis, W), basis.T @ W, rtol=1e-14, atol=1e-13)
+    torch.testing.assert_close(inner(op, basis, W[:, 0]), basis.T @ W[:, 0], rtol=1e-14, atol=1e-13)  # a vector
     torch.testing.assert_close(combine(basis, C), basis @ C, rtol=1e-14, atol=1e-13)
     w = W[:, :1]
     U, S, Vh = thin_svd(op, w)

@@ -219,6 +219,18 @@ def test_gsnr_matches_explicit_mean_and_variance():
     assert abs(float(summary["2.bias"]) - float(want[-4:].mean())) < 1e-10 * float(want[-4:].mean())
 
 
+def test_coherence_and_snr_from_one_pass_equal_the_two_functions():
+    from dyndiag.quantities.per_example import coherence_and_snr
+
+    model = batchnorm_mlp(train=True)
+    batches, _ = unequal_batches()
+    coherence, snr = coherence_and_snr(model, CE, batches, reduction="mean", chunk_size=4, progress=False)
+    assert abs(coherence - q.gradient_coherence(model, CE, batches, progress=False)) < 1e-12 * coherence
+    alone = q.gradient_snr(model, CE, batches, reduction="mean", progress=False)
+    assert list(snr) == list(alone)
+    assert all(abs(float(snr[k]) - float(alone[k])) <= 1e-12 * abs(float(alone[k])) for k in alone)
+
+
 def test_gsnr_of_identical_examples_is_huge_and_needs_two_examples():
     model = tanh_mlp()
     x, y = classification_data(n=1)

@@ -85,11 +85,12 @@ class GradientCoherence(Probe):
         self.forward = forward
 
     def compute(self, ctx: StepContext) -> Mapping:
-        from ..quantities.per_example import gradient_coherence, gradient_snr
+        from ..quantities.per_example import coherence_and_snr
 
         r = ctx.run
-        how = dict(params=ctx.params, closure=r.closure, forward=self.forward if r.loss_fn is not None else None)
-        coherence = gradient_coherence(r.model, r.loss_fn, r.probe_data, progress=False, **how)
-        # reduction="mean": per tensor over elements with non-zero variance; "" is the overall mean.
-        snr = gradient_snr(r.model, r.loss_fn, r.probe_data, reduction="mean", progress=False, **how)
+        forward = self.forward if r.loss_fn is not None else None
+        # One pass of per-example gradients for both. reduction="mean": per tensor over
+        # elements with non-zero variance; "" is the overall mean.
+        coherence, snr = coherence_and_snr(r.model, r.loss_fn, r.probe_data, params=ctx.params, closure=r.closure,
+                                           forward=forward, reduction="mean", progress=False)
         return {"coherence": coherence, "gsnr": float(snr[""])}

@@ -436,35 +436,20 @@ def gradient_coherence(
         zero. Under ``torch.distributed`` the sums run over the union of the ranks'
         shards (``m`` = all examples), and every rank returns the same value.
     """
-    acc: dict = {}
+    moments = _gradient_moments(model, loss_fn, data, params, closure, forward, chunk_size, progress, "coherence")
+    return _coherence(*moments[2:])
 
-    def consume(grads, empty):
-        flat = _rows(grads, empty)
-        if flat.shape[0] == 0:
-            return
-        dtype = _accumulation_dtype(flat.device, flat.dtype)
-        flat = flat.to(dtype)
-        if not acc:
-            acc["sum"] = torch.zeros(flat.shape[1], dtype=dtype, device=flat.device)
-            acc["sq"] = torch.zeros((), dtype=dtype, device=flat.device)
-        acc["sum"] += flat.sum(0)
-        acc["sq"] += flat.pow(2).sum()
 
-    _, chosen, _ = _per_example_gradients(
-        model, loss_fn, data, params, closure, forward, chunk_size, progress, "coherence", consume
-    )
-    if not acc:
-        if not is_distributed():
-            raise ValueError("data yielded no examples")
-        dim = sum(p.numel() for p in chosen)
-        dtype = _accumulation_dtype(chosen[0].device, chosen[0].dtype)
-        acc["sum"] = torch.zeros(dim, dtype=dtype, device=chosen[0].device)
-        acc["sq"] = torch.zeros((), dtype=dtype, device=chosen[0].device)
-    packed = all_reduce_sum(torch.cat([acc["sum"], acc["sq"].reshape(1)]))
-    total, sq = packed[:-1], packed[-1]
+def _coherence(n: int, mean: torch.Tensor, m2: torch.Tensor) -> float:
+    """``||sum_i g_i||^2 / sum_i ||g_i||^2`` from the moments of ``n`` gradients:
+    ``sum_i g_i = n mean`` and ``sum_i ||g_i||^2 = sum(m2) + n ||mean||^2``."""
+    if n == 0:
+        raise ValueError("data yielded no examples")
+    mean_sq = mean.pow(2).sum()
+    sq = m2.sum() + n * mean_sq
     if float(sq) == 0.0:
         return float("nan")
-    return float(total.pow(2).sum() / sq)
+    return float(n * n * mean_sq / sq)
 
 
 def gradient_snr(
@@ -510,6 +495,37 @@ def gradient_snr(
     """
     if reduction not in ("none", "mean"):
         raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
+    moments = _gradient_moments(model, loss_fn, data, params, closure, forward, chunk_size, progress, "GSNR")
+    return _snr(*moments, reduction)
+
+
+def coherence_and_snr(
+    model: nn.Module,
+    loss_fn: Callable | None,
+    data: object,
+    params: Sequence[torch.Tensor] | None = None,
+    *,
+    closure: Callable | None = None,
+    forward: Callable | None = None,
+    reduction: str = "none",
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """:func:`gradient_coherence` and :func:`gradient_snr` from one pass of per-example
+    gradients (what the GradientCoherence probe records); arguments as for those two."""
+    if reduction not in ("none", "mean"):
+        raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
+    moments = _gradient_moments(model, loss_fn, data, params, closure, forward, chunk_size, progress, "coherence")
+    return _coherence(*moments[2:]), _snr(*moments, reduction)
+
+
+def _gradient_moments(
+    model, loss_fn, data, params, closure, forward, chunk_size, progress, desc
+) -> tuple[list[str], list[torch.Tensor], int, torch.Tensor, torch.Tensor]:
+    """``(names, params, n, mean, m2)``: the elementwise mean and summed squared
+    deviation ``m2 = sum_i (g_i - mean)^2`` of the ``n`` per-example gradients, flat
+    ``(dim,)`` in float64 (Chan's parallel update over chunks), over every rank's
+    examples under ``torch.distributed``."""
     acc: dict = {}
 
     def consume(grads, empty):
@@ -531,7 +547,7 @@ def gradient_snr(
         acc["n"] = total
 
     names, chosen, _ = _per_example_gradients(
-        model, loss_fn, data, params, closure, forward, chunk_size, progress, "GSNR", consume
+        model, loss_fn, data, params, closure, forward, chunk_size, progress, desc, consume
     )
     dtype, device = chosen[0].dtype, chosen[0].device
     dim = sum(p.numel() for p in chosen)
@@ -546,6 +562,13 @@ def gradient_snr(
         glob = all_reduce_sum(mean * n) / max(N, 1)
         m2 = all_reduce_sum(m2 + (mean - glob).pow(2) * n)
         mean, n = glob, N
+    return names, chosen, n, mean, m2
+
+
+def _snr(names: list[str], chosen: list[torch.Tensor], n: int, mean: torch.Tensor, m2: torch.Tensor,
+         reduction: str) -> dict[str, torch.Tensor]:
+    """:func:`gradient_snr`'s result from the moments of :func:`_gradient_moments`."""
+    dtype = chosen[0].dtype
     if n < 2:
         raise ValueError(f"gradient_snr needs at least 2 examples in data, got {n}")
     var = m2 / n

@@ -58,8 +58,8 @@ class probing:  # noqa: N801 - used like a function: ``with probing():``
     ``torch.compile`` forced to run eagerly inside it (see the module docstring).
 
     ``eager=False`` only marks the block: for code that reads tensors and never calls
-    the model (the cheap per-step probes), which then does not pay for the stance
-    (about 10 µs a step); a nested ``probing()`` still forces eager.
+    the model (the cheap per-step probes), which then does not pay for entering the
+    stance at every step; a nested ``probing()`` still forces eager.
 
     A class rather than a generator context manager: it wraps every step's probes.
     """

@@ -210,8 +210,8 @@ def _slq(
             Bi = basis[:, : i + 1]
             w = w.to(basis_device)
             for _ in range(2):
-                # Row vectors times the basis: the same products as Bi w and Bi^T c, which
-                # CPU bmm runs 7x faster in this orientation (measured; GPUs do not mind).
+                # Row vectors times the basis: the same products as Bi w and Bi^T c, in the
+                # orientation CPU bmm runs fast (see docs/decisions.md).
                 coef = reduce(space, torch.bmm(w.unsqueeze(1), Bi.transpose(1, 2)))  # (P, 1, i + 1)
                 w = w - torch.bmm(coef, Bi).squeeze(1)
             w = w.to(device)

@@ -16,7 +16,8 @@ from .lockstep import Estimator, drive, drive_blocks
 from .partition import BlockSpec, resolve_blocks
 from .results import TraceResult
 from .vectors import (
-    check_count, check_operator, combine, full_dim, inner, make_generator, multiply, orthonormal, rademacher, reduce, shards_of,
+    check_count, check_operator, combine, full_dim, inner, make_generator, multiply, orthonormal, rademacher, reduce,
+    shards_of,
 )
 
 __all__ = ["trace", "diagonal"]

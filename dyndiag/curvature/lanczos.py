@@ -25,8 +25,8 @@ from .lockstep import Estimator, drive, drive_blocks
 from .partition import BlockSpec, resolve_blocks
 from .results import EigenResult
 from .vectors import (
-    check_count, check_int, check_operator, column_norms, combine, full_dim, gaussian, inner, make_generator, orthonormal,
-    shards_of, thin_svd,
+    check_count, check_int, check_operator, column_norms, combine, full_dim, gaussian, inner, make_generator,
+    orthonormal, shards_of, thin_svd,
 )
 
 __all__ = ["eigenvalues"]

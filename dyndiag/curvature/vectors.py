@@ -154,8 +154,8 @@ def reduce(op: object, t: torch.Tensor) -> torch.Tensor:
 
 def inner(op: object, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A^T B`` of two blocks of the operator's vectors, summed over ranks when sharded."""
-    # (B^T A)^T: the same product, which CPU BLAS runs up to 10x faster when A is a
-    # slice of a wider basis and B has several columns (measured; GPUs do not mind).
+    # (B^T A)^T: the same product in the orientation CPU BLAS runs fast when A is a
+    # slice of a wider basis and B has several columns (see docs/decisions.md).
     return reduce(op, B @ A if B.dim() == 1 else (B.T @ A).T)
 
 
@@ -199,7 +199,7 @@ def thin_svd(op: object, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """``U, S, Vh`` of ``W`` (``full_matrices=False``); by TSQR then the ``k x k``
     SVD of ``R`` when the operator is sharded."""
     shards = shards_of(op)
-    if W.shape[1] == 1:  # one column: its norm (LAPACK's SVD of a tall vector is 40x slower)
+    if W.shape[1] == 1:  # one column: its norm, which LAPACK's SVD of a tall vector computes slowly
         S = column_norms(op, W)
         U = W / S.clamp_min(torch.finfo(W.dtype).tiny)
         return U, S, torch.ones(1, 1, dtype=W.dtype, device=W.device)

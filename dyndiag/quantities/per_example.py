@@ -493,8 +493,7 @@ def gradient_snr(
         dtype on their device. Under ``torch.distributed`` the statistics are over
         the union of the ranks' shards, identical on every rank.
     """
-    if reduction not in ("none", "mean"):
-        raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
+    _check_reduction(reduction)
     moments = _gradient_moments(model, loss_fn, data, params, closure, forward, chunk_size, progress, "GSNR")
     return _snr(*moments, reduction)
 
@@ -513,10 +512,14 @@ def coherence_and_snr(
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """:func:`gradient_coherence` and :func:`gradient_snr` from one pass of per-example
     gradients (what the GradientCoherence probe records); arguments as for those two."""
-    if reduction not in ("none", "mean"):
-        raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
+    _check_reduction(reduction)
     moments = _gradient_moments(model, loss_fn, data, params, closure, forward, chunk_size, progress, "coherence")
     return _coherence(*moments[2:]), _snr(*moments, reduction)
+
+
+def _check_reduction(reduction: object) -> None:
+    if reduction not in ("none", "mean"):
+        raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
 
 
 def _gradient_moments(
